@@ -1,0 +1,1 @@
+"""Stateless tensor functions and kernels (no nn.Parameter lives here)."""

@@ -1,0 +1,84 @@
+"""Cluster attention: one functional entry point over a PyTorch reference and a Triton kernel.
+
+``cluster_attention(..., backend="auto" | "triton" | "torch")``. Both backends share one signature
+and compute the same function (see ``reference.py`` for the specification). "auto" uses Triton on
+CUDA tensors when it can and otherwise the reference; ``why_not_triton`` says why it refused.
+The environment variable ``AFFMAE_ATTENTION_BACKEND`` overrides "auto" for users.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from affmae.ops.cluster_attention.reference import cluster_attention_ref
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def why_not_triton(q: torch.Tensor) -> str | None:
+    """Reason the Triton kernel cannot run on these inputs, or None when it can."""
+    try:
+        from affmae.ops.cluster_attention import kernel  # noqa: F401
+    except ImportError as e:  # Triton missing or the kernel module absent
+        return f"the Triton kernel is unavailable ({e})"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"inputs are on {q.device.type}, not CUDA (set TRITON_INTERPRET=1 to interpret on CPU)"
+    return kernel.why_not(q)
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """Pick the backend for these inputs; 'auto' falls back to 'torch' when Triton can't run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("AFFMAE_ATTENTION_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"AFFMAE_ATTENTION_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "torch" if (not q.is_cuda or why_not_triton(q)) else "triton"
+    if backend == "triton":
+        reason = why_not_triton(q)
+        if reason:
+            raise RuntimeError(f"backend='triton' requested but {reason}")
+    return backend
+
+
+def cluster_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    nbr: torch.Tensor,
+    n_valid: int,
+    bias_weight: torch.Tensor,
+    bias_bias: torch.Tensor,
+    blank_k: torch.Tensor,
+    blank_v: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cluster attention with relative-position bias and a blank key/value.
+
+    Args:
+        q, k, v: (B, N, H, D) clustered tokens, N = M * m; slots >= n_valid are padding.
+        pos: (B, N, 2) float positions. nbr: (B, M, Kc) neighbour clusters of each cluster.
+        n_valid: real token count. bias_weight: (H, 5), bias_bias: (H,). blank_k, blank_v: (H, D).
+        scale: logit scale (default D ** -0.5). backend: "auto" | "triton" | "torch".
+    Returns:
+        (B, N, H, D) in the dtype of q.
+    """
+    chosen = resolve_backend(backend, q)
+    if chosen == "triton":
+        from affmae.ops.cluster_attention.kernel import cluster_attention_triton
+
+        return cluster_attention_triton(
+            q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale
+        )
+    return cluster_attention_ref(
+        q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale
+    )
+
+
+__all__ = ["cluster_attention", "cluster_attention_ref", "resolve_backend", "why_not_triton"]
