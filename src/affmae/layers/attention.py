@@ -1,0 +1,51 @@
+"""Cluster attention module (AFF sec. 3.2; DESIGN 3).
+
+Multi-head attention of each cluster's m queries over the tokens of its Kc neighbour clusters,
+plus a learned blank key/value per head (so a query may attend to nothing), with a
+relative-position bias Linear(5 -> H) of (dx, dy, r, dx/r, dy/r). The op itself lives in
+``affmae.ops.cluster_attention`` (PyTorch reference or Triton kernel, same function).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from affmae.ops.cluster_attention import cluster_attention
+from affmae.ops.clustering import Clustering
+from affmae.ops.relpos import NUM_RELPOS_FEATURES
+
+
+class ClusterAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, backend: str = "auto") -> None:
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.rel_bias = nn.Linear(NUM_RELPOS_FEATURES, heads)
+        self.blank_k = nn.Parameter(torch.zeros(heads, self.head_dim))
+        self.blank_v = nn.Parameter(torch.zeros(heads, self.head_dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.rel_bias.weight)
+        nn.init.zeros_(self.rel_bias.bias)
+        nn.init.trunc_normal_(self.blank_k, std=0.02)
+        nn.init.trunc_normal_(self.blank_v, std=0.02)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cl: Clustering) -> torch.Tensor:
+        """x: (B, M*m, C) clustered tokens, pos: (B, M*m, 2) -> (B, M*m, C)."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)  # (B, N, 3, H, D)
+        q, k, v = qkv.unbind(2)
+        dtype = q.dtype
+        out = cluster_attention(
+            q, k, v, pos, cl.nbr, cl.n_valid,
+            self.rel_bias.weight, self.rel_bias.bias,
+            self.blank_k.to(dtype), self.blank_v.to(dtype),
+            backend=self.backend,
+        )  # (B, N, H, D)
+        return self.proj(out.reshape(B, N, C))

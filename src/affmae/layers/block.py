@@ -1,0 +1,25 @@
+"""AFF transformer block: pre-norm cluster attention and MLP, each a residual branch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from affmae.layers.attention import ClusterAttention
+from affmae.layers.common import DropPath, Mlp
+from affmae.ops.clustering import Clustering
+
+
+class AFFBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = ClusterAttention(dim, heads, backend=backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cl: Clustering) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), pos, cl))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -1,0 +1,79 @@
+"""Small shared modules: MLP, stochastic depth, 2-D sine-cosine position embedding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch per sample with probability ``p`` in training."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= self.p
+        return x * keep.to(x.dtype) / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def sincos_embed_2d(pos: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine embedding of continuous positions.
+
+    Args:
+        pos: (..., 2) float (x, y) in patch units.
+        dim: embedding width, a multiple of 4 (a quarter each for sin x, cos x, sin y, cos y).
+    Returns:
+        (..., dim) float32.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sine-cosine embedding width must be a multiple of 4, got {dim}")
+    quarter = dim // 4
+    omega = torch.arange(quarter, device=pos.device, dtype=torch.float32) / quarter
+    omega = 1.0 / (temperature**omega)  # (quarter,)
+    x = pos[..., 0:1].float() * omega  # (..., quarter)
+    y = pos[..., 1:2].float() * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Truncated-normal(0.02) Linear weights, zero biases, unit LayerNorms (ViT/MAE recipe)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def ring_offsets(heads: int, points: int) -> torch.Tensor:
+    """(heads, points, 2) initial sampling offsets: head h looks along angle 2*pi*h/heads,
+    point p at distance p + 1 (Deformable DETR's initialisation)."""
+    theta = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
+    direction = torch.stack([theta.cos(), theta.sin()], dim=-1)  # (heads, 2)
+    scale = torch.arange(1, points + 1, dtype=torch.float32).view(1, points, 1)
+    return direction[:, None, :] * scale  # (heads, points, 2)

@@ -1,0 +1,86 @@
+"""Adaptive downsampling: importance top-k and point-based neighbourhood merging (AFF sec. 3.4;
+DESIGN 2.4d).
+
+1. importance = sigmoid(Linear(C, 1)(x)) per token.
+2. keep the k = max(1, floor(N * d_s)) most important real tokens (any d_s in (0, 1]); kept tokens
+   keep their positions and their clustered order.
+3. each kept token merges its neighbourhood (the Kc*m tokens of its cluster's neighbour clusters):
+   w = GELU(LN(Linear(5 -> 4)(relpos))) * importance_neighbour; the importance factor is the
+   score's only gradient path (top-k itself is not differentiable).
+4. the four weighted sums (4 x C) -> LayerNorm(4C) -> Linear(4C -> C_next).
+
+Deviation: ``max(1, .)`` keeps at least one token where floor(N * d_s) would be 0 (tiny inputs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from affmae.ops.clustering import Clustering
+from affmae.ops.relpos import NUM_RELPOS_FEATURES, relpos_features
+
+NUM_MERGE_WEIGHTS = 4
+
+
+def num_kept(n: int, rate: float) -> int:
+    """Tokens kept by a merge of ``n`` tokens at downsampling rate ``rate``."""
+    return max(1, math.floor(n * rate))
+
+
+class TokenMerging(nn.Module):
+    def __init__(self, dim: int, dim_out: int, rate: float) -> None:
+        super().__init__()
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"downsampling rate d_s must be in (0, 1], got {rate}")
+        self.rate = rate
+        self.score = nn.Linear(dim, 1)
+        self.weight_net = nn.Sequential(
+            nn.Linear(NUM_RELPOS_FEATURES, NUM_MERGE_WEIGHTS),
+            nn.LayerNorm(NUM_MERGE_WEIGHTS),
+            nn.GELU(),
+        )
+        self.norm = nn.LayerNorm(NUM_MERGE_WEIGHTS * dim)
+        self.reduction = nn.Linear(NUM_MERGE_WEIGHTS * dim, dim_out)
+
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor, cl: Clustering
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Downsample a clustered token set.
+
+        Args:
+            x: (B, M*m, C) clustered tokens (slots >= cl.n_valid are padding). pos: (B, M*m, 2).
+        Returns:
+            x_new (B, k, C_out), pos_new (B, k, 2), kept (B, k) slot indices (ascending),
+            importance (B, M*m) sigmoid scores (padding = 0).
+        """
+        B, Np, C = x.shape
+        m, Kc = cl.m, cl.nbr.shape[-1]
+        valid = torch.arange(Np, device=x.device) < cl.n_valid  # (Np,)
+        importance = torch.sigmoid(self.score(x).squeeze(-1).float())  # (B, Np)
+        importance = importance * valid.to(importance.dtype)
+
+        # 2. top-k over real tokens; ascending slots keep the curve order for the next stage.
+        k = num_kept(cl.n_valid, self.rate)
+        rank_key = importance.detach().masked_fill(~valid, -1.0)
+        kept = torch.topk(rank_key, k, dim=1, sorted=False).indices.sort(dim=1).values  # (B, k)
+
+        # 3. neighbourhood of each kept token = its cluster's neighbour clusters' slots.
+        cluster = kept // m  # (B, k)
+        nbr_c = torch.gather(cl.nbr, 1, cluster[..., None].expand(-1, -1, Kc))  # (B, k, Kc)
+        slots = (nbr_c[..., None] * m + torch.arange(m, device=x.device)).flatten(2)  # (B, k, K)
+        K = slots.shape[-1]
+        flat = slots.reshape(B, k * K)
+        x_n = torch.gather(x, 1, flat[..., None].expand(-1, -1, C)).view(B, k, K, C)
+        pos_n = torch.gather(pos, 1, flat[..., None].expand(-1, -1, 2)).view(B, k, K, 2)
+        imp_n = torch.gather(importance, 1, flat).view(B, k, K)  # padding has importance 0
+        pos_k = torch.gather(pos, 1, kept[..., None].expand(-1, -1, 2))  # (B, k, 2)
+
+        rel = relpos_features(pos_n - pos_k[:, :, None])  # (B, k, K, 5)
+        w = self.weight_net(rel.to(self.reduction.weight.dtype))  # (B, k, K, 4)
+        w = (w * imp_n[..., None]).to(x_n.dtype)  # (B, k, K, 4)
+        merged = torch.einsum("bnkj,bnkc->bnjc", w, x_n).reshape(B, k, NUM_MERGE_WEIGHTS * C)
+        x_new = self.reduction(self.norm(merged))  # (B, k, C_out)
+        return x_new, pos_k, kept, importance
