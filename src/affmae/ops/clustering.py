@@ -1,21 +1,23 @@
 """Balanced space-filling-curve clustering and cluster neighbourhoods (AFF sec. 3.1; DESIGN 2.4a-b).
 
 1. Every token sits on an integer cell of the stage-1 patch grid (kept tokens keep their cells).
-   Tokens are ordered along a Hilbert curve over that grid, which keeps consecutive tokens close.
+   Tokens are ordered along a generalised Hilbert curve over that grid (any gh x gw), which
+   keeps consecutive tokens close.
 2. The ordered sequence is cut into clusters of ``m`` tokens; the last cluster is padded.
    Every image of a batch has the same token count, so padding sits at the end, at the same slots.
 3. A cluster's neighbourhood is the ``Kc`` clusters whose centroids are nearest to its centroid
    (itself first). The ``m`` queries of a cluster share it, so attention is a dense
    (m x Kc*m) product per cluster.
 
-Deviation from the AFF code: no anchor-cell quantisation step; the Hilbert curve runs over the
-exact grid cells, which is the finest anchor grid and needs no per-size cache.
+Deviation from the AFF code: no anchor-cell quantisation step; the curve runs over the exact
+grid cells, which is the finest anchor grid.
 Neighbour search compares cluster centroids (M x M per image, chunked), i.e. N^2 / m^2, not
 tokens: at 1024 px and N = 8192 that is 1M distances per image, far below the attention cost.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,38 +25,68 @@ import torch
 _CHUNK_ELEMENTS = 1 << 25  # cap on a (B, chunk, Mk) distance block
 
 
-def hilbert_index(xy: torch.Tensor, order: int) -> torch.Tensor:
-    """Hilbert-curve index of integer cells.
+def _sign(v: int) -> int:
+    return (v > 0) - (v < 0)
 
-    Args:
-        xy: (..., 2) integer-valued (x, y) cells in [0, 2**order).
-        order: curve order; the curve covers a 2**order square grid.
-    Returns:
-        (...,) int64 distance along the curve (unique per cell).
+
+def _gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int, out: list[tuple[int, int]]) -> None:
+    """Generalised Hilbert curve over the rectangle spanned by (ax, ay) x (bx, by) from (x, y)."""
+    w, h = abs(ax + ay), abs(bx + by)
+    dax, day, dbx, dby = _sign(ax), _sign(ay), _sign(bx), _sign(by)
+    if h == 1:
+        out.extend((x + i * dax, y + i * day) for i in range(w))
+        return
+    if w == 1:
+        out.extend((x + i * dbx, y + i * dby) for i in range(h))
+        return
+    ax2, ay2, bx2, by2 = ax // 2, ay // 2, bx // 2, by // 2
+    w2, h2 = abs(ax2 + ay2), abs(bx2 + by2)
+    if 2 * w > 3 * h:
+        if w2 % 2 and w > 2:  # prefer even steps
+            ax2, ay2 = ax2 + dax, ay2 + day
+        _gilbert(x, y, ax2, ay2, bx, by, out)
+        _gilbert(x + ax2, y + ay2, ax - ax2, ay - ay2, bx, by, out)
+    else:
+        if h2 % 2 and h > 2:
+            bx2, by2 = bx2 + dbx, by2 + dby
+        _gilbert(x, y, bx2, by2, ax2, ay2, out)
+        _gilbert(x + bx2, y + by2, ax, ay, bx - bx2, by - by2, out)
+        _gilbert(x + (ax - dax) + (bx2 - dbx), y + (ay - day) + (by2 - dby),
+                 -bx2, -by2, -(ax - ax2), -(ay - ay2), out)
+
+
+@functools.lru_cache(maxsize=16)
+def _curve_rank_cpu(gh: int, gw: int) -> torch.Tensor:
+    cells: list[tuple[int, int]] = []
+    if gw >= gh:
+        _gilbert(0, 0, gw, 0, 0, gh, cells)
+    else:
+        _gilbert(0, 0, 0, gh, gw, 0, cells)
+    xy = torch.tensor(cells, dtype=torch.int64)  # (gh*gw, 2) in curve order
+    rank = torch.empty(gh * gw, dtype=torch.int64)
+    rank[xy[:, 1] * gw + xy[:, 0]] = torch.arange(gh * gw)
+    return rank
+
+
+def curve_rank(grid_hw: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(gh*gw,) int64: position of each raster cell along a generalised Hilbert curve.
+
+    The curve (Cervenyi's "gilbert") fills any gh x gw rectangle with unit steps, so
+    consecutive cells are neighbours for every image size, not only powers of two; a plain
+    Hilbert curve over the enclosing square leaves and re-enters the image and cuts clusters
+    in two. The table is a pure function of the grid size (cached per size, never stale).
     """
-    x = xy[..., 0].round().long()
-    y = xy[..., 1].round().long()
-    n = 1 << order
-    d = torch.zeros_like(x)
-    s = n >> 1
-    while s > 0:
-        rx = (x & s) > 0
-        ry = (y & s) > 0
-        d = d + s * s * ((3 * rx.long()) ^ ry.long())
-        # Rotate the quadrant so the sub-curve has the canonical orientation.
-        flip = (~ry) & rx
-        x = torch.where(flip, n - 1 - x, x)
-        y = torch.where(flip, n - 1 - y, y)
-        swap = ~ry
-        x, y = torch.where(swap, y, x), torch.where(swap, x, y)
-        s >>= 1
-    return d
+    gh, gw = int(grid_hw[0]), int(grid_hw[1])
+    if gh < 1 or gw < 1:
+        raise ValueError(f"grid size must be positive, got {grid_hw}")
+    return _curve_rank_cpu(gh, gw).to(device)
 
 
-def curve_order(grid_hw: tuple[int, int]) -> int:
-    """Smallest Hilbert order whose square covers a (gh, gw) grid."""
-    side = max(int(grid_hw[0]), int(grid_hw[1]), 1)
-    return max(1, (side - 1).bit_length())
+def curve_index(pos: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """(..., 2) integer (x, y) cells -> (...,) int64 index along the space-filling curve."""
+    x = pos[..., 0].round().long()
+    y = pos[..., 1].round().long()
+    return curve_rank(grid_hw, pos.device)[y * int(grid_hw[1]) + x]
 
 
 @dataclass
@@ -134,7 +166,7 @@ def balanced_clustering(
     B, N, _ = pos.shape
     if N == 0:
         raise ValueError("cannot cluster an empty token set (N = 0)")
-    code = hilbert_index(pos, curve_order(grid_hw))  # (B, N)
+    code = curve_index(pos, grid_hw)  # (B, N)
     perm = torch.argsort(code, dim=1)  # (B, N)
     M = -(-N // m)
     pos_c = gather_tokens(pos, perm)

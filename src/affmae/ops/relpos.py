@@ -13,8 +13,9 @@ NUM_RELPOS_FEATURES = 5
 
 
 def relpos_features(delta: torch.Tensor) -> torch.Tensor:
-    """(..., 2) offsets (key - query) -> (..., 5) float32 features (dx, dy, r, dx/r, dy/r)."""
-    delta = delta.float()
+    """(..., 2) offsets (key - query) -> (..., 5) features (dx, dy, r, dx/r, dy/r), float32
+    or wider."""
+    delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
     r = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)  # (..., 1)
     unit = torch.where(r > 0, delta / r.clamp_min(1e-12), torch.zeros_like(delta))
     return torch.cat([delta, r, unit], dim=-1)

@@ -7,8 +7,9 @@ For each cluster c (m queries) with neighbour clusters nbr[c] (K = Kc * m keys),
 
 bias(d) = relpos_features(d) @ bias_weight.T + bias_bias (Linear(5 -> H)); the blank key carries
 no bias. Keys in padded slots (index >= n_valid) get a large negative logit; the blank key is
-always present, so no row is empty and nothing is NaN. Logits, bias and softmax are float32;
-the two matrix products run in the input dtype (as any half-precision attention does).
+always present, so no row is empty and nothing is NaN. Logits, bias and softmax are float32
+(float64 for float64 inputs); the two matrix products run in the input dtype (as any
+half-precision attention does).
 """
 
 from __future__ import annotations
@@ -72,15 +73,16 @@ def cluster_attention_ref(
     slot = torch.arange(N, device=q.device).view(1, N).expand(B, N)
     valid_k = gather_clusters(slot, nbr, m) < n_valid  # (B, M, K)
 
-    logits = torch.einsum("bmqhd,bmkhd->bmhqk", qc, kg).float() * scale  # (B, M, H, m, K)
-    rel = relpos_features(pk[:, :, None] - pq[:, :, :, None])  # (B, M, m, K, 5)
-    bias = rel @ bias_weight.float().t() + bias_bias.float()  # (B, M, m, K, H)
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for checks
+    logits = torch.einsum("bmqhd,bmkhd->bmhqk", qc, kg).to(acc) * scale  # (B, M, H, m, K)
+    rel = relpos_features((pk[:, :, None] - pq[:, :, :, None]).to(acc))  # (B, M, m, K, 5)
+    bias = rel @ bias_weight.to(acc).t() + bias_bias.to(acc)  # (B, M, m, K, H)
     logits = logits + bias.permute(0, 1, 4, 2, 3)
     logits = logits.masked_fill(~valid_k[:, :, None, None, :], MASKED_LOGIT)
-    blank = torch.einsum("bmqhd,hd->bmhq", qc, blank_k.to(q.dtype)).float() * scale  # (B, M, H, m)
+    blank = torch.einsum("bmqhd,hd->bmhq", qc, blank_k.to(q.dtype)).to(acc) * scale  # (B, M, H, m)
     attn = torch.softmax(torch.cat([logits, blank[..., None]], dim=-1), dim=-1)  # (B, M, H, m, K+1)
 
     a = attn[..., :-1].to(v.dtype)
     out = torch.einsum("bmhqk,bmkhd->bmqhd", a, vg)  # (B, M, m, H, D)
-    out = out + (attn[..., -1:].permute(0, 1, 3, 2, 4) * blank_v.float()).to(out.dtype)
+    out = out + (attn[..., -1:].permute(0, 1, 3, 2, 4) * blank_v.to(acc)).to(out.dtype)
     return out.reshape(B, N, H, D)
