@@ -37,6 +37,7 @@ class AFFMAEConfig(AFFConfig):
     decoder_knn: int = 4  # K nearest tokens interpolated at each sampling point
     decoder_mlp_ratio: float = 2.0  # decoder FFN hidden width / decoder_dim
     decoder_blocks_per_stage: int = 1  # decoder blocks per encoder stage
+    decoder_nbr_clusters: int = 12  # source clusters searched per query cluster (KNN bound)
     aux_weights: tuple[float, ...] = (0.05, 0.12)  # deep supervision, deepest stage first (4, 3)
     norm_pix_loss: bool = False  # normalise each target patch by its own mean/std
     pred_ratio: float = 1.0  # fraction of masked patches reconstructed per step
@@ -72,7 +73,8 @@ class AFFMAE(nn.Module):
         self.encoder = AFFEncoder(c.encoder_config())
         self.decoder = PointDecoder(
             c.widths, c.decoder_dim, c.decoder_heads, c.decoder_points, c.decoder_knn,
-            c.decoder_mlp_ratio, c.decoder_blocks_per_stage, c.cluster_size, c.nbr_clusters)
+            c.decoder_mlp_ratio, c.decoder_blocks_per_stage, c.cluster_size,
+            c.decoder_nbr_clusters)
         out = c.in_chans * c.patch_size**2
         self.head = _head(c.decoder_dim, out)
         # aux_heads["4"] reads the decoder after the stage-4 blocks, etc.; zero weight = no head.

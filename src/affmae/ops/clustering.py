@@ -144,7 +144,7 @@ def nearest_clusters(
     out = []
     for start in range(0, Mq, chunk):
         q = query[:, start : start + chunk].float()
-        d = torch.cdist(q, keys.float())  # (B, chunk, Mk)
+        d = torch.cdist(q, keys.float(), compute_mode="donot_use_mm_for_euclid_dist")  # (B, chunk, Mk)
         if self_first:
             rows = torch.arange(q.shape[1], device=q.device)
             d[:, rows, rows + start] = -1.0

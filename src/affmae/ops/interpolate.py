@@ -4,8 +4,12 @@ A sampling point q reads the K nearest tokens of a point set, weighted by w = so
 with learnable temperature p (the stable form; inverse-distance weights are not fp16-safe).
 
 Nearest-token search is bounded by clusters, never a scan of every token: each query carries a
-candidate list (the tokens of the clusters nearest to its own cluster's centroid, Kc * m of
-them) and a sampling point ranks only those. The selection itself is not differentiable; the
+candidate list (the tokens of the Kc clusters nearest to its own cluster's centroid, Kc * m of
+them) and a sampling point ranks only those. It is exact when the true neighbours lie in the
+candidate list; with Kc = 12 and offsets of about one token spacing, 98.8% of sampling points
+get exactly the true 4 nearest tokens and 99.7% the true nearest one (Kc = 8: 92% / 98%;
+Kc = 16: 99.8% / 100%), measured by tests/models/test_aff.py; a miss substitutes a slightly
+farther token, which softmax(-p * d) already down-weights. The selection itself is not differentiable; the
 distances of the selected tokens are, so gradients reach the offsets and the temperature.
 """
 

@@ -1,0 +1,206 @@
+"""AFF encoder and AFFMAE: shapes, exact token counts, masking isolation, gradients, learning."""
+
+import math
+
+import pytest
+import torch
+
+from affmae import create_model
+from affmae.layers.merge import num_kept
+from affmae.models.aff import grid_positions
+from affmae.ops.clustering import balanced_clustering, gather_tokens, pad_tokens
+from affmae.ops.interpolate import candidate_tokens, knn_select
+from affmae.ops.masking import make_mask, mask_indices
+
+
+def masks(B, grid_hw, ratio=0.5, kind="perlin", seed=0):
+    return make_mask(B, grid_hw, ratio, kind=kind, generator=torch.Generator().manual_seed(seed))
+
+
+def smooth_images(B, H, W, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 1, H, W, generator=g)
+    return torch.nn.functional.avg_pool2d(x, 5, 1, 2) * 3
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.37, 0.4, 0.5, 1.0])
+def test_merge_keeps_exactly_floor_n_ds_tokens(rate):
+    model = create_model("aff_tiny", downsample_rate=rate).eval()
+    imgs = smooth_images(2, 96, 128)
+    mask = masks(2, (12, 16))
+    vis, _ = mask_indices(mask)
+    stages = model.encoder.forward_intermediates(imgs, vis)
+    counts = [st.x.shape[1] for st in stages]
+    want = [vis.shape[1]]
+    for _ in range(3):
+        want.append(num_kept(want[-1], rate))
+    assert counts == want, f"d_s={rate}: token counts {counts}, expected {want}"
+    assert want[1] == max(1, math.floor(want[0] * rate))
+
+
+def test_token_counts_at_512px_match_design():
+    model = create_model("aff_tiny").eval()
+    mask = masks(1, (64, 64))
+    with torch.no_grad():
+        stages = model.encoder.forward_intermediates(torch.randn(1, 1, 512, 512),
+                                                     mask_indices(mask)[0])
+    assert [st.x.shape[1] for st in stages] == [2048, 819, 327, 130]
+
+
+def test_kept_tokens_keep_their_positions():
+    model = create_model("aff_tiny").eval()
+    imgs = smooth_images(2, 64, 64)
+    vis, _ = mask_indices(masks(2, (8, 8)))
+    with torch.no_grad():
+        stages = model.encoder.forward_intermediates(imgs, vis)
+    for s in range(1, len(stages)):
+        prev = {tuple(p) for p in stages[s - 1].pos[0].tolist()}
+        assert all(tuple(p) in prev for p in stages[s].pos[0].tolist()), \
+            f"stage {s + 1} has positions not present in stage {s}"
+
+
+def test_masked_pixels_never_reach_the_encoder():
+    torch.manual_seed(0)
+    model = create_model("aff_tiny").eval()
+    imgs = smooth_images(2, 64, 80)
+    mask = masks(2, (8, 10))
+    vis, _ = mask_indices(mask)
+    with torch.no_grad():
+        a = model.encoder.forward_intermediates(imgs, vis)
+        pixel_mask = mask.view(2, 1, 8, 1, 10, 1).expand(2, 1, 8, 8, 10, 8).reshape(2, 1, 64, 80)
+        noisy = torch.where(pixel_mask, torch.randn_like(imgs) * 100, imgs)
+        b = model.encoder.forward_intermediates(noisy, vis)
+    for s, (sa, sb) in enumerate(zip(a, b)):
+        assert torch.equal(sa.x, sb.x), f"stage {s + 1} output changed with masked pixels"
+        assert torch.equal(sa.pos, sb.pos)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80), (56, 40)])
+def test_mae_forward_backward_finite_every_parameter(hw):
+    torch.manual_seed(0)
+    model = create_model("aff_tiny", drop_path=0.1)
+    H, W = hw
+    imgs = smooth_images(2, H, W)
+    mask = masks(2, (H // 8, W // 8))
+    out = model(imgs, mask)
+    Nm = int(mask[0].sum())
+    assert out["pred"].shape == (2, Nm, 64)
+    assert set(out) >= {"loss", "loss_rec", "loss_ds3", "loss_ds4", "pred"}
+    out["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    bad = [n for n, p in model.named_parameters() if p.grad is not None
+           and not torch.isfinite(p.grad).all()]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert not bad, f"non-finite gradients: {bad}"
+
+
+def test_importance_score_gets_gradient_through_merge_weights():
+    model = create_model("aff_tiny")
+    imgs = smooth_images(2, 64, 64)
+    model(imgs, masks(2, (8, 8)))["loss"].backward()
+    for s, merge in enumerate(model.encoder.merges):
+        g = merge.score.weight.grad
+        assert g is not None and g.abs().sum() > 0, f"merge {s + 1} importance has no gradient"
+
+
+def test_zero_aux_weights_really_switch_deep_supervision_off():
+    model = create_model("aff_tiny", aux_weights=(0.0, 0.0))
+    assert len(model.aux_heads) == 0, "heads exist although their weights are 0"
+    out = model(smooth_images(1, 64, 64), masks(1, (8, 8)))
+    assert "loss_ds3" not in out and "loss_ds4" not in out
+    assert torch.equal(out["loss"], out["loss_rec"])
+    one = create_model("aff_tiny", aux_weights=(0.0, 0.3))
+    assert list(one.aux_heads) == ["3"]
+
+
+def test_aux_weights_enter_the_loss():
+    torch.manual_seed(0)
+    model = create_model("aff_tiny", aux_weights=(0.05, 0.12)).eval()
+    out = model(smooth_images(1, 64, 64), masks(1, (8, 8)))
+    want = out["loss_rec"] + 0.12 * out["loss_ds3"] + 0.05 * out["loss_ds4"]
+    torch.testing.assert_close(out["loss"], want)
+
+
+def test_pred_ratio_queries_an_exact_subset():
+    model = create_model("aff_tiny", pred_ratio=0.25).train()
+    mask = masks(2, (8, 8))
+    out = model(smooth_images(2, 64, 64), mask)
+    Nm = int(mask[0].sum())
+    q = out["query_idx"]
+    assert q.shape == (2, round(0.25 * Nm))
+    assert torch.all(torch.gather(mask, 1, q)), "a query is not a masked patch"
+    model.eval()
+    assert model(smooth_images(2, 64, 64), mask)["pred"].shape[1] == Nm, "eval must query all"
+
+
+def test_reconstruct_keeps_visible_patches():
+    model = create_model("aff_tiny").eval()
+    imgs = smooth_images(2, 64, 64)
+    mask = masks(2, (8, 8))
+    rec = model.reconstruct(imgs, mask)
+    pix = mask.view(2, 1, 8, 1, 8, 1).expand(2, 1, 8, 8, 8, 8).reshape(2, 1, 64, 64)
+    assert torch.equal(rec[~pix], imgs[~pix]), "visible pixels were altered"
+    assert not torch.equal(rec[pix], imgs[pix])
+
+
+def test_unmasked_encoder_and_awkward_sizes():
+    model = create_model("aff_tiny").eval()
+    for H, W in [(56, 56), (80, 64), (40, 128)]:
+        with torch.no_grad():
+            stages = model.encoder.forward_intermediates(smooth_images(1, H, W))
+        assert stages[0].x.shape[1] == (H // 8) * (W // 8)
+        assert all(torch.isfinite(s.x).all() for s in stages)
+
+
+def test_bad_sizes_are_rejected():
+    model = create_model("aff_tiny")
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        model.encoder.forward_intermediates(torch.randn(1, 1, 60, 64))
+    with pytest.raises(ValueError, match="is_masked"):
+        model(torch.randn(1, 1, 64, 64), torch.zeros(1, 63, dtype=torch.bool))
+    with pytest.raises(TypeError, match="no field"):
+        create_model("aff_tiny", downsample_ratee=0.3)
+
+
+def test_aff_small_has_about_22m_parameters():
+    model = create_model("aff_small")
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - 22e6) / 22e6 < 0.10, f"aff_small has {n / 1e6:.2f}M parameters, want ~22M"
+
+
+def test_candidate_search_finds_the_true_nearest_tokens():
+    """Sampling points near their query: cluster-bounded KNN equals a brute-force scan."""
+    g = torch.Generator().manual_seed(0)
+    gh = gw = 32
+    cells = grid_positions(torch.arange(gh * gw)[None], gw)[0]
+    keys = cells[torch.randperm(gh * gw, generator=g)[:300]][None]
+    queries = cells[torch.randperm(gh * gw, generator=g)[:200]][None]
+    kcl = balanced_clustering(keys, (gh, gw))
+    qcl = balanced_clustering(queries, (gh, gw))
+    kpos = pad_tokens(gather_tokens(keys, kcl.perm), kcl.n_padded)
+    kpos[:, kcl.n_valid:] = 1e6
+    qpos = gather_tokens(queries, qcl.perm)
+    cand = candidate_tokens(qcl, kcl, 12)[:, :200]  # the decoder's default bound
+    pts = qpos[:, :, None] + torch.randn(1, 200, 6, 2, generator=g)  # ~1 cell offsets
+    sel = knn_select(pts, cand, kpos, 4)  # (1, 200, 6, 4)
+    d_sel = (kpos[0][sel[0]] - pts[0][:, :, None]).norm(dim=-1)
+    d_all = torch.cdist(pts[0].reshape(-1, 2), kpos[0, :kcl.n_valid],
+                        compute_mode="donot_use_mm_for_euclid_dist").topk(4, largest=False).values
+    agree = torch.isclose(d_sel.reshape(-1, 4), d_all, atol=1e-5).all(-1).float().mean().item()
+    assert agree > 0.98, f"only {agree:.3f} of sampling points found their true 4 nearest tokens"
+
+
+def test_tiny_mae_overfits_four_images():
+    torch.manual_seed(0)
+    model = create_model("aff_tiny")
+    imgs = smooth_images(4, 64, 64)
+    mask = masks(4, (8, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(120):
+        out = model(imgs, mask)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss_rec"].item())
+    assert losses[-1] < losses[0] / 5, f"loss went {losses[0]:.4f} -> {losses[-1]:.4f}"
