@@ -81,7 +81,8 @@ def test_multipage_tiff_stack_gives_pages(tmp_path):
 
 def test_rgb_with_equal_channels_accepted_else_error(tmp_path):
     gray = _ramp()
-    for name, arr in [("rgb.png", np.stack([gray] * 3, -1)), ("rgba.png", np.stack([gray] * 3 + [gray * 0 + 255], -1))]:
+    opaque = np.full_like(gray, 255)
+    for name, arr in [("rgb.png", np.stack([gray] * 3, -1)), ("rgba.png", np.stack([gray] * 3 + [opaque], -1))]:
         Image.fromarray(arr).save(tmp_path / name)
         out = read_image(tmp_path / name)
         assert np.array_equal(out[0], gray / np.float32(255)), f"{name} differs from its gray channel"
@@ -118,14 +119,16 @@ def test_empty_corrupt_and_truncated_files_name_the_file(tmp_path):
     Image.fromarray(_ramp(64, 64)).save(tmp_path / "full.png")
     data = (tmp_path / "full.png").read_bytes()
     (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
-    tifffile.imwrite(tmp_path / "full.tif", np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8),
-                     photometric="minisblack")
+    stack = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "full.tif", stack, photometric="minisblack")
     data = (tmp_path / "full.tif").read_bytes()
     (tmp_path / "trunc.tif").write_bytes(data[:-5000])
     Image.fromarray(_ramp(64, 64)).save(tmp_path / "full.jpg")
     data = (tmp_path / "full.jpg").read_bytes()
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
-    cases = {"empty.png": "empty", "junk.tif": "cannot be read", "trunc.png": "", "trunc.tif": "", "trunc.jpg": ""}
+    # Truncation is worded per format; the file name is what must be there.
+    cases = {"empty.png": "empty", "junk.tif": "cannot be read", "trunc.png": "", "trunc.tif": "",
+             "trunc.jpg": ""}
     for name, problem in cases.items():
         for fn in (read_image, image_shape):
             with pytest.raises(ImageError) as info:

@@ -108,7 +108,8 @@ class SegmentationAugment(nn.Module):
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         self.flips, self.affine, self.elastic, self.photometric = flips, affine, elastic, photometric
-        self.degrees, self.scale, self.translate, self.shear = degrees, (float(scale[0]), float(scale[1])), translate, shear
+        self.degrees, self.translate, self.shear = degrees, translate, shear
+        self.scale = (float(scale[0]), float(scale[1]))
         self.elastic_alpha, self.elastic_sigma = elastic_alpha, elastic_sigma
         self.brightness, self.contrast, self.gamma = brightness, contrast, gamma
         self.blur_sigma, self.noise_std = blur_sigma, noise_std
@@ -167,11 +168,13 @@ class SegmentationAugment(nn.Module):
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode=self.padding, align_corners=False)
         if self.padding == "zeros":
             # Shift labels by one so 0 marks "outside the image", then map it to the ignore index.
-            yt = F.grid_sample((y + 1)[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            yt = F.grid_sample((y + 1)[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                               align_corners=False)
             yt = yt[:, 0].round().long() - 1
             y = torch.where(yt < 0, torch.full_like(yt, self.ignore_index), yt)
         else:
-            yt = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode=self.padding, align_corners=False)
+            yt = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode=self.padding,
+                               align_corners=False)
             y = yt[:, 0].round().long()
         return x, y
 

@@ -98,20 +98,27 @@ def _validate(files: list[Path], skip_bad: bool, check: str, what: str) -> dict[
             bad.append(e)
     if bad:
         log.warning(
-            "skipped %d unreadable %s file(s) of %d: %s", len(bad), what, len(files), _names([str(e) for e in bad])
+            "skipped %d unreadable %s file(s) of %d: %s",
+            len(bad), what, len(files), _names([str(e) for e in bad]),
         )
     if not shapes:
-        raise ImageError(files[0].parent, f"all {len(files)} {what} file(s) are unreadable: {_names([str(e) for e in bad])}")
+        raise ImageError(
+            files[0].parent, f"all {len(files)} {what} file(s) are unreadable: {_names([str(e) for e in bad])}"
+        )
     return shapes
 
 
-def _scan(root: Path, skip_bad: bool, check: str) -> tuple[list[tuple[Path, int]], dict[Path, tuple[int, int, int]]]:
+def _scan(
+    root: Path, skip_bad: bool, check: str
+) -> tuple[list[tuple[Path, int]], dict[Path, tuple[int, int, int]]]:
     shapes = _validate(_list_files(root), skip_bad, check, "image")
     items = [(f, p) for f, (pages, _, _) in shapes.items() for p in range(pages)]
     return items, shapes
 
 
-def scan_images(root: str | os.PathLike, skip_bad: bool = False, check: str = "header") -> list[tuple[Path, int]]:
+def scan_images(
+    root: str | os.PathLike, skip_bad: bool = False, check: str = "header"
+) -> list[tuple[Path, int]]:
     """All (file, page) items under ``root`` (recursive over IMAGE_SUFFIXES, sorted by path).
 
     Every file is opened (see module docstring for ``check``). An unreadable file raises
@@ -181,7 +188,8 @@ def _check_big_enough(shapes: dict[Path, tuple[int, int, int]], size: tuple[int,
         raise ImageError(
             path,
             f"image is {h}x{w} (H x W), smaller than the training size {size[0]}x{size[1]} needed by "
-            f"mode={mode!r}; {len(small)} file(s) too small: {_names([f'{p} ({h}x{w})' for p, h, w in small])}. "
+            f"mode={mode!r}; {len(small)} file(s) too small: "
+            f"{_names([f'{p} ({h}x{w})' for p, h, w in small])}. "
             "Use mode='resize' or a smaller size",
         )
 
@@ -203,7 +211,9 @@ def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def _crop_box(shape_hw: tuple[int, int], size: tuple[int, int], mode: str, gen: torch.Generator) -> tuple[int, int]:
+def _crop_box(
+    shape_hw: tuple[int, int], size: tuple[int, int], mode: str, gen: torch.Generator
+) -> tuple[int, int]:
     """Top-left corner (y0, x0) of the crop."""
     (h, w), (th, tw) = shape_hw, size
     if mode == "center_crop":
@@ -349,7 +359,9 @@ class SegmentationFolder(Dataset):
         img_dir, mask_dir = self.root / "images", self.root / "masks"
         for d in (img_dir, mask_dir):
             if not d.is_dir():
-                raise FileNotFoundError(f"{d}: folder does not exist (expected {self.root}/images and {self.root}/masks)")
+                raise FileNotFoundError(
+                    f"{d}: folder does not exist (expected {self.root}/images and {self.root}/masks)"
+                )
         images, masks = _by_stem(img_dir), _by_stem(mask_dir)
         no_mask = sorted(set(images) - set(masks))
         no_image = sorted(set(masks) - set(images))
@@ -379,7 +391,10 @@ class SegmentationFolder(Dataset):
         yaml_path = self.root / "classes.yaml"
         names_map = load_class_map(yaml_path) if yaml_path.exists() else {}
         if class_values is None:
-            class_values = sorted(names_map) if names_map else sorted(set(np.concatenate(list(found.values())).tolist()))
+            if names_map:
+                class_values = sorted(names_map)
+            else:
+                class_values = sorted(set(np.concatenate(list(found.values())).tolist()))
         class_values = [int(v) for v in class_values]
         if len(set(class_values)) != len(class_values):
             raise ValueError(f"class_values has duplicates: {class_values}")
@@ -387,7 +402,9 @@ class SegmentationFolder(Dataset):
         bad = [(m, sorted(set(v.tolist()) - allowed)) for m, v in found.items() if set(v.tolist()) - allowed]
         if bad:
             m, vals = bad[0]
-            more = f"; {len(bad)} mask file(s) affected: {_names([str(b[0]) for b in bad])}" if len(bad) > 1 else ""
+            more = ""
+            if len(bad) > 1:
+                more = f"; {len(bad)} mask file(s) affected: {_names([str(b[0]) for b in bad])}"
             raise ImageError(m, f"mask values {vals} are not in class_values {class_values}{more}")
         return class_values, [names_map.get(v, str(v)) for v in class_values]
 

@@ -199,7 +199,8 @@ def _chunk(seed: int, indices: range, h: int, w: int) -> tuple[np.ndarray, np.nd
     v = stack("ves")
     v_r = 1.5 + 2.0 * v[..., 2]
     v_valid = np.arange(n_ves)[None] < col("ves_n")[:, None]
-    flat, v_rho, _, _ = _stamp(h, w, v[..., 0] * (h - 1), v[..., 1] * (w - 1), v_r, v_r, np.zeros_like(v_r), v_valid, 4)
+    v_cy, v_cx = v[..., 0] * (h - 1), v[..., 1] * (w - 1)
+    flat, v_rho, _, _ = _stamp(h, w, v_cy, v_cx, v_r, v_r, np.zeros_like(v_r), v_valid, radius=4)
     flat, v_rho = _first_per_pixel(flat, v_rho)
     ring = np.zeros(c * h * w, np.int8)  # 0 none, 1 lumen, 2 rim
     ring[flat] = np.where(v_rho > 0.6, 2, 1)
@@ -243,7 +244,9 @@ def generate(n: int, size: tuple[int, int] = (128, 128), seed: int = 0) -> tuple
     return images, labels
 
 
-def write_dataset(out_dir: str | os.PathLike, n: int, size: tuple[int, int] = (128, 128), seed: int = 0) -> Path:
+def write_dataset(
+    out_dir: str | os.PathLike, n: int, size: tuple[int, int] = (128, 128), seed: int = 0
+) -> Path:
     """Write ``out_dir/images/NNNN.png``, ``out_dir/masks/NNNN.png`` (value = class index) and
     ``out_dir/classes.yaml`` ({value: name}); returns ``out_dir``."""
     out = Path(out_dir)
