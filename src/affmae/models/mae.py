@@ -164,6 +164,39 @@ class AFFMAE(nn.Module):
         names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
         return names | {"decoder.query_token"}
 
+    # -- fine-tuning (affmae.models.segmentation) ------------------------------------------
+    def dense_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Unmasked encoder, decoder queried at every patch: (B, gh*gw, decoder_dim)."""
+        P = self.patch_size
+        grid_hw = (imgs.shape[-2] // P, imgs.shape[-1] // P)
+        all_idx = torch.arange(grid_hw[0] * grid_hw[1], device=imgs.device)
+        all_idx = all_idx.expand(imgs.shape[0], -1)
+        stages = self.encoder.forward_intermediates(imgs)
+        return self.decoder(stages, grid_positions(all_idx, grid_hw[1]), grid_hw)[-1]
+
+    def strip_pretraining_heads(self) -> None:
+        """Drop the pixel heads (unused in fine-tuning; DDP would see unused parameters)."""
+        del self.head
+        self.aux_heads = nn.ModuleDict()
+
+    @property
+    def num_layers(self) -> int:
+        return sum(self.config.depths)
+
+    def layer_id(self, name: str) -> int:
+        """LLRD depth: 0 patch embedding, 1..L encoder blocks (a merge and a stage's output
+        norm count with the stage's last block), L + 1 decoder and heads."""
+        depths = self.config.depths
+        if name.startswith("encoder.patch_embed") or name.startswith("encoder.embed_norm"):
+            return 0
+        parts = name.split(".")
+        if name.startswith("encoder.stages."):
+            s, b = int(parts[2]), int(parts[3])
+            return sum(depths[:s]) + b + 1
+        if name.startswith(("encoder.merges.", "encoder.out_norms.")):
+            return sum(depths[: int(parts[2]) + 1])
+        return self.num_layers + 1
+
 
 def _build(base: AFFMAEConfig, overrides: dict) -> AFFMAE:
     return AFFMAE(replace_config(base, overrides))

@@ -79,6 +79,12 @@ def curve_rank(grid_hw: tuple[int, int], device: torch.device | str = "cpu") -> 
     gh, gw = int(grid_hw[0]), int(grid_hw[1])
     if gh < 1 or gw < 1:
         raise ValueError(f"grid size must be positive, got {grid_hw}")
+    return _curve_rank_on(gh, gw, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=32)
+def _curve_rank_on(gh: int, gw: int, device: str) -> torch.Tensor:
+    # One host-to-device copy per (size, device), not one per stage and step.
     return _curve_rank_cpu(gh, gw).to(device)
 
 
