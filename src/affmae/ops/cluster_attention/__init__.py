@@ -2,13 +2,18 @@
 
 ``cluster_attention(..., backend="auto" | "triton" | "torch")``. Both backends share one signature
 and compute the same function (see ``reference.py`` for the specification). "auto" uses Triton on
-CUDA tensors when it can and otherwise the reference; ``why_not_triton`` says why it refused.
+CUDA tensors when it can and otherwise the reference; ``why_not_triton`` says why it refused, and
+"auto" warns with that reason when it falls back on CUDA tensors.
 The environment variable ``AFFMAE_ATTENTION_BACKEND`` overrides "auto" for users.
+
+Files: ``reference.py`` (specification, CPU path), ``kernel.py`` (Triton kernels and launchers),
+``function.py`` (custom ops with FLOP formulas, the autograd Function, ``cluster_attention_triton``).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -37,7 +42,13 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"AFFMAE_ATTENTION_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "torch" if (not q.is_cuda or why_not_triton(q)) else "triton"
+        if not q.is_cuda:
+            return "torch"
+        reason = why_not_triton(q)
+        if reason:
+            warnings.warn(f"cluster_attention: backend 'auto' uses 'torch' because {reason}", stacklevel=3)
+            return "torch"
+        return "triton"
     if backend == "triton":
         reason = why_not_triton(q)
         if reason:
@@ -71,7 +82,7 @@ def cluster_attention(
     """
     chosen = resolve_backend(backend, q)
     if chosen == "triton":
-        from affmae.ops.cluster_attention.kernel import cluster_attention_triton
+        from affmae.ops.cluster_attention.function import cluster_attention_triton
 
         return cluster_attention_triton(
             q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale

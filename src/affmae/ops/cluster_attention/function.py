@@ -1,0 +1,131 @@
+"""Cluster attention, Triton backend: custom ops, FLOP formulas and the autograd Function.
+
+The kernels of ``kernel.py`` are wrapped as two ``torch.library`` custom ops,
+``affmae::cluster_attention_fwd`` and ``affmae::cluster_attention_bwd``, each with a fake
+(meta) implementation, so ``torch.compile`` traces through them without graph breaks, and with a
+FLOP formula (``torch.utils.flop_counter.register_flop_formula``), so FLOP counters see them
+(DESIGN section 3; existing AFF counts silently omitted their custom kernels).
+``ClusterAttentionFunction`` (one ``torch.autograd.Function``) ties the two ops together.
+
+FLOP convention (as torch counts scaled_dot_product_attention): matrix products only, 2 FLOPs per
+multiply-add, over the K = Kc * m neighbour keys plus the blank key. Forward: q k^T and P v, i.e.
+4 * B * N * H * (K + 1) * D. Backward: five products (q k^T recomputed, dO v^T, P^T dO, dS k,
+dS^T q), 2.5x the forward. The kernels' extra recomputation (the key-major dK / dV pass recomputes
+q k^T and dO v^T) and the bias arithmetic are not counted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from affmae.ops.cluster_attention import kernel
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("affmae::cluster_attention_fwd", mutates_args=())
+def cluster_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, nbr: Tensor, n_valid: int,
+    bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Forward: out (B, N, H, D) in q's dtype and the base-2 log-sum-exp (B, H, N) float32."""
+    return kernel.attention_forward(
+        q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale
+    )
+
+
+@cluster_attention_fwd.register_fake
+def _fwd_fake(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale):
+    B, N, H, D = q.shape
+    return q.new_empty(B, N, H, D), q.new_empty(B, H, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("affmae::cluster_attention_bwd", mutates_args=())
+def cluster_attention_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, pos: Tensor, nbr: Tensor,
+    n_valid: int, bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
+    scale: float, dkdv: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward: dq, dk, dv, d bias_weight, d bias_bias, d blank_k, d blank_v."""
+    return kernel.attention_backward(
+        do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
+        dkdv=dkdv,
+    )
+
+
+@cluster_attention_bwd.register_fake
+def _bwd_fake(do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
+              scale, dkdv):
+    return (
+        torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+        torch.empty_like(bias_weight), torch.empty_like(bias_bias),
+        torch.empty_like(blank_k), torch.empty_like(blank_v),
+    )
+
+
+def _forward_flops(q_shape, nbr_shape) -> int:
+    B, N, H, D = q_shape
+    M, Kc = nbr_shape[1:]
+    keys = Kc * (N // M) + 1  # neighbour keys + the blank key
+    return 4 * B * N * H * keys * D
+
+
+@register_flop_formula(torch.ops.affmae.cluster_attention_fwd)
+def _fwd_flop(q_shape, k_shape, v_shape, pos_shape, nbr_shape, *args, out_shape=None, **kwargs) -> int:
+    return _forward_flops(q_shape, nbr_shape)
+
+
+@register_flop_formula(torch.ops.affmae.cluster_attention_bwd)
+def _bwd_flop(do_shape, q_shape, k_shape, v_shape, lse_shape, pos_shape, nbr_shape, *args,
+              out_shape=None, **kwargs) -> int:
+    return 5 * _forward_flops(q_shape, nbr_shape) // 2
+
+
+class ClusterAttentionFunction(torch.autograd.Function):
+    """Autograd over the two custom ops. Positions and neighbourhoods get no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv):
+        out, lse = torch.ops.affmae.cluster_attention_fwd(
+            q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale
+        )
+        ctx.save_for_backward(q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v)
+        ctx.n_valid, ctx.scale, ctx.dkdv = n_valid, scale, dkdv
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v = ctx.saved_tensors
+        dq, dk, dv, dw, dwb, dbk, dbv = torch.ops.affmae.cluster_attention_bwd(
+            do, q, k, v, lse, pos, nbr, ctx.n_valid, bias_weight, bias_bias, blank_k, blank_v,
+            ctx.scale, ctx.dkdv,
+        )
+        need = ctx.needs_input_grad
+        grads = (dq, dk, dv, None, None, None, dw, dwb, dbk, dbv, None, None)
+        return tuple(g if n else None for g, n in zip(grads, need))
+
+
+def cluster_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, nbr: Tensor, n_valid: int,
+    bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
+    scale: float | None = None, dkdv: str = "two_pass",
+) -> Tensor:
+    """Cluster attention through the Triton kernels (same signature and result as the reference).
+
+    Args:
+        q, k, v: (B, N, H, D) clustered tokens, N = M * m; slots >= n_valid are padding.
+        pos: (B, N, 2) positions. nbr: (B, M, Kc) neighbour clusters, own cluster first.
+        n_valid: real token count. bias_weight: (H, 5), bias_bias: (H,). blank_k, blank_v: (H, D).
+        scale: logit scale (default D ** -0.5).
+        dkdv: how the backward forms dK / dV: "two_pass" (a key-major second kernel, default,
+            measured faster) or "atomic" (float32 atomics); see docs/BENCHMARKS.md.
+    Returns:
+        (B, N, H, D) in q's dtype.
+    """
+    if dkdv not in kernel.DKDV_MODES:
+        raise ValueError(f"dkdv must be one of {kernel.DKDV_MODES}, got {dkdv!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return ClusterAttentionFunction.apply(
+        q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv
+    )

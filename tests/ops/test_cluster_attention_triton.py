@@ -1,0 +1,329 @@
+"""Triton cluster attention vs the PyTorch reference (issue 3; STYLE.md "tests that can fail").
+
+Three-way rule (flash-attention's tests): for the output and every gradient, the kernel's error
+against a float64 evaluation of the reference (same rounded inputs) must be within ``FACTOR`` times
+the error of the reference run at the kernel's precision, plus a tiny floor relative to the value.
+
+CPU: the kernels run through Triton's interpreter. TRITON_INTERPRET=1 must be set before triton is
+first imported (triton.language wraps its own functions at import), so all interpreter cases run
+in one subprocess (``python this_file.py --worker out.json``) and the tests here check its results;
+nothing in this process depends on import order. Interpreter-specific: bfloat16 products are
+widened to float32 (exact) because the interpreter multiplies bfloat16 as integers, and its
+float32 -> bfloat16 casts truncate instead of rounding (hence ``FACTOR`` 3, not 2).
+GPU (``@pytest.mark.gpu``): full aff_small stage sizes in bf16 / fp16, large logits, torch.compile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from affmae.ops.cluster_attention import cluster_attention, why_not_triton
+from affmae.ops.cluster_attention.reference import cluster_attention_ref
+from affmae.ops.clustering import balanced_clustering, gather_tokens, pad_tokens
+
+FACTOR = 3.0  # kernel error <= FACTOR * same-precision reference error + floor
+FLOOR = 1e-5  # relative to max |float64 value|
+NAMES = ("out", "dq", "dk", "dv", "d_bias_weight", "d_bias_bias", "d_blank_k", "d_blank_v")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs and the three-way comparison (shared by the interpreter worker and the GPU tests)
+# ------------------------------------------------------------------------------------------------
+
+
+def make_inputs(B, n_valid, m, H, D, Kc, seed=0, device="cpu", repeat_nbr=False, fused_qkv=False,
+                logit_gain=1.0):
+    """Clustered float32 inputs of the reference's signature from random grid positions.
+
+    repeat_nbr: neighbourhoods of Kc clusters drawn with repeats (Kc may exceed M).
+    fused_qkv: q, k, v are strided views of one (B, N, 3, H, D) tensor, as a fused projection gives.
+    """
+    g = torch.Generator().manual_seed(seed)
+    side = max(4, int((3 * n_valid) ** 0.5) + 1)
+    cells = torch.stack([torch.randperm(side * side, generator=g)[:n_valid] for _ in range(B)])
+    pos = torch.stack([cells % side, cells // side], dim=-1).float()  # (B, n, 2) distinct cells
+    cl = balanced_clustering(pos, (side, side), m=m, num_nbr_clusters=Kc)
+    M = cl.num_clusters
+    N = M * m
+    pos_c = pad_tokens(gather_tokens(pos, cl.perm), N)  # (B, N, 2)
+    nbr = cl.nbr
+    if repeat_nbr:
+        rest = torch.randint(0, M, (B, M, Kc - 1), generator=g)
+        nbr = torch.cat([torch.arange(M).view(1, M, 1).expand(B, M, 1), rest], dim=2)  # (B, M, Kc)
+    qkv = torch.randn(B, N, 3, H, D, generator=g)  # (B, N, 3, H, D)
+    qkv[:, :, :2] *= logit_gain
+    if fused_qkv:
+        q, k, v = qkv.unbind(2)
+    else:
+        q, k, v = (t.contiguous() for t in qkv.unbind(2))
+    params = (
+        0.3 * torch.randn(H, 5, generator=g), torch.randn(H, generator=g),
+        torch.randn(H, D, generator=g), torch.randn(H, D, generator=g),
+    )
+    do = torch.randn(B, N, H, D, generator=g)
+    to = lambda t: t.to(device)  # noqa: E731
+    return dict(
+        q=to(q), k=to(k), v=to(v), pos=to(pos_c), nbr=to(nbr), n_valid=n_valid,
+        params=tuple(map(to, params)), do=to(do),
+    )
+
+
+def _run(fn, inp, dtype, param_dtype):
+    """Output and the 7 gradients of fn at the given precision (inputs rounded to dtype)."""
+    # Fresh leaves every call (``.to`` returns the same tensor when the dtype already matches).
+    q, k, v = (inp[n].to(dtype, copy=True).requires_grad_() for n in "qkv")
+    params = [p.to(param_dtype, copy=True).requires_grad_() for p in inp["params"]]
+    pos = inp["pos"].to(param_dtype)
+    out = fn(q, k, v, pos, inp["nbr"], inp["n_valid"], *params)
+    out.backward(inp["do"].to(out.dtype))
+    return [out.detach()] + [t.grad for t in (q, k, v, *params)]
+
+
+def three_way(inp, dtype, kernel_fn):
+    """Per output/gradient: (kernel error, same-precision reference error, max |float64 value|)."""
+    # Round q, k, v, dO to dtype first so all three see identical inputs.
+    inp = dict(inp, **{n: inp[n].to(dtype).float() for n in ("q", "k", "v", "do")})
+    exact = _run(cluster_attention_ref, inp, torch.float64, torch.float64)
+    same = _run(cluster_attention_ref, inp, dtype, torch.float32)
+    kern = _run(kernel_fn, inp, dtype, torch.float32)
+    rows = {}
+    for name, e, s, k in zip(NAMES, exact, same, kern):
+        assert k.dtype == s.dtype, f"{name}: kernel dtype {k.dtype} != reference dtype {s.dtype}"
+        rows[name] = (
+            (k.double() - e).abs().max().item(),
+            (s.double() - e).abs().max().item(),
+            e.abs().max().item(),
+            bool(torch.isfinite(k).all()),
+        )
+    return rows
+
+
+def assert_three_way(rows, label):
+    for name, (err_k, err_ref, scale, finite) in rows.items():
+        assert finite, f"{label} {name}: kernel produced NaN/Inf"
+        bound = FACTOR * err_ref + FLOOR * scale
+        assert err_k <= bound, (
+            f"{label} {name}: kernel error {err_k:.3e} > {FACTOR} x reference error {err_ref:.3e} "
+            f"+ floor {FLOOR * scale:.3e} (max |value| {scale:.3e})"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Interpreter cases (CPU, run in one subprocess): name -> (make_inputs kwargs, dtype, dkdv)
+# Each case costs ~0.2 s of interpreter time per (batch, head, cluster).
+# ------------------------------------------------------------------------------------------------
+
+CASES = {
+    # N = 217 real tokens, padded to 28 clusters of 8.
+    "n217_m8_d16_fp16": (dict(B=1, n_valid=217, m=8, H=1, D=16, Kc=4), "fp16", "two_pass"),
+    "n217_m8_d16_bf16": (dict(B=1, n_valid=217, m=8, H=1, D=16, Kc=4), "bf16", "two_pass"),
+    "n57_m8_d32_fp32": (dict(B=2, n_valid=57, m=8, H=2, D=32, Kc=3), "fp32", "two_pass"),
+    # Global case, Kc > M (clusters repeat): 3 clusters, 10 neighbour slots = 80 keys, 2 key tiles.
+    "global_kc10_m3_fp32": (dict(B=2, n_valid=21, m=8, H=2, D=16, Kc=10, repeat_nbr=True), "fp32", "two_pass"),
+    "global_kc10_m3_bf16": (dict(B=1, n_valid=21, m=8, H=2, D=16, Kc=10, repeat_nbr=True), "bf16", "two_pass"),
+    # Global case as clustering makes it: Kc clipped to M = 3.
+    "global_kc3_fp16": (dict(B=2, n_valid=20, m=8, H=2, D=32, Kc=8), "fp16", "two_pass"),
+    # Other cluster sizes and head dims; strided q, k, v from a fused projection.
+    "m4_d32_fp16": (dict(B=1, n_valid=30, m=4, H=2, D=32, Kc=3), "fp16", "two_pass"),
+    "m16_d64_bf16": (dict(B=2, n_valid=40, m=16, H=1, D=64, Kc=3), "bf16", "two_pass"),
+    "m6_d24_fused_fp32": (dict(B=1, n_valid=29, m=6, H=2, D=24, Kc=3, fused_qkv=True), "fp32", "two_pass"),
+    # dK / dV by float32 atomics.
+    "atomic_n50_fp16": (dict(B=1, n_valid=50, m=8, H=2, D=16, Kc=4), "fp16", "atomic"),
+    "atomic_global_kc10_fp32": (dict(B=1, n_valid=21, m=8, H=2, D=16, Kc=10, repeat_nbr=True), "fp32", "atomic"),
+}
+
+
+def _worker(path: str) -> None:
+    """Run every interpreter case (TRITON_INTERPRET=1 is set by the caller) and write JSON."""
+    from affmae.ops.cluster_attention.function import cluster_attention_triton
+
+    results = {}
+    for name, (kw, dtype, dkdv) in CASES.items():
+        try:
+            fn = lambda *a, _d=dkdv: cluster_attention_triton(*a, dkdv=_d)  # noqa: E731
+            results[name] = {"rows": three_way(make_inputs(**kw), DTYPES[dtype], fn)}
+        except Exception:  # recorded so the matching test fails with the traceback
+            results[name] = {"error": traceback.format_exc()}
+    Path(path).write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory):
+    path = tmp_path_factory.mktemp("interp") / "results.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", str(path)], env=env, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stderr[-4000:]}"
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_interpreter_matches_reference(interpreter_results, case):
+    res = interpreter_results[case]
+    assert "error" not in res, f"{case} raised:\n{res.get('error')}"
+    assert set(res["rows"]) == set(NAMES), f"{case}: missing outputs {set(NAMES) - set(res['rows'])}"
+    assert_three_way(res["rows"], case)
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process CPU tests (no kernel launch)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_transposed_neighbourhood_is_exact():
+    from affmae.ops.cluster_attention.kernel import transposed_neighbourhood
+
+    g = torch.Generator().manual_seed(1)
+    B, M, Kc = 3, 11, 5
+    nbr = torch.randint(0, M, (B, M, Kc), generator=g)
+    src, off = transposed_neighbourhood(nbr)
+    for b in range(B):
+        for c in range(M):
+            got = sorted(src[b, off[b, c] : off[b, c + 1]].tolist())
+            want = sorted(qc for qc in range(M) for j in range(Kc) if nbr[b, qc, j] == c)
+            assert got == want, f"b={b} key cluster {c}: query clusters {got} != {want}"
+    assert off[:, -1].tolist() == [M * Kc] * B, f"offsets end at {off[:, -1].tolist()}, not {M * Kc}"
+
+
+def test_why_not_names_the_reason(monkeypatch):
+    from affmae.ops.cluster_attention import kernel
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernel.why_not(torch.zeros(1, 8, 1, 32)) is None, "fp32, D=32 should be supported"
+    assert "float64" in kernel.why_not(torch.zeros(1, 8, 1, 32, dtype=torch.float64))
+    assert "D=8" in kernel.why_not(torch.zeros(1, 8, 1, 8))
+    assert "D=256" in kernel.why_not(torch.zeros(1, 8, 1, 256))
+
+
+def test_backend_choice_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("AFFMAE_ATTENTION_BACKEND", raising=False)
+    inp = make_inputs(B=1, n_valid=16, m=8, H=1, D=16, Kc=2)
+    args = (inp["q"], inp["k"], inp["v"], inp["pos"], inp["nbr"], inp["n_valid"], *inp["params"])
+    reason = why_not_triton(inp["q"])
+    assert reason is not None and "cpu" in reason, f"CPU without interpreter should be refused: {reason}"
+    with pytest.raises(RuntimeError, match="not CUDA"):
+        cluster_attention(*args, backend="triton")
+    torch.testing.assert_close(cluster_attention(*args, backend="auto"), cluster_attention_ref(*args))
+
+
+def test_fake_shapes_and_flop_formula():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import affmae.ops.cluster_attention.function  # noqa: F401  (registers the ops)
+
+    B, M, m, H, D, Kc = 2, 5, 8, 3, 32, 4
+    N = M * m
+    with FakeTensorMode():
+        q = torch.empty(B, N, H, D, dtype=torch.bfloat16)
+        pos = torch.empty(B, N, 2)
+        nbr = torch.empty(B, M, Kc, dtype=torch.int64)
+        w, wb, bk, bv = torch.empty(H, 5), torch.empty(H), torch.empty(H, D), torch.empty(H, D)
+        with FlopCounterMode(display=False) as fc:
+            out, lse = torch.ops.affmae.cluster_attention_fwd(q, q, q, pos, nbr, N - 3, w, wb, bk, bv, 0.2)
+            grads = torch.ops.affmae.cluster_attention_bwd(
+                out, q, q, q, lse, pos, nbr, N - 3, w, wb, bk, bv, 0.2, "two_pass"
+            )
+    assert out.shape == (B, N, H, D) and out.dtype == torch.bfloat16, f"out {out.shape} {out.dtype}"
+    assert lse.shape == (B, H, N) and lse.dtype == torch.float32, f"lse {lse.shape} {lse.dtype}"
+    want_shapes = [(B, N, H, D)] * 3 + [(H, 5), (H,), (H, D), (H, D)]
+    assert [tuple(g.shape) for g in grads] == want_shapes, f"grad shapes {[g.shape for g in grads]}"
+    fwd = 4 * B * N * H * (Kc * m + 1) * D
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    assert counts == {"affmae.cluster_attention_fwd": fwd, "affmae.cluster_attention_bwd": 5 * fwd // 2}, (
+        f"FLOP counts {counts}, expected fwd {fwd} and bwd {5 * fwd // 2}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU tests (full size)
+# ------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# aff_small stages at 512 px, mask ratio 0.5, d_s 0.4: (tokens, heads); head dim 32, m 8, Kc 8.
+STAGES_512 = [(2048, 3), (819, 6), (327, 12), (130, 16)]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("stage", range(4))
+@pytest.mark.parametrize("dkdv", ["two_pass", "atomic"])
+def test_gpu_full_size_matches_reference(dtype, stage, dkdv):
+    from affmae.ops.cluster_attention.function import cluster_attention_triton
+
+    n, H = STAGES_512[stage]
+    inp = make_inputs(B=16, n_valid=n, m=8, H=H, D=32, Kc=8, seed=stage, device="cuda")
+    rows = three_way(inp, DTYPES[dtype], lambda *a: cluster_attention_triton(*a, dkdv=dkdv))
+    assert_three_way(rows, f"stage {stage + 1} {dtype} {dkdv}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gpu_large_logits_stay_finite(dtype):
+    from affmae.ops.cluster_attention.function import cluster_attention_triton
+
+    # q, k scaled by 30: logits of order 30 * 30 * sqrt(D) * scale ~ 5000; fp16 products of the
+    # reference may overflow, the kernel accumulates in float32 and must stay finite and accurate.
+    inp = make_inputs(B=4, n_valid=819, m=8, H=6, D=32, Kc=8, device="cuda", logit_gain=30.0)
+    rows = three_way(inp, DTYPES[dtype], cluster_attention_triton)
+    for name, (err_k, err_ref, scale, finite) in rows.items():
+        assert finite, f"{dtype} {name}: NaN/Inf with large logits"
+        # Where the reference itself overflows (err_ref = inf/nan), bound by the dtype's resolution.
+        ref_ok = err_ref == err_ref and err_ref != float("inf")
+        bound = FACTOR * err_ref + FLOOR * scale if ref_ok else 2.0 ** -6 * max(scale, 1.0)
+        assert err_k <= bound, f"{dtype} {name}: error {err_k:.3e} > {bound:.3e} (scale {scale:.3e})"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_torch_compile_fullgraph():
+    inp = make_inputs(B=2, n_valid=300, m=8, H=6, D=32, Kc=8, device="cuda")
+
+    do = inp["do"]
+
+    def loss(q, k, v, pos, nbr, n_valid, w, wb, bk, bv):
+        out = cluster_attention(q, k, v, pos, nbr, n_valid, w, wb, bk, bv, backend="triton")
+        return (out.float() * do).sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    args = [inp[n].to(torch.bfloat16) for n in "qkv"] + [inp["pos"], inp["nbr"], inp["n_valid"]]
+    results = []
+    for fn in (loss, compiled):
+        leaves = [t.clone().requires_grad_() for t in args[:3]] + [
+            p.clone().requires_grad_() for p in inp["params"]
+        ]
+        value = fn(*leaves[:3], *args[3:], *leaves[3:])
+        value.backward()
+        results.append([value.detach()] + [t.grad for t in leaves])
+    for name, e, c in zip(("loss",) + NAMES[1:], *results):
+        torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-3, msg=lambda s, n=name: f"compiled {n}: {s}")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_auto_backend_uses_triton(monkeypatch):
+    monkeypatch.delenv("AFFMAE_ATTENTION_BACKEND", raising=False)
+    from affmae.ops.cluster_attention import resolve_backend
+
+    q = torch.zeros(1, 8, 1, 32, device="cuda", dtype=torch.bfloat16)
+    assert resolve_backend("auto", q) == "triton", f"auto chose torch: {why_not_triton(q)}"
+    with pytest.warns(UserWarning, match="float64"):
+        assert resolve_backend("auto", q.double()) == "torch"
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2])
