@@ -1,0 +1,126 @@
+"""One full training step, its throughput and its peak memory (DESIGN 6).
+
+A step is what pretraining does: forward with its loss under autocast, backward, gradient
+clipping, AdamW step (weight decay groups as in training), zero_grad. Nothing is left out: the
+optimiser step and its state count towards time and memory (the benchmark trap of DESIGN 7).
+
+Timing: CUDA events around each step on a GPU (no host sync inside the step), wall clock
+(``time.perf_counter``) on a CPU; the median over the timed steps. Warm-up steps run first, so
+the optimiser state exists, cuDNN/Triton autotuning and ``torch.compile`` are done, before the
+peak-memory counter is reset; the peak is ``torch.cuda.max_memory_allocated`` over the timed steps
+(every one of them has the optimiser state). On a CPU memory is not measured (None).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.profiler import record_function
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def make_optimizer(model: torch.nn.Module, lr: float = 1.0e-4,
+                   weight_decay: float = 0.05) -> torch.optim.AdamW:
+    """AdamW with the pretraining recipe's betas; no decay on ndim <= 1 parameters and on the
+    model's ``no_weight_decay()`` names (DESIGN 5)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.883, 0.935))
+
+
+class Trainer:
+    """Holds what a step needs; ``step()`` runs one full training step."""
+
+    def __init__(self, model: torch.nn.Module, imgs: torch.Tensor, is_masked: torch.Tensor,
+                 dtype: str = "bf16", clip: float = 5.0, compile: bool = False) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        self.model = model.train()
+        self.fn = torch.compile(model, dynamic=False) if compile else model
+        self.opt = make_optimizer(model)
+        self.imgs, self.is_masked = imgs, is_masked
+        self.device_type = imgs.device.type
+        self.amp_dtype = DTYPES[dtype]
+        # fp16 needs loss scaling to be a real training step; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device_type) if dtype == "fp16" else None
+        self.clip = clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(self) -> torch.Tensor:
+        with record_function("step/forward"):
+            with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                loss = self.fn(self.imgs, self.is_masked)["loss"]
+        with record_function("step/backward"):
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        with record_function("step/optimizer"):
+            if self.scaler:
+                self.scaler.unscale_(self.opt)
+            if self.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+            if self.scaler:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+@dataclass
+class StepStats:
+    """Timed training steps of one model at one batch/resolution."""
+
+    step_ms: list[float]  # duration of each timed step
+    peak_mem_bytes: int | None  # max_memory_allocated over the timed steps (None on CPU)
+    timer: str  # "cuda events" or "wall clock"
+    final_loss: float  # loss of the last step (must be finite)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.step_ms)
+
+    def images_per_s(self, batch: int) -> float:
+        return batch / (self.median_ms / 1000.0)
+
+
+def measure_steps(trainer: Trainer, steps: int = 20, warmup: int = 5) -> StepStats:
+    """Run ``warmup`` untimed steps, then ``steps`` timed ones (see module docstring)."""
+    if steps < 1 or warmup < 1:
+        # at least one warm-up step: the optimiser state must exist before memory is measured
+        raise ValueError(f"need steps >= 1 and warmup >= 1, got steps={steps}, warmup={warmup}")
+    cuda = trainer.imgs.is_cuda
+    for _ in range(warmup):
+        trainer.step()
+    times: list[float] = []
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            loss = trainer.step()
+            end.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in events]
+        peak = torch.cuda.max_memory_allocated()
+        timer = "cuda events"
+    else:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss = trainer.step()
+            times.append((time.perf_counter() - t0) * 1000.0)
+        peak = None
+        timer = "wall clock"
+    return StepStats(step_ms=times, peak_mem_bytes=peak, timer=timer, final_loss=float(loss))

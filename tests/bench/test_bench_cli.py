@@ -1,0 +1,106 @@
+"""`affmae bench` end to end on CPU with tiny models, plus its OOM handling and scaling fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from affmae import list_models
+from affmae.bench import cli
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny ops on a shared CPU: one thread avoids oversubscription (several times faster here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _models():
+    names = ["vit_tiny"]
+    if "aff_tiny" in list_models():
+        names.append("aff_tiny")
+    return names
+
+
+def test_bench_cli_cpu_table_json_png(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    models = _models()
+    rc = cli.main(["--models", *models, "--crossmae", "0.5", "--resolutions", "64", "96",
+                   "--batch", "2", "--steps", "1", "--warmup", "1", "--dtype", "fp32",
+                   "--device", "cpu", "--out", str(out), "--profile", "--profile-res", "64"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    data = json.loads(out.read_text())
+    specs = data["meta"]["models"]
+    assert "vit_tiny_crossmae:pred_ratio=0.5" in specs, specs
+    rows = data["results"]
+    assert len(rows) == 2 * len(specs), [(r["model"], r["resolution"]) for r in rows]
+    for r in rows:
+        where = f"{r['model']} at {r['resolution']}: {r}"
+        assert r["status"] == "ok", where
+        assert r["gflops"] > 0 and r["gmacs"] == pytest.approx(r["gflops"] / 2), where
+        assert r["uncounted_ops"] == [], where
+        assert r["step_ms"] > 0 and r["img_s"] > 0, where
+        assert r["peak_mem_gib"] is None and r["timer"] == "wall clock", where
+        assert r["tokens"] == (r["resolution"] // 8) ** 2, where
+        assert r["params"] > 0, where
+        assert r["model"] in text
+    # CrossMAE-style variants count fewer FLOPs (they decode half of the masked patches)
+    by = {(r["model"], r["resolution"]): r["gflops"] for r in rows}
+    assert by[("vit_tiny_crossmae:pred_ratio=0.5", 96)] < by[("vit_tiny", 96)], by
+    assert data["meta"]["torch"] == torch.__version__ and data["meta"]["dtype"] == "fp32"
+    assert set(data["scaling"]) == set(specs)
+    assert all(r["baseline"] == "vit_tiny" for r in data["ratios"])
+    assert len(data["profiles"]) == len(specs)
+    for p in data["profiles"]:
+        labels = {row["label"] for row in p["rows"]}
+        assert p["status"] == "ok", p
+        assert any(lab.startswith("decoder") for lab in labels), (p["model"], labels)
+        bwd = sum(row["bwd_ms"] for row in p["rows"] if not row["label"].startswith("step/"))
+        assert bwd > 0, f"{p['model']}: no backward time attributed to model labels: {p['rows']}"
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "no PNG written"
+    assert "GMACs" in text and "relative to vit_tiny" in text and "exponent" in text
+
+
+def test_bench_reports_oom_and_goes_on(tmp_path, capsys, monkeypatch):
+    real = cli.measure_steps
+
+    def fake(trainer, steps, warmup):
+        if trainer.imgs.shape[-1] == 96:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return real(trainer, steps, warmup)
+
+    monkeypatch.setattr(cli, "measure_steps", fake)
+    rc = cli.main(["--models", "vit_tiny", "--resolutions", "64", "96", "--batch", "1",
+                   "--steps", "1", "--warmup", "1", "--dtype", "fp32", "--device", "cpu",
+                   "--plot", str(tmp_path / "p.png")])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    lines = [ln for ln in text.splitlines() if ln.startswith("vit_tiny ")]
+    assert lines[0].endswith("ok") and lines[1].endswith("OOM"), lines
+    assert (tmp_path / "p.png").is_file()
+
+
+def test_bench_rejects_unknown_model_and_bad_override():
+    with pytest.raises(KeyError, match="unknown model"):
+        cli.main(["--models", "vit_huge", "--device", "cpu"])
+    with pytest.raises(TypeError, match="no field"):
+        cli.main(["--models", "vit_tiny:widht=3", "--device", "cpu"])
+
+
+def test_parse_spec_and_scaling_fit():
+    assert cli.parse_spec("aff_small:pred_ratio=0.25,attention_backend=torch") == (
+        "aff_small", {"pred_ratio": 0.25, "attention_backend": "torch"})
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        cli.parse_spec("vit_small:depth")
+    rows = [{"model": "q", "tokens": n, "step_ms": 3.0 * n**2} for n in (100, 200, 400)]
+    rows += [{"model": "l", "tokens": n, "step_ms": 5.0 * n} for n in (100, 200, 400)]
+    sc = cli.scaling(rows)
+    assert sc["q"]["exponent"] == pytest.approx(2.0), sc["q"]
+    assert sc["l"]["local_exponents"] == pytest.approx([1.0, 1.0]), sc["l"]

@@ -1,0 +1,86 @@
+"""FLOP counting: exact analytic counts for linear + attention, custom ops counted or flagged."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from affmae.bench.flops import count_flops
+
+
+class ToyAttention(nn.Module):
+    """qkv Linear -> scaled_dot_product_attention -> proj Linear -> MLP Linear."""
+
+    def __init__(self, C: int, H: int) -> None:
+        super().__init__()
+        self.H = H
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj = nn.Linear(C, C)
+        self.fc = nn.Linear(C, 2 * C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.H, C // self.H).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, D)
+        y = self.proj(y.transpose(1, 2).reshape(B, N, C))
+        return self.fc(y)
+
+
+def _analytic(B: int, N: int, C: int) -> int:
+    linear = 2 * B * N * C * (3 * C) + 2 * B * N * C * C + 2 * B * N * C * (2 * C)
+    attention = 2 * (2 * B * N * N * C)  # q @ k^T and p @ v, each 2 * B * H * N * N * D
+    return linear + attention
+
+
+def test_linear_attention_flops_exact():
+    B, N, C, H = 2, 37, 48, 4  # N not a power of two
+    model = ToyAttention(C, H)
+    x = torch.randn(B, N, C)
+    with torch.no_grad():
+        fc = count_flops(lambda: model(x))
+    assert fc.flops == _analytic(B, N, C), (
+        f"counted {fc.flops} FLOPs, analytic {_analytic(B, N, C)}; by op {fc.by_op}")
+    assert fc.macs == fc.flops / 2
+    assert fc.uncounted == [], f"unexpected uncounted ops {fc.uncounted}"
+    # with autograd on, the forward count is the same
+    fc_grad = count_flops(lambda: model(x))
+    assert fc_grad.flops == fc.flops
+
+
+def test_attention_backward_counted_on_cpu():
+    B, N, C, H = 1, 16, 32, 2
+    model = ToyAttention(C, H)
+    x = torch.randn(B, N, C, requires_grad=True)
+    fwd = count_flops(lambda: model(x)).flops
+    both = count_flops(lambda: model(x).sum().backward()).flops
+    attn_bwd = [k for k in count_flops(lambda: model(x).sum().backward()).by_op
+                if "attention" in k and "backward" in k]
+    assert attn_bwd, "CPU SDPA backward has no FLOP formula"
+    assert both > 2 * fwd, f"forward+backward {both} should exceed twice the forward {fwd}"
+
+
+# A custom op with a registered formula, and one without.
+@torch.library.custom_op("affmae_test::scaled_mm", mutates_args=())
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return 2.0 * (a @ b)
+
+
+@torch.library.custom_op("affmae_test::opaque_mm", mutates_args=())
+def _opaque_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a @ b
+
+
+@torch.utils.flop_counter.register_flop_formula(torch.ops.affmae_test.scaled_mm)
+def _scaled_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def test_custom_ops_counted_or_reported():
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    fc = count_flops(lambda: torch.ops.affmae_test.scaled_mm(a, b))
+    assert fc.flops == 2 * 5 * 7 * 3, f"custom op counted {fc.flops}, by op {fc.by_op}"
+    assert fc.uncounted == []
+    fc = count_flops(lambda: torch.ops.affmae_test.opaque_mm(a, b))
+    assert any("opaque_mm" in op for op in fc.uncounted), (
+        f"a custom op without a formula must be reported, got {fc.uncounted}")
