@@ -231,3 +231,22 @@ def test_tiny_mae_overfits():
     model.eval()
     last = model(imgs, is_masked)["loss"].item()
     assert last < 0.5 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+
+
+@pytest.mark.parametrize("name", VIT_NAMES)
+def test_segmenter_on_vit_backbone(name):
+    torch.manual_seed(0)
+    seg = create_model("segmenter", backbone=name, num_classes=3)
+    imgs = torch.randn(2, 1, 40, 56)
+    logits = seg(imgs)
+    assert logits.shape == (2, 3, 40, 56), tuple(logits.shape)
+    logits.square().mean().backward()
+    bad = [n for n, p in seg.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, f"parameters without finite gradient: {bad}"
+    assert not any("decoder.head" in n for n, _ in seg.named_parameters()), "pixel head kept"
+    L = seg.num_layers
+    ids = {n: seg.layer_id(n) for n, _ in seg.named_parameters()}
+    assert ids["backbone.encoder.patch_embed.weight"] == 0
+    assert ids["backbone.encoder.blocks.1.mlp.fc1.weight"] == 2
+    assert all(0 <= i <= L + 1 for i in ids.values()), ids
+    assert max(ids.values()) == L + 1 and ids["head.1.weight"] == L + 1

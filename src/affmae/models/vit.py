@@ -251,6 +251,11 @@ class MAEDecoder(nn.Module):
                 grid_hw: tuple[int, int]) -> torch.Tensor:
         """x: (B, Nv, C) encoder output at visible_idx (B, Nv); query_idx: (B, Nq) masked patches
         to predict -> (B, Nq, in_chans*P*P). Every non-visible cell gets a mask token."""
+        return self.head(self.features(x, visible_idx, query_idx, grid_hw))
+
+    def features(self, x: torch.Tensor, visible_idx: torch.Tensor, query_idx: torch.Tensor,
+                 grid_hw: tuple[int, int]) -> torch.Tensor:
+        """As ``forward``, before the pixel head: (B, Nq, decoder_dim)."""
         gh, gw = grid_hw
         y = self.embed(x)  # (B, Nv, Cd)
         B, _, Cd = y.shape
@@ -262,7 +267,7 @@ class MAEDecoder(nn.Module):
         for blk in self.blocks:
             full = blk(full)
         out = full.gather(1, query_idx.unsqueeze(-1).expand(-1, -1, Cd))  # (B, Nq, Cd)
-        return self.head(self.norm(out))
+        return self.norm(out)
 
 
 class CrossDecoder(nn.Module):
@@ -283,6 +288,11 @@ class CrossDecoder(nn.Module):
                 grid_hw: tuple[int, int]) -> torch.Tensor:
         """Same contract as ``MAEDecoder.forward``; each output row depends only on the encoder
         tokens and its own query position."""
+        return self.head(self.features(x, visible_idx, query_idx, grid_hw))
+
+    def features(self, x: torch.Tensor, visible_idx: torch.Tensor, query_idx: torch.Tensor,
+                 grid_hw: tuple[int, int]) -> torch.Tensor:
+        """As ``forward``, before the pixel head: (B, Nq, decoder_dim)."""
         gw = grid_hw[1]
         mem = self.embed(x)  # (B, Nv, Cd)
         Cd = mem.shape[-1]
@@ -290,7 +300,7 @@ class CrossDecoder(nn.Module):
         q = self.mask_token.to(mem.dtype) + _pos_embed(query_idx, gw, Cd, mem.dtype)  # (B, Nq, Cd)
         for blk in self.blocks:
             q = blk(q, mem)
-        return self.head(self.norm(q))
+        return self.norm(q)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,6 +452,37 @@ class ViTMAE(nn.Module):
         patches = patchify(imgs, self.patch_size)
         idx = torch.arange(gh * gw, device=imgs.device).expand(imgs.shape[0], -1)
         return self.encoder(patches, idx, gw)[0]
+
+    # Segmentation interface (``affmae.models.segmentation.Segmenter``).
+
+    def dense_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Unmasked encoder, decoder queried at every patch: (B, gh*gw, decoder_dim), raster
+        order. (With every patch visible the MAE decoder sees no mask token.)"""
+        gh, gw = self._grid(imgs)
+        patches = patchify(imgs, self.patch_size)
+        idx = torch.arange(gh * gw, device=imgs.device).expand(imgs.shape[0], -1)
+        x = self.encoder(patches, idx, gw)[0]
+        with record_function("decoder"):
+            return self.decoder.features(x, idx, idx, (gh, gw))
+
+    def strip_pretraining_heads(self) -> None:
+        """Drop the pixel head (unused in fine-tuning; DDP would see unused parameters)."""
+        del self.decoder.head
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.depth
+
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay depth: 0 patch embedding, 1..depth encoder blocks (the final
+        encoder norm counts with the last block), depth + 1 decoder and head."""
+        if name.startswith("encoder.patch_embed"):
+            return 0
+        if name.startswith("encoder.blocks."):
+            return int(name.split(".")[2]) + 1
+        if name.startswith("encoder.norm"):
+            return self.config.depth
+        return self.config.depth + 1
 
     def no_weight_decay(self) -> set[str]:
         """The learned mask token (like AFF's blank tokens) is exempt; so is every ndim <= 1
