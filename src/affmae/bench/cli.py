@@ -40,37 +40,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["aff_small", "vit_small"],
                         metavar="NAME[:KEY=VAL,...]",
                         help="registered models, optionally with config overrides, e.g. "
-                             "aff_small:pred_ratio=0.5 (default: aff_small vit_small)")
+                             "aff_small:pred_ratio=0.5")
     parser.add_argument("--crossmae", nargs="?", type=float, const=0.5, default=None,
                         metavar="RATIO",
                         help="also bench CrossMAE-style variants reconstructing RATIO of the masked "
-                             "patches (default 0.5): NAME_crossmae where registered, else NAME with "
-                             "pred_ratio=RATIO")
+                             "patches (0.5 when given without a value): NAME_crossmae where "
+                             "registered, else NAME with pred_ratio=RATIO")
     parser.add_argument("--resolutions", nargs="+", type=int, default=[448, 512, 768, 1024],
-                        metavar="PX", help="square image sizes (default 448 512 768 1024)")
-    parser.add_argument("--batch", type=int, default=16, help="training batch size (default 16)")
+                        metavar="PX", help="square image sizes")
+    parser.add_argument("--batch", type=int, default=16, help="training batch size")
     parser.add_argument("--steps", type=int, default=20,
-                        help="timed steps; the median is reported (default 20, DESIGN 6 asks >= 20)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+                        help="timed steps; the median is reported (DESIGN 6 asks >= 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16",
-                        help="autocast dtype of the step (default bf16; fp16 uses loss scaling)")
+                        help="autocast dtype of the step (fp16 uses loss scaling)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every model (dynamic=False), all alike")
-    parser.add_argument("--mask-ratio", type=float, default=0.5, help="mask ratio (default 0.5)")
+    parser.add_argument("--mask-ratio", type=float, default=0.5, help="mask ratio")
     parser.add_argument("--mask-kind", choices=("perlin", "uniform"), default="perlin",
-                        help="mask noise (default perlin)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+                        help="mask noise")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N, cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of batch, masks and weights")
     parser.add_argument("--baseline", default=None,
-                        help="model the ratios are taken against (default: first vit* model)")
+                        help="model the ratios are taken against (unset: the first vit* model)")
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     parser.add_argument("--plot", type=Path, default=None,
-                        help="write the figure here (default: --out with .png, if --out is given)")
+                        help="write the figure here (unset: --out with .png, if --out is given)")
     parser.add_argument("--profile", action="store_true",
                         help="profile one eager step of every model and print time per "
                              "record_function label (forward and backward)")
     parser.add_argument("--profile-res", type=int, default=None,
-                        help="resolution of the profiled step (default: the first --resolutions)")
+                        help="resolution of the profiled step (unset: the first of --resolutions)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +155,16 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Everything a number needs to be compared (DESIGN 6)."""
     import affmae
@@ -166,7 +176,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
                  if k != "func"},
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
+                        else _cpu_name()),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "affmae": affmae.__version__,
@@ -449,7 +459,8 @@ def _profile_one(spec, res, imgs_cpu, mask_cpu, args, device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m affmae.bench.cli``); ``affmae bench`` is the usual one."""
-    parser = argparse.ArgumentParser(prog="affmae bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="affmae bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

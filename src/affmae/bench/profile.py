@@ -12,6 +12,10 @@ on a CPU) is attributed to exactly one label, so the rows add up to the profiled
    accumulation) stay with "step/backward".
 3. What no label encloses is reported as "(unlabelled)".
 
+On a GPU a kernel's time belongs to the CPU op that launched it (``self_device_time_total``);
+the profiler's GPU-side copies of label ranges are skipped (they would count twice), and device
+work with no launching CPU op is reported as its own row.
+
 Labels inside ``torch.compile``d regions may be fused away, so profile the eager model.
 """
 
@@ -20,12 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from affmae.bench.step import Trainer
 
 _BACKWARD_NODE = "autograd::engine::evaluate_function: "
 UNLABELLED = "(unlabelled)"
+UNCORRELATED = "(device work without a CPU op)"
 
 
 @dataclass
@@ -54,7 +60,8 @@ def attribute(events, on_device: bool) -> list[ProfileRow]:
     #    creates the autograd node carrying it).
     seq_label: dict[int, str] = {}
     for evt in events:
-        if evt.sequence_nr >= 0 and not evt.is_user_annotation:
+        on_cpu = evt.device_type == DeviceType.CPU
+        if evt.sequence_nr >= 0 and on_cpu and not evt.is_user_annotation:
             lab = _forward_label(evt)
             if lab is not None:
                 seq_label[evt.sequence_nr] = lab
@@ -63,6 +70,13 @@ def attribute(events, on_device: bool) -> list[ProfileRow]:
     bwd: dict[str, float] = {}
     calls: dict[str, int] = {}
     for evt in events:
+        if evt.device_type != DeviceType.CPU:
+            # Device-side events: kernels are already in their launching CPU op's device time;
+            # a GPU copy of a label's range would count it twice. What is left has no CPU op.
+            if not evt.is_user_annotation:
+                t = _self_us(evt, on_device)
+                fwd[UNCORRELATED] = fwd.get(UNCORRELATED, 0.0) + t
+            continue
         if evt.is_user_annotation:
             calls[evt.name] = calls.get(evt.name, 0) + 1
         t = _self_us(evt, on_device)
