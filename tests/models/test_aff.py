@@ -7,7 +7,7 @@ import torch
 
 from affmae import create_model
 from affmae.layers.merge import num_kept
-from affmae.models.aff import grid_positions
+from affmae.ops.patches import grid_positions
 from affmae.ops.clustering import balanced_clustering, gather_tokens, pad_tokens
 from affmae.ops.interpolate import candidate_tokens, knn_select
 from affmae.ops.masking import make_mask, mask_indices
@@ -126,7 +126,7 @@ def test_pred_ratio_queries_an_exact_subset():
     mask = masks(2, (8, 8))
     out = model(smooth_images(2, 64, 64), mask)
     Nm = int(mask[0].sum())
-    q = out["query_idx"]
+    q = out["pred_idx"]
     assert q.shape == (2, round(0.25 * Nm))
     assert torch.all(torch.gather(mask, 1, q)), "a query is not a masked patch"
     model.eval()

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from affmae import create_model
-from affmae.models.vit import ViTMAEConfig, sample_queries
+from affmae.models.vit import ViTMAEConfig
+from affmae.ops.masking import sample_queries
 from affmae.ops.masking import make_mask, mask_indices
 
 VIT_NAMES = ("vit_tiny", "vit_tiny_crossmae")

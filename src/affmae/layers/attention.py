@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from affmae.ops.cluster_attention import cluster_attention
 from affmae.ops.clustering import Clustering
@@ -42,10 +43,11 @@ class ClusterAttention(nn.Module):
         qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)  # (B, N, 3, H, D)
         q, k, v = qkv.unbind(2)
         dtype = q.dtype
-        out = cluster_attention(
-            q, k, v, pos, cl.nbr, cl.n_valid,
-            self.rel_bias.weight, self.rel_bias.bias,
-            self.blank_k.to(dtype), self.blank_v.to(dtype),
-            backend=self.backend,
-        )  # (B, N, H, D)
+        with record_function("aff/attention"):
+            out = cluster_attention(
+                q, k, v, pos, cl.nbr, cl.n_valid,
+                self.rel_bias.weight, self.rel_bias.bias,
+                self.blank_k.to(dtype), self.blank_v.to(dtype),
+                backend=self.backend,
+            )  # (B, N, H, D)
         return self.proj(out.reshape(B, N, C))

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from affmae.layers.attention import ClusterAttention
 from affmae.layers.block import AFFBlock
 from affmae.layers.common import init_weights
 from affmae.layers.merge import TokenMerging
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
+from affmae.ops.patches import grid_positions, patchify
 
 
 @dataclass(frozen=True)
@@ -72,31 +74,6 @@ class TokenSet:
     clustering: Clustering
 
 
-def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, gh*gw, C*P*P) patches in raster order."""
-    B, C, H, W = imgs.shape
-    P = patch_size
-    if H % P or W % P:
-        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {P}")
-    x = imgs.reshape(B, C, H // P, P, W // P, P)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // P) * (W // P), C * P * P)
-
-
-def unpatchify(patches: torch.Tensor, grid_hw: tuple[int, int], patch_size: int) -> torch.Tensor:
-    """(B, gh*gw, C*P*P) -> (B, C, gh*P, gw*P)."""
-    B, _, D = patches.shape
-    gh, gw = grid_hw
-    P = patch_size
-    C = D // (P * P)
-    x = patches.reshape(B, gh, gw, C, P, P).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(B, C, gh * P, gw * P)
-
-
-def grid_positions(idx: torch.Tensor, gw: int) -> torch.Tensor:
-    """Raster patch indices (B, N) -> (B, N, 2) float (x, y) positions."""
-    return torch.stack([idx % gw, torch.div(idx, gw, rounding_mode="floor")], dim=-1).float()
-
-
 class AFFEncoder(nn.Module):
     def __init__(self, config: AFFConfig) -> None:
         super().__init__()
@@ -119,7 +96,7 @@ class AFFEncoder(nn.Module):
                 self.merges.append(TokenMerging(w, c.widths[s + 1], c.downsample_rate))
         self.apply(init_weights)
         for mod in self.modules():
-            if hasattr(mod, "reset_parameters") and mod.__class__.__name__ == "ClusterAttention":
+            if isinstance(mod, ClusterAttention):
                 mod.reset_parameters()
 
     @property

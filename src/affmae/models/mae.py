@@ -21,10 +21,11 @@ from torch import nn
 
 from affmae.layers.common import init_weights
 from affmae.layers.decoder import PointDecoder
-from affmae.models.aff import AFFConfig, AFFEncoder, TokenSet, grid_positions, patchify, unpatchify
+from affmae.models.aff import AFFConfig, AFFEncoder, TokenSet
 from affmae.models.registry import register_model, replace_config
 from affmae.ops.clustering import gather_tokens
-from affmae.ops.masking import mask_indices
+from affmae.ops.masking import mask_indices, sample_queries
+from affmae.ops.patches import grid_positions, patchify, unpatchify
 
 
 @dataclass(frozen=True)
@@ -119,17 +120,11 @@ class AFFMAE(nn.Module):
         out["loss"] = loss
         return out
 
-    def select_queries(self, masked_idx: torch.Tensor, pred_ratio: float) -> torch.Tensor:
-        """A random subset (exact count) of each image's masked indices, ascending."""
-        if pred_ratio >= 1.0:
-            return masked_idx
-        B, Nm = masked_idx.shape
-        n = max(1, round(pred_ratio * Nm))
-        pick = torch.rand(B, Nm, device=masked_idx.device).argsort(dim=1)[:, :n]
-        return torch.gather(masked_idx, 1, pick.sort(dim=1).values)
-
-    def forward(self, imgs: torch.Tensor, is_masked: torch.Tensor) -> dict[str, torch.Tensor]:
-        """imgs (B, C, H, W) normalised; is_masked (B, gh*gw) bool -> losses and "pred"."""
+    def forward(self, imgs: torch.Tensor, is_masked: torch.Tensor,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """imgs (B, C, H, W) normalised; is_masked (B, gh*gw) bool -> losses, "pred" (B, Nq, C*P*P)
+        and "pred_idx" (B, Nq) raster indices of the predicted patches (ascending).
+        ``generator`` draws the pred_ratio subset (global RNG when None)."""
         P = self.patch_size
         grid_hw = (imgs.shape[-2] // P, imgs.shape[-1] // P)
         if is_masked.shape != (imgs.shape[0], grid_hw[0] * grid_hw[1]):
@@ -137,12 +132,13 @@ class AFFMAE(nn.Module):
                              f"{(imgs.shape[0], grid_hw[0] * grid_hw[1])} for images "
                              f"{tuple(imgs.shape)} and patch {P}")
         visible_idx, masked_idx = mask_indices(is_masked)
-        query_idx = self.select_queries(masked_idx, self.config.pred_ratio if self.training else 1.0)
+        ratio = self.config.pred_ratio if self.training else 1.0
+        query_idx = sample_queries(masked_idx, ratio, generator) if ratio < 1.0 else masked_idx
         stages = self.forward_encoder(imgs, visible_idx)
         preds = self.forward_decoder(stages, query_idx, grid_hw)
         out = self.forward_loss(imgs, query_idx, preds)
         out["pred"] = preds["pred"]
-        out["query_idx"] = query_idx
+        out["pred_idx"] = query_idx
         return out
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from affmae.layers.common import init_weights
-from affmae.models.aff import unpatchify
+from affmae.ops.patches import unpatchify
 from affmae.models.registry import create_model, read_checkpoint, register_model, replace_config
 
 

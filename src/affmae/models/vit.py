@@ -38,9 +38,9 @@ from torch import nn
 from torch.profiler import record_function
 
 from affmae.layers.common import DropPath, Mlp, init_weights, sincos_embed_2d
-from affmae.models.aff import grid_positions, patchify, unpatchify
+from affmae.ops.patches import grid_positions, patchify, unpatchify
 from affmae.models.registry import register_model, replace_config
-from affmae.ops.masking import mask_indices
+from affmae.ops.masking import mask_indices, sample_queries
 
 DECODERS = ("mae", "cross")
 
@@ -97,30 +97,6 @@ class ViTMAEConfig:
 # ---------------------------------------------------------------------------------------------
 # Parts
 # ---------------------------------------------------------------------------------------------
-
-
-def sample_queries(
-    masked_idx: torch.Tensor, ratio: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Random subset of the masked patches, exact size per image, ascending.
-
-    Args:
-        masked_idx: (B, Nm) int64 raster indices of the masked patches, ascending.
-        ratio: fraction in (0, 1]; each image keeps round(ratio * Nm) patches (at least 1).
-        generator: source of randomness (drawn on its device); the global RNG when None.
-    Returns:
-        (B, Nk) int64 subset of ``masked_idx``, ascending; ``masked_idx`` itself when Nk = Nm.
-    """
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"pred_ratio must be in (0, 1], got {ratio!r}")
-    B, Nm = masked_idx.shape
-    k = min(Nm, max(1, round(ratio * Nm)))
-    if k == Nm:
-        return masked_idx
-    draw = generator.device if generator is not None else masked_idx.device
-    noise = torch.rand((B, Nm), generator=generator, device=draw).to(masked_idx.device)
-    keep = noise.argsort(dim=1)[:, :k].sort(dim=1).values  # (B, Nk) positions in the masked list
-    return masked_idx.gather(1, keep)
 
 
 def _pos_embed(idx: torch.Tensor, gw: int, dim: int, dtype: torch.dtype) -> torch.Tensor:

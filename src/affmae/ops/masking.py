@@ -236,3 +236,27 @@ def patch_positions(idx: torch.Tensor, gw: int) -> torch.Tensor:
     x = torch.remainder(idx, gw)
     y = torch.div(idx, gw, rounding_mode="floor")
     return torch.stack([x, y], dim=-1).to(torch.float32)
+
+
+def sample_queries(
+    masked_idx: torch.Tensor, ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random subset of the masked patches, exact size per image, ascending.
+
+    Args:
+        masked_idx: (B, Nm) int64 raster indices of the masked patches, ascending.
+        ratio: fraction in (0, 1]; each image keeps round(ratio * Nm) patches (at least 1).
+        generator: source of randomness (drawn on its device); the global RNG when None.
+    Returns:
+        (B, Nk) int64 subset of ``masked_idx``, ascending; ``masked_idx`` itself when Nk = Nm.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"pred_ratio must be in (0, 1], got {ratio!r}")
+    B, Nm = masked_idx.shape
+    k = min(Nm, max(1, round(ratio * Nm)))
+    if k == Nm:
+        return masked_idx
+    draw = generator.device if generator is not None else masked_idx.device
+    noise = torch.rand((B, Nm), generator=generator, device=draw).to(masked_idx.device)
+    keep = noise.argsort(dim=1)[:, :k].sort(dim=1).values  # (B, Nk) positions in the masked list
+    return masked_idx.gather(1, keep)
