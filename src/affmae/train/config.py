@@ -121,8 +121,8 @@ class TrainConfig:
                           group="output")
     keep_every: int = opt(0, "also keep step_XXXXXXX.pt every N steps (0 = never)",
                           group="output")
-    figure_every: int = opt(1000, "save a reconstruction figure every N steps (0 = never; "
-                            "one is always saved at the end)", group="output")
+    figure_every: int = opt(1000, "save a reconstruction figure every N steps and at the "
+                            "end (0 = never)", group="output")
     resume: str | None = opt(None, "checkpoint to resume from, or 'auto' = OUT/latest.pt if it "
                              "exists (else start fresh)", group="output", metavar="PATH|auto")
     progress: bool = opt(True, "show a progress bar (rank 0)", group="output")
@@ -220,7 +220,8 @@ def _mapping(text: str) -> dict:
 def _flag_spec(field: dataclasses.Field, annotation: Any) -> dict[str, Any]:
     """argparse keyword arguments for one field, inferred from its annotation and metadata."""
     meta = field.metadata
-    kwargs: dict[str, Any] = {"help": meta.get("help", "")}
+    # argparse %-formats help strings: a literal "5%" must reach it as "5%%".
+    kwargs: dict[str, Any] = {"help": meta.get("help", "").replace("%", "%%")}
     origin = typing.get_origin(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin in (typing.Union, types.UnionType) and len(args) == 1:  # X | None

@@ -273,7 +273,7 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
             "rng": [{k: v.cpu() for k, v in r.items()} for r in rngs],
             "world_size": ctx.world_size, "config": cfg.to_dict(), "job": job.name,
             "elapsed": elapsed + time.perf_counter() - t_run, "best": best,
-            "torch_version": torch.__version__, **job.checkpoint_extra(),
+            "torch_version": str(torch.__version__), **job.checkpoint_extra(),
         }, path)
 
     bar = tqdm(total=total, initial=start, disable=not (ctx.is_main and cfg.progress),
@@ -366,7 +366,7 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
                                         else value < best["value"]):
                         best = {"metric": job.best_metric, "value": value, "step": done}
                         save(out / "best.pt", done)
-            if ctx.is_main and (final or (cfg.figure_every and done % cfg.figure_every == 0)):
+            if ctx.is_main and cfg.figure_every and (final or done % cfg.figure_every == 0):
                 model.eval()
                 with torch.no_grad(), autocast:
                     job.figure(model, out / "figures" / f"step_{done:07d}.png", done)

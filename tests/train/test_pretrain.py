@@ -1,0 +1,156 @@
+"""End-to-end pretraining on CPU: exact resume, checkpoint contents, overfitting, bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import affmae.train.loop as loop
+from affmae.train.config import PretrainConfig
+from affmae.train.logger import read_log
+from affmae.train.pretrain import PretrainJob, run_pretrain
+
+LOSS_KEYS = ("loss", "loss_rec")
+
+
+def _cfg(data, out, **kw) -> PretrainConfig:
+    base = dict(data=str(data), out=str(out), size=64, model="aff_tiny", batch_size=2,
+                grad_accum=2, steps=6, lr=2e-3, warmup_steps=2, min_lr=1e-5, device="cpu",
+                num_workers=0, log_every=1, ckpt_every=3, figure_every=0, progress=False)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_reproduces_the_uninterrupted_run(images80, tmp_path, monkeypatch):
+    # Random crops, drop-path, a random subset of queries (global RNG), gradient accumulation,
+    # and a crash in the middle of an epoch (8 images, 4 per step: 2 steps per epoch).
+    kw = dict(crop="random_crop", model_overrides={"drop_path": 0.1, "pred_ratio": 0.75})
+    straight = run_pretrain(_cfg(images80, tmp_path / "a", **kw))
+    assert len(straight.losses) == 6
+
+    real_loss = PretrainJob.loss
+
+    def crash_at_step_3(self, model, batch, step, micro):
+        if step == 3 and micro == 1:
+            raise _Crash("simulated crash after one micro-step of step 3")
+        return real_loss(self, model, batch, step, micro)
+
+    monkeypatch.setattr(PretrainJob, "loss", crash_at_step_3)
+    with pytest.raises(_Crash):
+        run_pretrain(_cfg(images80, tmp_path / "b", **kw))
+    monkeypatch.setattr(PretrainJob, "loss", real_loss)
+    ckpt = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]) == (3, 1, 1), (
+        f"checkpoint at {ckpt['step']}, epoch {ckpt['epoch']}, in-epoch {ckpt['step_in_epoch']}")
+    resumed = run_pretrain(_cfg(images80, tmp_path / "b", resume="auto", **kw))
+    assert len(resumed.losses) == 3, f"resumed run ran {len(resumed.losses)} steps, expected 3"
+
+    a, b = read_log(tmp_path / "a" / "log.csv"), read_log(tmp_path / "b" / "log.csv")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6], f"log steps {[r['step'] for r in b]}"
+    for key in LOSS_KEYS:
+        la, lb = [r[key] for r in a], [r[key] for r in b]
+        assert la == lb, f"{key}: uninterrupted {la} != crash + resume {lb}"
+    assert resumed.losses == straight.losses[3:]
+    sa = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)["model"]
+    diff = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not diff, f"final weights differ in {diff[:5]}"
+
+
+def test_checkpoint_contents_and_exports(images64, tmp_path):
+    from affmae import load_model
+    from affmae.models.registry import config_dict
+
+    cfg = _cfg(images64, tmp_path, steps=2, ckpt_every=2, grad_accum=1, figure_every=5)
+    run_pretrain(cfg)
+    ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
+    for key in ("model_name", "model_config", "model", "optimizer", "scaler", "step", "epoch",
+                "step_in_epoch", "rng", "config", "data_stats", "world_size"):
+        assert key in ckpt, f"checkpoint lacks {key!r}: {sorted(ckpt)}"
+    assert ckpt["model_name"] == "aff_tiny" and ckpt["step"] == 2
+    assert set(ckpt["data_stats"]) == {"mean", "std"} and ckpt["data_stats"]["std"] > 0
+    assert isinstance(ckpt["rng"][0]["cpu"], torch.Tensor) and ckpt["config"]["size"] == [64, 64]
+    for name in ("latest.pt", "model.safetensors"):
+        model = load_model(tmp_path / name)
+        assert config_dict(model) == ckpt["model_config"], f"{name} rebuilds another config"
+        assert model.data_stats == ckpt["data_stats"], f"{name} lost data_stats"
+    assert (tmp_path / "figures" / "step_0000002.png").stat().st_size > 1000
+    assert (tmp_path / "config.yaml").is_file()
+    header = (tmp_path / "log.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["step", "epoch", "loss"] and {"lr", "grad_norm", "img_s",
+                                                        "time"} <= set(header), header
+
+
+def test_tiny_mae_overfits_four_images(tmp_path, monkeypatch):
+    from affmae.data.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "four", 4, (64, 64), seed=3) / "images"
+    # A fixed batch (order and masks), so the only way down is memorising it.
+    monkeypatch.setattr(loop, "batch_indices",
+                        lambda n, cfg, epoch, start, stop, ctx: [[0, 1, 2, 3]] * (stop - start))
+    real_mask = PretrainJob._mask
+    monkeypatch.setattr(PretrainJob, "_mask", lambda self, b, seed: real_mask(self, b, 123))
+    cfg = _cfg(data, tmp_path / "run", batch_size=4, grad_accum=1, steps=120, lr=5e-3,
+               min_lr=5e-3, warmup_steps=5, weight_decay=0.0, mask_kind="uniform",
+               ckpt_every=1000)
+    losses = run_pretrain(cfg).losses
+    assert all(math.isfinite(v) for v in losses), f"non-finite losses: {losses}"
+    factor = losses[0] / min(losses[-5:])
+    assert factor > 5, (f"loss fell only {factor:.2f}x in {len(losses)} steps: "
+                        f"{[round(v, 3) for v in losses[::10]]}")
+
+
+def test_non_finite_loss_names_the_step(images64, tmp_path, monkeypatch):
+    real_loss = PretrainJob.loss
+
+    def nan_at_step_1(self, model, batch, step, micro):
+        out = real_loss(self, model, batch, step, micro)
+        if step == 1:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(PretrainJob, "loss", nan_at_step_1)
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 1 "):
+        run_pretrain(_cfg(images64, tmp_path, steps=3, grad_accum=1))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("corrupt", "broken.png"),
+    ("empty", "no image files"),
+    ("size", r"not a multiple of the patch size 8"),
+    ("too_few", "fewer than one effective batch"),
+])
+def test_bad_inputs_fail_before_training(images64, tmp_path, case, match):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(images64, data)
+    kw = {}
+    if case == "corrupt":
+        (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    elif case == "empty":
+        shutil.rmtree(data)
+        data.mkdir()
+    elif case == "size":
+        kw["size"] = 60
+    elif case == "too_few":
+        kw.update(batch_size=16, grad_accum=2)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        run_pretrain(_cfg(data, tmp_path / "out", **kw))
+    assert not (tmp_path / "out" / "log.csv").exists(), "a training step ran before the error"
+
+
+def test_skip_bad_skips_the_corrupt_file(images64, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(images64, data)
+    (data / "broken.png").write_bytes(b"garbage")
+    result = run_pretrain(_cfg(data, tmp_path / "out", steps=1, grad_accum=1, skip_bad=True))
+    assert len(result.losses) == 1 and math.isfinite(result.losses[0])
