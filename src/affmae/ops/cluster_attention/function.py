@@ -7,6 +7,11 @@ FLOP formula (``torch.utils.flop_counter.register_flop_formula``), so FLOP count
 (DESIGN section 3; existing AFF counts silently omitted their custom kernels).
 ``ClusterAttentionFunction`` (one ``torch.autograd.Function``) ties the two ops together.
 
+Host overhead: in plain eager mode (not compiling, no dispatch mode such as FlopCounterMode or
+FakeTensorMode active, no functorch transform, plain tensors) the Function calls the launchers
+directly instead of going through the custom ops' Python dispatch; the kernels are the same.
+On an H100 host the op dispatch, not the GPU, dominated eager time at these sizes.
+
 FLOP convention (as torch counts scaled_dot_product_attention): matrix products only, 2 FLOPs per
 multiply-add, over the K = Kc * m neighbour keys plus the blank key. Forward: q k^T and P v, i.e.
 4 * B * N * H * (K + 1) * D. Backward: five products (q k^T recomputed, dO v^T, P^T dO, dS k,
@@ -17,6 +22,7 @@ q k^T and dO v^T) and the bias arithmetic are not counted.
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from affmae.ops.cluster_attention import kernel
@@ -46,8 +52,9 @@ def cluster_attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, pos: Tensor, nbr: Tensor,
     n_valid: int, bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
     scale: float, dkdv: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward: dq, dk, dv, d bias_weight, d bias_bias, d blank_k, d blank_v."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward: dq, dk, dv and the packed (H, 8 + 2 D) float32 parameter gradients
+    (``kernel.unpack_param_grads``)."""
     return kernel.attention_backward(
         do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
         dkdv=dkdv,
@@ -57,10 +64,10 @@ def cluster_attention_bwd(
 @cluster_attention_bwd.register_fake
 def _bwd_fake(do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
               scale, dkdv):
+    H, D = blank_k.shape
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-        torch.empty_like(bias_weight), torch.empty_like(bias_bias),
-        torch.empty_like(blank_k), torch.empty_like(blank_v),
+        q.new_empty(H, 8 + 2 * D, dtype=torch.float32),
     )
 
 
@@ -82,14 +89,26 @@ def _bwd_flop(do_shape, q_shape, k_shape, v_shape, lse_shape, pos_shape, nbr_sha
     return 5 * _forward_flops(q_shape, nbr_shape) // 2
 
 
+def _eager(*tensors: Tensor) -> bool:
+    """True when nothing needs to see the custom ops (see the module docstring)."""
+    return (
+        not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+        and not torch._C._are_functorch_transforms_active()
+        and all(type(t) is torch.Tensor for t in tensors)
+    )
+
+
 class ClusterAttentionFunction(torch.autograd.Function):
     """Autograd over the two custom ops. Positions and neighbourhoods get no gradient."""
 
     @staticmethod
     def forward(ctx, q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv):
-        out, lse = torch.ops.affmae.cluster_attention_fwd(
-            q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale
-        )
+        args = (q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale)
+        if _eager(q, k, v, pos, nbr):
+            out, lse = kernel.attention_forward(*args)
+        else:
+            out, lse = torch.ops.affmae.cluster_attention_fwd(*args)
         ctx.save_for_backward(q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v)
         ctx.n_valid, ctx.scale, ctx.dkdv = n_valid, scale, dkdv
         return out
@@ -97,10 +116,13 @@ class ClusterAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v = ctx.saved_tensors
-        dq, dk, dv, dw, dwb, dbk, dbv = torch.ops.affmae.cluster_attention_bwd(
-            do, q, k, v, lse, pos, nbr, ctx.n_valid, bias_weight, bias_bias, blank_k, blank_v,
-            ctx.scale, ctx.dkdv,
-        )
+        args = (do, q, k, v, lse, pos, nbr, ctx.n_valid, bias_weight, bias_bias, blank_k, blank_v,
+                ctx.scale, ctx.dkdv)
+        if _eager(do, q, k, v, pos, nbr):
+            dq, dk, dv, g = kernel.attention_backward(*args)
+        else:
+            dq, dk, dv, g = torch.ops.affmae.cluster_attention_bwd(*args)
+        dw, dwb, dbk, dbv = kernel.unpack_param_grads(g, bias_weight, bias_bias, blank_k, blank_v)
         need = ctx.needs_input_grad
         grads = (dq, dk, dv, None, None, None, dw, dwb, dbk, dbv, None, None)
         return tuple(g if n else None for g, n in zip(grads, need))

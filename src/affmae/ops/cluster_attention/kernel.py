@@ -14,20 +14,24 @@ How it is computed:
    the bias is computed in the kernel from the two positions and the (H, 5) + (H,) weights:
    no table, no (B, H, N, K) scores or biases in memory. Saved: output and the row log-sum-exp.
 2. Backward pass 1, one program per (query cluster, batch * head): recompute P from the saved
-   log-sum-exp; dQ in registers; the bias-weight and blank gradients reduced over the tile and
-   written as one partial row per program (summed by torch: (B * M, H, 6) and (B * M, H, D) floats,
-   never per query-key). It also stores delta = rowsum(dO * O) for pass 2.
-3. dK / dV, two ways (``dkdv`` argument; see docs/BENCHMARKS.md for the measurement):
-   "two_pass" (default): a second kernel over the transposed neighbourhood (for each key cluster,
-   the query clusters that list it, built with one sort of ``nbr``), keys as the 16-row tile,
-   gathered incoming queries as the 64-column tile, dK / dV accumulated in registers and written
-   once in the input dtype. "atomic": pass 1 adds its dK / dV tiles into float32 buffers with
-   atomics (no transposed neighbourhood, but every key receives ~Kc atomic tile adds).
+   log-sum-exp and renormalise each row in float32 (so sum_j dS_j = 0 holds to float32 rounding
+   even when huge logits make the stored log-sum-exp coarse); delta = sum_j P_j dP_j from that P
+   (not rowsum(dO * O) with O rounded to the input dtype: the bias-weight gradient sums dS over
+   all query-key pairs, where that rounding does not cancel and gave ~10x the reference's error).
+   dQ in registers; the bias-weight and blank gradients reduced over the tile and written as one
+   partial row per program ((B * M, H, 8 + 2 D) floats, summed by torch; never per query-key).
+3. dK / dV, two ways (``dkdv`` argument; docs/BENCHMARKS.md has the measurement):
+   "two_pass": a second kernel over the transposed neighbourhood (for each key cluster, the query
+   clusters that list it, built with one sort of ``nbr``): keys are the 16-row tile, gathered
+   incoming queries the 64-column tile, dK / dV accumulate in registers and are written once.
+   "atomic": pass 1 adds its dK / dV tiles into float32 buffers with atomics.
 
 Supported: q, k, v float32, bfloat16 or float16 (one dtype; output in it), head dim 16..128 (any,
 padded to a power of two internally), any m (tokens per cluster) up to 64, any Kc (including
-Kc > M with repeated clusters, the global case). Sizes B, N, M, Kc and n_valid are runtime
-arguments (``do_not_specialize``), so a new batch size or resolution never recompiles.
+Kc > M with repeated clusters, the global case). Sizes (B, N, M, Kc, H, n_valid) are runtime
+arguments that are never specialised (``do_not_specialize``); tensor strides are specialised only
+the way Triton always does, on divisibility by 16 (alignment, which vectorised loads need), so at
+most a couple of variants ever compile and a new batch size or resolution does not recompile.
 With TRITON_INTERPRET=1 the same kernels run on CPU tensors through Triton's interpreter (tests).
 
 Differences from the reference (all within rounding): both matrix products accumulate in float32
@@ -49,13 +53,7 @@ MAX_CLUSTER_SIZE = 64
 BLOCK_K = 64  # keys (forward, pass 1) or gathered queries (pass 2) per tile
 DKDV_MODES = ("two_pass", "atomic")
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-# Arguments that change with batch size or resolution: never compile-time specialised.
-_DYNAMIC_FWD = ["sqb", "skb", "svb", "sob", "spb", "snb", "slb", "slh", "n_valid", "Kc"]
-_DYNAMIC_BWD_Q = ["sqb", "skb", "svb", "sdob", "sdqb", "spb", "snb", "slb", "slh",
-                  "N", "M", "n_valid", "Kc"]
-_DYNAMIC_BWD_KV = ["sqb", "skb", "svb", "sdob", "sdkb", "sdvb", "spb", "ssb", "sfb", "slb", "slh",
-                   "n_valid"]
+_SIZES = ["H", "N", "M", "n_valid", "Kc"]  # never specialised (see the module docstring)
 
 
 def why_not(q: torch.Tensor) -> str | None:
@@ -82,19 +80,21 @@ def _interpreting() -> bool:
 # Kernels. Under TRITON_INTERPRET=1 (set before triton is first imported: triton.language's own
 # functions are wrapped at import) they run through Triton's interpreter on CPU tensors.
 # Logits and log-sum-exp are kept in base 2 (x * log2(e)) so the softmax uses exp2.
+# Token tensors: q, k, v share strides (sb, sn, sh); out, dO, dq, dk, dv are contiguous
+# (B, N, H, D) with strides (ob, on, oh); the head dim has stride 1 everywhere.
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _bias_weights(W, WB, h):
-    """Linear(5 -> H) weights of head h, times log2(e) (base-2 logits)."""
+    """Linear(5 -> H) weights of head h as float32, times log2(e) (base-2 logits)."""
     LOG2E = 1.4426950408889634
-    w0 = tl.load(W + h * 5) * LOG2E
-    w1 = tl.load(W + h * 5 + 1) * LOG2E
-    w2 = tl.load(W + h * 5 + 2) * LOG2E
-    w3 = tl.load(W + h * 5 + 3) * LOG2E
-    w4 = tl.load(W + h * 5 + 4) * LOG2E
-    wb = tl.load(WB + h) * LOG2E
+    w0 = tl.load(W + h * 5).to(tl.float32) * LOG2E
+    w1 = tl.load(W + h * 5 + 1).to(tl.float32) * LOG2E
+    w2 = tl.load(W + h * 5 + 2).to(tl.float32) * LOG2E
+    w3 = tl.load(W + h * 5 + 3).to(tl.float32) * LOG2E
+    w4 = tl.load(W + h * 5 + 4).to(tl.float32) * LOG2E
+    wb = tl.load(WB + h).to(tl.float32) * LOG2E
     return w0, w1, w2, w3, w4, wb
 
 
@@ -103,16 +103,30 @@ def _relpos_bias(dx, dy, w0, w1, w2, w3, w4, wb):
     """Bias of offsets (dx, dy) = p_key - p_query: Linear(5 -> 1) of (dx, dy, r, dx/r, dy/r).
 
     Returns the bias tile and the two features the bias-weight gradient needs (r, 1/r or 0)."""
-    r = tl.sqrt(dx * dx + dy * dy)
-    inv_r = tl.where(r > 0, 1.0 / tl.maximum(r, 1e-12), 0.0)
+    r2 = dx * dx + dy * dy
+    inv_r = tl.where(r2 > 0, tl.rsqrt(tl.where(r2 > 0, r2, 1.0)), 0.0)  # one special-function op
+    r = r2 * inv_r
     return w0 * dx + w1 * dy + w2 * r + (w3 * dx + w4 * dy) * inv_r + wb, r, inv_r
 
 
-@triton.jit(do_not_specialize=_DYNAMIC_FWD)
+@triton.jit
+def _key_tile(NBR, POS, b, c, start, Kn, snb, snm, spb, spn,
+              m: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Token indices and positions of keys start .. start + BLOCK_K of cluster c's neighbourhood:
+    flat index t -> slot t // m of nbr[b, c], token t % m of that cluster."""
+    t = start + tl.arange(0, BLOCK_K)
+    t_ok = t < Kn
+    cl = tl.load(NBR + b * snb + c * snm + t // m, mask=t_ok, other=0).to(tl.int32)
+    tk = cl * m + t % m
+    pkx = tl.load(POS + b * spb + tk * spn, mask=t_ok, other=0.0)
+    pky = tl.load(POS + b * spb + tk * spn + 1, mask=t_ok, other=0.0)
+    return tk, t_ok, pkx, pky
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _fwd_kernel(
     Q, K, V, POS, NBR, W, WB, BK, BV, O, LSE,
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
-    spb, spn, snb, snm, slb, slh,
+    sb, sn, sh, ob, on, oh, spb, spn, snb, snm, slb, slh,
     H, n_valid, Kc, scale,
     m: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -129,31 +143,27 @@ def _fwd_kernel(
     q_row = rq < m
     d_ok = rd < D
     tq = c * m + rq
-    q = tl.load(Q + b * sqb + h * sqh + tq[:, None] * sqn + rd[None, :],
+    q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :],
                 mask=q_row[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_Q, BLOCK_D)
     pqx = tl.load(POS + b * spb + tq * spn, mask=q_row, other=0.0)
     pqy = tl.load(POS + b * spb + tq * spn + 1, mask=q_row, other=0.0)
     w0, w1, w2, w3, w4, wb = _bias_weights(W, WB, h)
 
     # 2. The blank key/value is the initial softmax state: max = its logit, sum = 1, acc = value.
-    bk = tl.load(BK + h * D + rd, mask=d_ok, other=0.0)  # float32 (BLOCK_D,)
-    bv = tl.load(BV + h * D + rd, mask=d_ok, other=0.0)
+    bk = tl.load(BK + h * D + rd, mask=d_ok, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    bv = tl.load(BV + h * D + rd, mask=d_ok, other=0.0).to(tl.float32)
     m_i = tl.sum(q.to(tl.float32) * bk[None, :], 1) * qk_scale  # (BLOCK_Q,)
     l_i = tl.full([BLOCK_Q], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32) + bv[None, :]
 
-    # 3. Stream over the gathered neighbourhood, BLOCK_K keys at a time (flat index t -> slot
-    #    t // m of nbr[b, c], token t % m of that cluster).
+    # 3. Stream over the gathered neighbourhood, BLOCK_K keys at a time.
     Kn = Kc * m
     for start in range(0, Kn, BLOCK_K):
-        t = start + tl.arange(0, BLOCK_K)
-        t_ok = t < Kn
-        cl = tl.load(NBR + b * snb + c * snm + t // m, mask=t_ok, other=0)
-        tk = cl * m + t % m
+        tk, t_ok, pkx, pky = _key_tile(NBR, POS, b, c, start, Kn, snb, snm, spb, spn, m, BLOCK_K)
         kd_ok = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * skb + h * skh + tk[:, None] * skn + rd[None, :], mask=kd_ok, other=0.0)
-        pkx = tl.load(POS + b * spb + tk * spn, mask=t_ok, other=0.0)
-        pky = tl.load(POS + b * spb + tk * spn + 1, mask=t_ok, other=0.0)
+        # V is loaded with K (before the first product) so both loads are in flight together.
+        k = tl.load(K + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
+        v = tl.load(V + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
         s = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC) * qk_scale
         bias, r, inv_r = _relpos_bias(pkx[None, :] - pqx[:, None], pky[None, :] - pqy[:, None],
                                       w0, w1, w2, w3, w4, wb)
@@ -162,32 +172,26 @@ def _fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + h * svh + tk[:, None] * svn + rd[None, :], mask=kd_ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_T), v.to(DOT_T), input_precision=DOT_PREC)
         m_i = m_new
 
     # 4. Normalise, store the output (input dtype) and the base-2 log-sum-exp.
     out = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + tq[:, None] * son + rd[None, :],
+    tl.store(O + b * ob + h * oh + tq[:, None] * on + rd[None, :],
              out.to(O.dtype.element_ty), mask=q_row[:, None] & d_ok[None, :])
     tl.store(LSE + b * slb + h * slh + tq, m_i + tl.log2(l_i), mask=q_row)
 
 
 @triton.jit
 def _bwd_tile(q, do, lse, pqx, pqy, q_row, K, V, POS, NBR, b, c, h, start, Kn, n_valid,
-              skb, skn, skh, svb, svn, svh, spb, spn, snb, snm, qk_scale,
-              w0, w1, w2, w3, w4, wb, rd, d_ok,
+              sb, sn, sh, spb, spn, snb, snm, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
               m: tl.constexpr, BLOCK_K: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Recompute one key tile of a query cluster's neighbourhood: P and dP = dO V^T."""
-    t = start + tl.arange(0, BLOCK_K)
-    t_ok = t < Kn
-    cl = tl.load(NBR + b * snb + c * snm + t // m, mask=t_ok, other=0)
-    tk = cl * m + t % m
+    """Recompute one key tile of a query cluster's neighbourhood: P (unnormalised by the row
+    correction) and dP = dO V^T, with what the gradients need."""
+    tk, t_ok, pkx, pky = _key_tile(NBR, POS, b, c, start, Kn, snb, snm, spb, spn, m, BLOCK_K)
     kd_ok = t_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + tk[:, None] * skn + rd[None, :], mask=kd_ok, other=0.0)
-    v = tl.load(V + b * svb + h * svh + tk[:, None] * svn + rd[None, :], mask=kd_ok, other=0.0)
-    pkx = tl.load(POS + b * spb + tk * spn, mask=t_ok, other=0.0)
-    pky = tl.load(POS + b * spb + tk * spn + 1, mask=t_ok, other=0.0)
+    k = tl.load(K + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
+    v = tl.load(V + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
     dx = pkx[None, :] - pqx[:, None]
     dy = pky[None, :] - pqy[:, None]
     s = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC) * qk_scale
@@ -199,12 +203,10 @@ def _bwd_tile(q, do, lse, pqx, pqy, q_row, K, V, POS, NBR, b, c, h, start, Kn, n
     return p, dp, k, tk, k_ok, dx, dy, r, inv_r
 
 
-@triton.jit(do_not_specialize=_DYNAMIC_BWD_Q)
+@triton.jit(do_not_specialize=_SIZES)
 def _bwd_q_kernel(
-    Q, K, V, DO, POS, NBR, W, WB, BK, BV, LSE, DELTA,
-    DQ, GB, GBK, GBV, DK32, DV32,
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh,
-    sdqb, sdqn, sdqh, spb, spn, snb, snm, slb, slh,
+    Q, K, V, DO, POS, NBR, W, WB, BK, BV, LSE, ROWS, DQ, GP, DKV32,
+    sb, sn, sh, ob, on, oh, spb, spn, snb, snm, slb, slh, rows_stride,
     H, N, M, n_valid, Kc, scale,
     m: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -223,31 +225,30 @@ def _bwd_q_kernel(
     d_ok = rd < D
     qd_ok = q_row[:, None] & d_ok[None, :]
     tq = c * m + rq
-    q = tl.load(Q + b * sqb + h * sqh + tq[:, None] * sqn + rd[None, :], mask=qd_ok, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + tq[:, None] * sdon + rd[None, :], mask=qd_ok, other=0.0)
+    q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :], mask=qd_ok, other=0.0)
+    do = tl.load(DO + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd_ok, other=0.0)
     lse = tl.load(LSE + b * slb + h * slh + tq, mask=q_row, other=0.0)
     pqx = tl.load(POS + b * spb + tq * spn, mask=q_row, other=0.0)
     pqy = tl.load(POS + b * spb + tq * spn + 1, mask=q_row, other=0.0)
     w0, w1, w2, w3, w4, wb = _bias_weights(W, WB, h)
 
-    # 2. Blank key/value: probability and dP. delta = sum_j P_j dP_j over the row (blank
-    #    included) is accumulated in float32 from the recomputed P, not as rowsum(dO * O) with O
-    #    rounded to the input dtype: the bias-weight gradient sums dS over all (query, key) pairs,
-    #    where that rounding does not cancel (it gave ~10x the reference's error in fp16 / bf16).
-    bk = tl.load(BK + h * D + rd, mask=d_ok, other=0.0)
-    bv = tl.load(BV + h * D + rd, mask=d_ok, other=0.0)
+    # 2. Row sums of P and of P dP (blank included), for the row correction and delta.
+    bk = tl.load(BK + h * D + rd, mask=d_ok, other=0.0).to(tl.float32)
+    bv = tl.load(BV + h * D + rd, mask=d_ok, other=0.0).to(tl.float32)
     p_b = tl.exp2(tl.sum(q.to(tl.float32) * bk[None, :], 1) * qk_scale - lse)
     p_b = tl.where(q_row, p_b, 0.0)
     dp_b = tl.sum(do.to(tl.float32) * bv[None, :], 1)
-    delta = p_b * dp_b  # (BLOCK_Q,)
+    p_sum = p_b  # (BLOCK_Q,)
+    pdp_sum = p_b * dp_b
     Kn = Kc * m
-    if not SINGLE_TILE:  # several key tiles: one extra sweep for delta
+    if not SINGLE_TILE:  # several key tiles: one extra sweep for the row sums
         for start in range(0, Kn, BLOCK_K):
             p, dp, k, tk, k_ok, dx, dy, r, inv_r = _bwd_tile(
                 q, do, lse, pqx, pqy, q_row, K, V, POS, NBR, b, c, h, start, Kn, n_valid,
-                skb, skn, skh, svb, svn, svh, spb, spn, snb, snm, qk_scale,
-                w0, w1, w2, w3, w4, wb, rd, d_ok, m, BLOCK_K, DOT_T, DOT_PREC)
-            delta += tl.sum(p * dp, 1)
+                sb, sn, sh, spb, spn, snb, snm, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
+                m, BLOCK_K, DOT_T, DOT_PREC)
+            p_sum += tl.sum(p, 1)
+            pdp_sum += tl.sum(p * dp, 1)
 
     # 3. Stream over the neighbourhood: dS, dQ, the bias-weight gradient (dS times each
     #    relative-position feature, reduced) and, in atomic mode, this tile's dK / dV.
@@ -258,13 +259,19 @@ def _bwd_q_kernel(
     g3 = tl.zeros([BLOCK_Q], tl.float32)
     g4 = tl.zeros([BLOCK_Q], tl.float32)
     g5 = tl.zeros([BLOCK_Q], tl.float32)
+    inv_sum = tl.where(q_row, 1.0 / tl.where(q_row, p_sum, 1.0), 0.0)
+    delta = pdp_sum * inv_sum
     for start in range(0, Kn, BLOCK_K):
         p, dp, k, tk, k_ok, dx, dy, r, inv_r = _bwd_tile(
             q, do, lse, pqx, pqy, q_row, K, V, POS, NBR, b, c, h, start, Kn, n_valid,
-            skb, skn, skh, svb, svn, svh, spb, spn, snb, snm, qk_scale,
-            w0, w1, w2, w3, w4, wb, rd, d_ok, m, BLOCK_K, DOT_T, DOT_PREC)
-        if SINGLE_TILE:  # this is the only tile: delta is complete after it
-            delta += tl.sum(p * dp, 1)
+            sb, sn, sh, spb, spn, snb, snm, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
+            m, BLOCK_K, DOT_T, DOT_PREC)
+        if SINGLE_TILE:  # this is the only tile: the row sums are complete after it
+            p_sum += tl.sum(p, 1)
+            pdp_sum += tl.sum(p * dp, 1)
+            inv_sum = tl.where(q_row, 1.0 / tl.where(q_row, p_sum, 1.0), 0.0)
+            delta = pdp_sum * inv_sum
+        p = p * inv_sum[:, None]
         ds = p * (dp - delta[:, None])  # gradient of the natural-unit logit
         dq += tl.dot(ds.to(DOT_T), k.to(DOT_T), input_precision=DOT_PREC)
         g0 += tl.sum(ds * dx, 1)
@@ -276,40 +283,46 @@ def _bwd_q_kernel(
         if ATOMIC:
             dk_t = tl.dot(tl.trans(ds).to(DOT_T), q.to(DOT_T), input_precision=DOT_PREC) * scale
             dv_t = tl.dot(tl.trans(p).to(DOT_T), do.to(DOT_T), input_precision=DOT_PREC)
-            off = ((b * N + tk[:, None]) * H + h) * D + rd[None, :]  # float32 (B, N, H, D) buffers
+            # float32 (2, B, N, H, D) buffer: dK then dV
+            off = b * ob + h * oh + tk[:, None] * on + rd[None, :]
             kv_ok = k_ok[:, None] & d_ok[None, :]
-            tl.atomic_add(DK32 + off, dk_t, mask=kv_ok)
-            tl.atomic_add(DV32 + off, dv_t, mask=kv_ok)
+            tl.atomic_add(DKV32 + off, dk_t, mask=kv_ok)
+            tl.atomic_add(DKV32 + (tl.num_programs(1) // H).to(tl.int64) * ob + off, dv_t, mask=kv_ok)
 
-    # 4. Blank gradients, dQ (input dtype), delta for pass 2, one partial row per program of the
-    #    bias-weight and blank gradients (summed by the launcher).
+    # 4. Blank gradients, dQ (input dtype), the corrected log-sum-exp and delta for pass 2, one
+    #    partial row per program: [6 bias-weight terms, 2 unused, d blank_k (D), d blank_v (D)].
+    p_b = p_b * inv_sum
     ds_b = p_b * (dp_b - delta)
     dq += ds_b[:, None] * bk[None, :]
-    tl.store(DQ + b * sdqb + h * sdqh + tq[:, None] * sdqn + rd[None, :],
+    tl.store(DQ + b * ob + h * oh + tq[:, None] * on + rd[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_ok)
-    tl.store(DELTA + b * slb + h * slh + tq, delta, mask=q_row)
-    part = (b * M + c) * H + h
-    tl.store(GBK + part * D + rd, tl.sum(ds_b[:, None] * q.to(tl.float32), 0) * scale, mask=d_ok)
-    tl.store(GBV + part * D + rd, tl.sum(p_b[:, None] * do.to(tl.float32), 0), mask=d_ok)
-    tl.store(GB + part * 8, tl.sum(g0, 0))
-    tl.store(GB + part * 8 + 1, tl.sum(g1, 0))
-    tl.store(GB + part * 8 + 2, tl.sum(g2, 0))
-    tl.store(GB + part * 8 + 3, tl.sum(g3, 0))
-    tl.store(GB + part * 8 + 4, tl.sum(g4, 0))
-    tl.store(GB + part * 8 + 5, tl.sum(g5, 0))
+    # ROWS: (2, B, H, N) float32, the corrected log-sum-exp then delta.
+    tl.store(ROWS + b * slb + h * slh + tq, lse + tl.log2(tl.where(q_row, p_sum, 1.0)), mask=q_row)
+    tl.store(ROWS + rows_stride + b * slb + h * slh + tq, delta, mask=q_row)
+    row = GP + ((b * M + c) * H + h) * (8 + 2 * D)
+    tl.store(row, tl.sum(g0, 0))
+    tl.store(row + 1, tl.sum(g1, 0))
+    tl.store(row + 2, tl.sum(g2, 0))
+    tl.store(row + 3, tl.sum(g3, 0))
+    tl.store(row + 4, tl.sum(g4, 0))
+    tl.store(row + 5, tl.sum(g5, 0))
+    tl.store(row + 6, 0.0)  # unused columns, written so the sum holds no uninitialised memory
+    tl.store(row + 7, 0.0)
+    tl.store(row + 8 + rd, tl.sum(ds_b[:, None] * q.to(tl.float32), 0) * scale, mask=d_ok)
+    tl.store(row + 8 + D + rd, tl.sum(p_b[:, None] * do.to(tl.float32), 0), mask=d_ok)
 
 
-@triton.jit(do_not_specialize=_DYNAMIC_BWD_KV)
+@triton.jit(do_not_specialize=_SIZES)
 def _bwd_kv_kernel(
-    Q, K, V, DO, POS, SRC, OFF, W, WB, LSE, DELTA, DK, DV,
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh,
-    sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, spb, spn, ssb, sfb, slb, slh,
-    H, n_valid, scale,
+    Q, K, V, DO, POS, CSR, W, WB, ROWS, DK, DV,
+    sb, sn, sh, ob, on, oh, spb, spn, slb, slh, rows_stride,
+    H, M, Kc, n_valid, scale,
     m: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Key-major pass: program (key cluster c, batch * head) gathers every query cluster whose
-    # neighbourhood lists c (SRC[b, OFF[b, c] : OFF[b, c + 1]]) and accumulates dK, dV.
+    # neighbourhood lists c and accumulates dK, dV. CSR: (B, M * Kc + M + 1) int32, per batch
+    # element the query clusters grouped by key cluster, then the M + 1 offsets.
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -324,28 +337,30 @@ def _bwd_kv_kernel(
     kd_ok = k_row[:, None] & d_ok[None, :]
     tk = c * m + rk
     k_ok = k_row & (tk < n_valid)
-    k = tl.load(K + b * skb + h * skh + tk[:, None] * skn + rd[None, :], mask=kd_ok, other=0.0)
-    v = tl.load(V + b * svb + h * svh + tk[:, None] * svn + rd[None, :], mask=kd_ok, other=0.0)
+    k = tl.load(K + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
+    v = tl.load(V + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
     pkx = tl.load(POS + b * spb + tk * spn, mask=k_row, other=0.0)
     pky = tl.load(POS + b * spb + tk * spn + 1, mask=k_row, other=0.0)
     w0, w1, w2, w3, w4, wb = _bias_weights(W, WB, h)
 
     # 2. Stream over the incoming queries, BLOCK_K at a time (flat index u -> incoming entry
     #    u // m, token u % m of that query cluster); S, P, dP are transposed (keys x queries).
-    start = tl.load(OFF + b * sfb + c)
-    n_in = (tl.load(OFF + b * sfb + c + 1) - start) * m
+    E = M * Kc
+    SRC = CSR + b * (E + M + 1)
+    start = tl.load(SRC + E + c)
+    n_in = (tl.load(SRC + E + c + 1) - start) * m
     dk = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for u0 in range(0, n_in, BLOCK_K):
         u = u0 + tl.arange(0, BLOCK_K)
         u_ok = u < n_in
-        qc = tl.load(SRC + b * ssb + start + u // m, mask=u_ok, other=0)
+        qc = tl.load(SRC + start + u // m, mask=u_ok, other=0)
         tq = qc * m + u % m
         qd = u_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + tq[:, None] * sqn + rd[None, :], mask=qd, other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + tq[:, None] * sdon + rd[None, :], mask=qd, other=0.0)
-        lse = tl.load(LSE + b * slb + h * slh + tq, mask=u_ok, other=0.0)
-        delta = tl.load(DELTA + b * slb + h * slh + tq, mask=u_ok, other=0.0)
+        q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :], mask=qd, other=0.0)
+        do = tl.load(DO + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd, other=0.0)
+        lse = tl.load(ROWS + b * slb + h * slh + tq, mask=u_ok, other=0.0)
+        delta = tl.load(ROWS + rows_stride + b * slb + h * slh + tq, mask=u_ok, other=0.0)
         pqx = tl.load(POS + b * spb + tq * spn, mask=u_ok, other=0.0)
         pqy = tl.load(POS + b * spb + tq * spn + 1, mask=u_ok, other=0.0)
         s = tl.dot(k.to(DOT_T), tl.trans(q.to(DOT_T)), input_precision=DOT_PREC) * qk_scale
@@ -359,10 +374,36 @@ def _bwd_kv_kernel(
         dk += tl.dot(ds.to(DOT_T), q.to(DOT_T), input_precision=DOT_PREC)
 
     # 3. Written once, in the input dtype (padded keys get exact zeros).
-    tl.store(DK + b * sdkb + h * sdkh + tk[:, None] * sdkn + rd[None, :],
+    tl.store(DK + b * ob + h * oh + tk[:, None] * on + rd[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
-    tl.store(DV + b * sdvb + h * sdvh + tk[:, None] * sdvn + rd[None, :],
+    tl.store(DV + b * ob + h * oh + tk[:, None] * on + rd[None, :],
              dv.to(DV.dtype.element_ty), mask=kd_ok)
+
+
+@triton.jit(do_not_specialize=["M", "Kc"])
+def _transpose_kernel(NBR, CSR, M, Kc, KB: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (KB key clusters, batch element b): the transposed neighbourhood of those key
+    clusters, by counting over the E = M * Kc entries of nbr[b] (contiguous): offsets (entries
+    with a smaller key cluster) and, in entry order, the query clusters listing each key
+    cluster. Deterministic, and one launch where a torch sort + searchsorted take several."""
+    b = tl.program_id(1).to(tl.int64)
+    kc = tl.program_id(0) * KB + tl.arange(0, KB)  # (KB,) key clusters; M itself for the end
+    E = M * Kc
+    SRC = CSR + b * (E + M + 1)
+    less = tl.zeros([KB], tl.int32)
+    for e0 in range(0, E, CHUNK):
+        e = e0 + tl.arange(0, CHUNK)
+        val = tl.load(NBR + b * E + e, mask=e < E, other=M).to(tl.int32)
+        less += tl.sum((val[:, None] < kc[None, :]).to(tl.int32), 0)
+    tl.store(SRC + E + kc, less, mask=kc <= M)  # offsets; offset M is E
+    seen = less
+    for e0 in range(0, E, CHUNK):
+        e = e0 + tl.arange(0, CHUNK)
+        val = tl.load(NBR + b * E + e, mask=e < E, other=M).to(tl.int32)
+        match = ((val[:, None] == kc[None, :]) & (kc < M)[None, :]).to(tl.int32)  # (CHUNK, KB)
+        dest = tl.sum(match * (tl.cumsum(match, 0) - match + seen[None, :]), 1)
+        tl.store(SRC + dest, e // Kc, mask=tl.sum(match, 1) > 0)
+        seen += tl.sum(match, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,18 +444,15 @@ def check_inputs(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, bl
     return m
 
 
-def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
-    # Kernels index the head dim with stride 1; other strides are free (e.g. views of a fused qkv
-    # projection), so copy only when the last one is not 1.
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _token_views(q, k, v):
+    # q, k, v may be strided views (e.g. of a fused qkv projection); the kernels take one set of
+    # strides for the three and a unit stride on the head dim, so copy only when that fails.
+    if q.stride(-1) == 1 and q.stride() == k.stride() == v.stride():
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _params(bias_weight, bias_bias, blank_k, blank_v):
-    # The small parameters enter as float32 whatever their dtype.
-    return tuple(t.detach().float().contiguous() for t in (bias_weight, bias_bias, blank_k, blank_v))
-
-
-def _tiles(m: int, D: int, dtype: torch.dtype) -> dict:
+def _tiles(m: int, D: int, dtype: torch.dtype, num_warps: int | None = None) -> dict:
     """Compile-time tile parameters: these depend on the model, never on batch size or resolution."""
     # Products take the input dtype (tensor cores, float32 accumulation). Triton's interpreter
     # multiplies bfloat16 as raw integers, so there bfloat16 operands are widened to float32 first:
@@ -426,110 +464,118 @@ def _tiles(m: int, D: int, dtype: torch.dtype) -> dict:
     return dict(
         m=m, D=D, BLOCK_Q=max(16, triton.next_power_of_2(m)), BLOCK_K=BLOCK_K, BLOCK_D=block_d,
         DOT_T=dot_t, DOT_PREC="ieee" if dot_t == tl.float32 else "tf32",
-        num_warps=4 if block_d <= 64 else 8,
+        # One warp per 16-row tile measured fastest on an H100 (docs/BENCHMARKS.md).
+        num_warps=num_warps or (1 if block_d <= 64 else 2),
     )
 
 
-def attention_forward(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale):
-    """Forward kernel. Returns out (B, N, H, D) in q's dtype and lse (B, H, N) float32, base 2."""
+def _ensure(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    # Copy only when needed: every avoided no-op call saves host time per launch.
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def attention_forward(
+    q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
+    num_warps: int | None = None,
+):
+    """Forward kernel. Returns out (B, N, H, D) in q's dtype and lse (B, H, N) float32, base 2.
+
+    ``num_warps`` overrides the default launch width (for ``affmae.bench.attention``).
+    """
     m = check_inputs(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v)
-    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    q, k, v = _token_views(q, k, v)
     B, N, H, D = q.shape
     M, Kc = nbr.shape[1:]
-    pos = pos.float().contiguous()  # (B, N, 2)
-    nbr = nbr.contiguous()  # (B, M, Kc)
-    w, wb, bk, bv = _params(bias_weight, bias_bias, blank_k, blank_v)
+    pos, nbr = _ensure(pos, torch.float32), _ensure(nbr)  # (B, N, 2), (B, M, Kc)
+    w, wb, bk, bv = (_ensure(t) for t in (bias_weight, bias_bias, blank_k, blank_v))
     out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     _fwd_kernel[(M, B * H)](
         q, k, v, pos, nbr, w, wb, bk, bv, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        pos.stride(0), pos.stride(1), nbr.stride(0), nbr.stride(1), lse.stride(0), lse.stride(1),
+        q.stride(0), q.stride(1), q.stride(2), N * H * D, H * D, D,
+        N * 2, 2, M * Kc, Kc, H * N, N,
         H, n_valid, Kc, float(scale),
-        **_tiles(m, D, q.dtype),
+        **_tiles(m, D, q.dtype, num_warps),
     )
     return out, lse
 
 
-def transposed_neighbourhood(nbr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def transposed_neighbourhood(nbr: torch.Tensor) -> torch.Tensor:
     """For each key cluster, the query clusters whose neighbourhood lists it (CSR, repeats kept).
 
     Args:
         nbr: (B, M, Kc) neighbour clusters of each query cluster.
     Returns:
-        src (B, M * Kc) int32 query clusters grouped by key cluster, off (B, M + 1) int32: the
-        query clusters of key cluster c are src[b, off[b, c] : off[b, c + 1]].
+        (B, M * Kc + M + 1) int32: per batch element, src (M * Kc query clusters grouped by key
+        cluster, ascending within a group) then off (M + 1 offsets): the query clusters of key
+        cluster c are src[off[c] : off[c + 1]].
     """
     B, M, Kc = nbr.shape
-    flat = nbr.reshape(B, M * Kc)  # (B, M*Kc) key cluster of each (query cluster, slot)
-    key_sorted, order = torch.sort(flat, dim=1, stable=True)
-    src = (order // Kc).to(torch.int32)
-    bounds = torch.arange(M + 1, device=nbr.device, dtype=key_sorted.dtype).expand(B, M + 1)
-    off = torch.searchsorted(key_sorted.contiguous(), bounds.contiguous()).to(torch.int32)
-    return src.contiguous(), off.contiguous()
+    nbr = _ensure(nbr)
+    csr = torch.empty(B, M * Kc + M + 1, device=nbr.device, dtype=torch.int32)
+    KB = 16
+    _transpose_kernel[(triton.cdiv(M + 1, KB), B)](nbr, csr, M, Kc, KB=KB, CHUNK=512, num_warps=8)
+    return csr
 
 
 def attention_backward(
     do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
-    dkdv: str = "two_pass",
+    dkdv: str = "two_pass", num_warps: int | None = None,
 ):
-    """Backward kernels. Returns dq, dk, dv, d bias_weight, d bias_bias, d blank_k, d blank_v.
+    """Backward kernels. Returns dq, dk, dv (input dtype) and g (H, 8 + 2 D) float32, the packed
+    small gradients: d bias_weight = g[:, :5], d bias_bias = g[:, 5], d blank_k = g[:, 8 : 8 + D],
+    d blank_v = g[:, 8 + D :] (``unpack_param_grads``).
 
     ``dkdv``: "two_pass" (key-major second kernel) or "atomic" (float32 atomics in pass 1).
+    ``num_warps`` overrides the default launch width (for ``affmae.bench.attention``).
     """
     if dkdv not in DKDV_MODES:
         raise ValueError(f"dkdv must be one of {DKDV_MODES}, got {dkdv!r}")
     m = check_inputs(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v)
-    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
-    do = _last_contiguous(do.to(q.dtype))
+    q, k, v = _token_views(q, k, v)
     B, N, H, D = q.shape
     M, Kc = nbr.shape[1:]
-    pos = pos.float().contiguous()  # (B, N, 2)
-    nbr = nbr.contiguous()  # (B, M, Kc)
-    w, wb, bk, bv = _params(bias_weight, bias_bias, blank_k, blank_v)
+    do = _ensure(do, q.dtype)  # (B, N, H, D), the layout of out / dq / dk / dv
+    pos, nbr = _ensure(pos, torch.float32), _ensure(nbr)  # (B, N, 2), (B, M, Kc)
+    w, wb, bk, bv = (_ensure(t) for t in (bias_weight, bias_bias, blank_k, blank_v))
     dev = q.device
-    tiles = _tiles(m, D, q.dtype)
+    tiles = _tiles(m, D, q.dtype, num_warps)
     atomic = dkdv == "atomic"
+    strides = (q.stride(0), q.stride(1), q.stride(2), N * H * D, H * D, D, N * 2, 2)
 
     dq = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
-    delta = torch.empty(B, H, N, device=dev, dtype=torch.float32)  # sum_j P dP per query row
-    g_bias = torch.empty(B * M, H, 8, device=dev, dtype=torch.float32)  # one partial row per program
-    g_bk = torch.empty(B * M, H, D, device=dev, dtype=torch.float32)
-    g_bv = torch.empty(B * M, H, D, device=dev, dtype=torch.float32)
-    if atomic:
-        dk32 = torch.zeros(B, N, H, D, device=dev, dtype=torch.float32)
-        dv32 = torch.zeros(B, N, H, D, device=dev, dtype=torch.float32)
-    else:
-        dk32 = dv32 = g_bias  # not touched when ATOMIC is off
+    rows = torch.empty(2, B, H, N, device=dev, dtype=torch.float32)  # corrected lse, delta
+    parts = torch.empty(B * M, H, 8 + 2 * D, device=dev, dtype=torch.float32)  # one row per program
+    # float32 dK, dV accumulators for the atomic mode (unused otherwise)
+    dkv32 = torch.zeros(2, B, N, H, D, device=dev, dtype=torch.float32) if atomic else parts
     _bwd_q_kernel[(M, B * H)](
-        q, k, v, do, pos, nbr, w, wb, bk, bv, lse, delta,
-        dq, g_bias, g_bk, g_bv, dk32, dv32,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        pos.stride(0), pos.stride(1), nbr.stride(0), nbr.stride(1), lse.stride(0), lse.stride(1),
+        q, k, v, do, pos, nbr, w, wb, bk, bv, lse, rows, dq, parts, dkv32,
+        *strides, M * Kc, Kc, H * N, N, B * H * N,
         H, N, M, n_valid, Kc, float(scale),
         SINGLE_TILE=Kc * m <= BLOCK_K, ATOMIC=atomic, **tiles,
     )
     if atomic:
-        dk, dv = dk32.to(q.dtype), dv32.to(q.dtype)
+        dk, dv = dkv32[0].to(q.dtype), dkv32[1].to(q.dtype)
     else:
-        src, off = transposed_neighbourhood(nbr)
+        csr = transposed_neighbourhood(nbr)
         dk = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
         dv = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
         _bwd_kv_kernel[(M, B * H)](
-            q, k, v, do, pos, src, off, w, wb, lse, delta, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            pos.stride(0), pos.stride(1), src.stride(0), off.stride(0), lse.stride(0), lse.stride(1),
-            H, n_valid, float(scale),
+            q, k, v, do, pos, csr, w, wb, rows, dk, dv,
+            *strides, H * N, N, B * H * N,
+            H, M, Kc, n_valid, float(scale),
             **tiles,
         )
-    g = g_bias.sum(0)  # (H, 8): the 5 weight columns, the bias, 2 unused
+    return dq, dk, dv, parts.sum(0)  # (H, 8 + 2D)
+
+
+def unpack_param_grads(g: torch.Tensor, bias_weight, bias_bias, blank_k, blank_v):
+    """Split the packed (H, 8 + 2 D) float32 gradient of ``attention_backward`` into the four
+    parameter gradients, in the parameters' dtypes."""
+    D = blank_k.shape[-1]
     return (
-        dq, dk, dv,
-        g[:, :5].to(bias_weight.dtype, copy=True), g[:, 5].to(bias_bias.dtype, copy=True),
-        g_bk.sum(0).to(blank_k.dtype), g_bv.sum(0).to(blank_v.dtype),
+        g[:, :5].to(bias_weight.dtype), g[:, 5].to(bias_bias.dtype),
+        g[:, 8 : 8 + D].to(blank_k.dtype), g[:, 8 + D :].to(blank_v.dtype),
     )
