@@ -144,10 +144,15 @@ def test_checkpoint_model_mismatch_and_segmenter_checkpoint_are_refused(data, pr
 
 # ---- the job: weights, statistics, LLRD groups, label fraction ----------------------------------
 
-def test_job_loads_pretrained_weights_stats_and_llrd_groups(data, pretrained, tmp_path):
-    from affmae.models.registry import read_checkpoint
+@pytest.mark.parametrize("backbone", ["aff_tiny", "vit_tiny"])
+def test_job_loads_pretrained_weights_stats_and_llrd_groups(data, pretrained, tmp_path, backbone):
+    from affmae.models.registry import read_checkpoint, save_safetensors
 
+    if backbone != "aff_tiny":
+        pretrained = tmp_path / f"{backbone}.safetensors"
+        save_safetensors(create_model(backbone), pretrained, data_stats=STATS)
     job = FinetuneJob(_cfg(data, tmp_path, checkpoint=str(pretrained)), context_from_env("cpu"))
+    assert job.model.config.backbone == backbone
     mae = read_checkpoint(pretrained)["model"]
     own = job.model.backbone.state_dict()
     assert own.keys() <= mae.keys(), sorted(set(own) - set(mae))[:5]
@@ -162,6 +167,10 @@ def test_job_loads_pretrained_weights_stats_and_llrd_groups(data, pretrained, tm
             assert g["lr_scale"] == pytest.approx(want), (names[id(p)], g["lr_scale"], want)
     scales = sorted({g["lr_scale"] for g in job.param_groups()})
     assert scales[0] == pytest.approx(0.6 ** (L + 1)) and scales[-1] == 1.0, scales
+    imgs, tgts = zip(*(job.dataset[i] for i in range(2)))
+    out = job.loss(job.model, (torch.stack(imgs), torch.stack(tgts)), 0, 0)
+    out["loss"].backward()
+    assert set(out) == {"loss", "loss_bce", "loss_dice"} and torch.isfinite(out["loss"]), out
     scratch = FinetuneJob(_cfg(data, tmp_path, model="aff_tiny"), context_from_env("cpu"))
     assert scratch.layer_decay == 1.0 and scratch.data_stats["std"] != STATS["std"]
 

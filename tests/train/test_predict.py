@@ -13,7 +13,6 @@ real model can only agree approximately. Hence:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -27,9 +26,8 @@ from torch import nn
 
 from affmae import create_model
 from affmae.data.synthetic import generate, write_dataset
-from affmae.train.predict import (add_evaluate_arguments, axis_weights, evaluate_checkpoint,
-                                  load_segmenter, run_evaluate, sliding_window_logits,
-                                  window_starts)
+from affmae.train.predict import (axis_weights, evaluate_checkpoint, load_segmenter,
+                                  sliding_window_logits, window_starts)
 
 VALUES = (0, 100, 200)
 NAMES = ("cyto", "mem", "mito")
@@ -245,9 +243,10 @@ def test_predict_cli_writes_masks_with_the_original_values(finetuned, images, tm
 
 
 def _evaluate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
-    return run_evaluate(parser.parse_args(argv))
+    """``affmae evaluate ...``; errors raise (``--traceback``) so their messages can be checked."""
+    from affmae.cli import main
+
+    return main(["--traceback", "evaluate", *argv])
 
 
 def test_evaluate_checkpoint_and_predictions_agree(finetuned, tmp_path, capsys):

@@ -549,8 +549,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         given = [f"--{k.replace('_', '-')}" for k in ("window", *INFERENCE_DEFAULTS)
                  if hasattr(args, k)]
         if given:
-            raise ValueError(f"{', '.join(given)} only apply with --checkpoint (--pred scores "
-                             "masks that are already predicted)")
+            raise ValueError(f"{', '.join(given)}: model option(s), valid only with "
+                             "--checkpoint (--pred scores masks that are already predicted)")
         report = evaluate_predictions(args.pred, args.data, getattr(args, "class_values", None))
     print(format_report(report))
     if getattr(args, "out", None):
