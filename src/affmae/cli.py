@@ -2,8 +2,9 @@
 
     affmae pretrain | finetune | predict | evaluate | bench | analyze | demo  [-h] ...
 
-Each job lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``
-(the exit code). Modules are imported lazily, only for the subcommand being run (so ``affmae
+Each job lives in a module exposing ``add_arguments(parser)`` and ``run(args) -> int`` (the
+exit code); a module serving two commands names the pair explicitly in ``COMMANDS``
+(``evaluate`` is ``add_evaluate_arguments``/``run_evaluate`` of ``affmae.train.predict``). Modules are imported lazily, only for the subcommand being run (so ``affmae
 bench`` never imports the training code and a broken or missing module cannot take the other
 subcommands down). A subcommand whose module is not installed says so and exits with 2.
 
@@ -20,15 +21,17 @@ import importlib.util
 import sys
 from typing import Sequence
 
-# subcommand -> (module, one-line help). The module provides add_arguments(parser) and run(args).
-COMMANDS: dict[str, tuple[str, str]] = {
+# subcommand -> (module, one-line help[, add-arguments function, run function]); the functions
+# default to add_arguments(parser) and run(args).
+COMMANDS: dict[str, tuple[str, ...]] = {
     "pretrain": ("affmae.train.pretrain",
                  "AFFMAE pretraining on a folder of unlabelled images -> checkpoint"),
     "finetune": ("affmae.train.finetune",
                  "segmentation fine-tuning on image/mask pairs (+ pretrained checkpoint)"),
     "predict": ("affmae.train.predict", "segment images of any size with a fine-tuned checkpoint"),
-    "evaluate": ("affmae.train.evaluate",
-                 "score predictions or a checkpoint against labels (mIoU, per-class IoU)"),
+    "evaluate": ("affmae.train.predict",
+                 "score predictions or a checkpoint against labels (mIoU, per-class IoU)",
+                 "add_evaluate_arguments", "run_evaluate"),
     "bench": ("affmae.bench.cli", "AFF vs ViT: FLOPs, peak memory, img/s side by side"),
     "analyze": ("affmae.analysis.cli",
                 "figures: reconstructions, token maps, PCA, effective rank, mask spectra"),
@@ -70,14 +73,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                         help="show full tracebacks for errors (default: one-line messages)")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     chosen = _chosen(argv)
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (module, help_text, *funcs) in COMMANDS.items():
         missing = not _available(module)
         p = sub.add_parser(name, help=help_text + (" [not available]" if missing else ""),
                            description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.set_defaults(_module=module)
+        add_name, run_name = funcs or ("add_arguments", "run")
+        p.set_defaults(_module=module, _run=run_name)
         if name == chosen and not missing:
-            importlib.import_module(module).add_arguments(p)
+            getattr(importlib.import_module(module), add_name)(p)
     return parser
 
 
@@ -91,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        return int(getattr(importlib.import_module(args._module), args._run)(args) or 0)
     except USER_ERRORS as e:
         if args.traceback:
             raise

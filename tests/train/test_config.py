@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,16 @@ def test_every_field_has_a_documented_flag():
         assert f.name in helps and len(helps[f.name]) > 15, f"field {f.name} lacks a flag/help"
     with pytest.raises(SystemExit):
         parser.parse_args(["--data", "x", "--mask-kind", "checker"])
+
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_example_configs_load(path):
+    cfg = _parse(["--config", str(path), "--data", "somewhere"])
+    assert cfg.data == "somewhere" and cfg.size[0] % 8 == 0, cfg
+
+
+def test_example_configs_exist():
+    assert len(CONFIGS) >= 2, f"configs/ should hold example YAMLs, found {CONFIGS}"

@@ -59,6 +59,12 @@ class PretrainJob(TrainJob):
                                    mean=stats.get("mean"), std=stats.get("std"),
                                    skip_bad=cfg.skip_bad, seed=cfg.seed)
         self.data_stats = {"mean": float(self.dataset.mean), "std": float(self.dataset.std)}
+        labels = [p for p, _ in self.dataset.items
+                  if {"masks", "labels"} & {d.lower() for d in p.parent.parts}]
+        if labels and ctx.is_main:
+            print(f"[affmae] warning: {len(labels)} of the training images lie under a folder "
+                  f"named masks/labels (e.g. {labels[0]}); pass the images folder as --data "
+                  "if those are label masks", file=sys.stderr)
         # Fixed figure inputs: the first images (epoch 0 crops) with one fixed mask.
         self.dataset.set_epoch(0)
         n_fig = min(FIGURE_IMAGES, len(self.dataset))
