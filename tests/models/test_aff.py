@@ -9,7 +9,7 @@ from affmae import create_model
 from affmae.layers.merge import num_kept
 from affmae.ops.patches import grid_positions
 from affmae.ops.clustering import balanced_clustering, gather_tokens, pad_tokens
-from affmae.ops.interpolate import candidate_tokens, knn_select
+from affmae.ops.interpolate import FAR, cell_neighbours, lookup_neighbours
 from affmae.ops.masking import make_mask, mask_indices
 
 
@@ -168,26 +168,24 @@ def test_aff_small_has_about_22m_parameters():
     assert abs(n - 22e6) / 22e6 < 0.10, f"aff_small has {n / 1e6:.2f}M parameters, want ~22M"
 
 
-def test_candidate_search_finds_the_true_nearest_tokens():
-    """Sampling points near their query: cluster-bounded KNN equals a brute-force scan."""
+@pytest.mark.parametrize("gh,gw,nk", [(32, 32, 300), (64, 64, 2048), (64, 64, 130), (40, 72, 900)])
+def test_cell_neighbour_table_is_the_true_knn(gh, gw, nk):
+    """Cluster-bounded K-nearest table of every cell equals a brute-force scan."""
     g = torch.Generator().manual_seed(0)
-    gh = gw = 32
     cells = grid_positions(torch.arange(gh * gw)[None], gw)[0]
-    keys = cells[torch.randperm(gh * gw, generator=g)[:300]][None]
-    queries = cells[torch.randperm(gh * gw, generator=g)[:200]][None]
+    keys = cells[torch.randperm(gh * gw, generator=g)[:nk]][None]
     kcl = balanced_clustering(keys, (gh, gw))
-    qcl = balanced_clustering(queries, (gh, gw))
     kpos = pad_tokens(gather_tokens(keys, kcl.perm), kcl.n_padded)
-    kpos[:, kcl.n_valid:] = 1e6
-    qpos = gather_tokens(queries, qcl.perm)
-    cand = candidate_tokens(qcl, kcl, 12)[:, :200]  # the decoder's default bound
-    pts = qpos[:, :, None] + torch.randn(1, 200, 6, 2, generator=g)  # ~1 cell offsets
-    sel = knn_select(pts, cand, kpos, 4)  # (1, 200, 6, 4)
-    d_sel = (kpos[0][sel[0]] - pts[0][:, :, None]).norm(dim=-1)
-    d_all = torch.cdist(pts[0].reshape(-1, 2), kpos[0, :kcl.n_valid],
+    kpos[:, kcl.n_valid:] = FAR
+    table = cell_neighbours(kcl, kpos, (gh, gw), 4, 12)[0]  # the decoder's default bound
+    d_sel = (kpos[0][table] - cells[:, None]).norm(dim=-1)
+    d_all = torch.cdist(cells, kpos[0, :kcl.n_valid],
                         compute_mode="donot_use_mm_for_euclid_dist").topk(4, largest=False).values
-    agree = torch.isclose(d_sel.reshape(-1, 4), d_all, atol=1e-5).all(-1).float().mean().item()
-    assert agree > 0.98, f"only {agree:.3f} of sampling points found their true 4 nearest tokens"
+    agree = torch.isclose(d_sel, d_all, atol=1e-5).all(-1).float().mean().item()
+    assert agree == 1.0, f"only {agree:.4f} of cells got their true 4 nearest tokens"
+    pts = cells[None, :, None] + torch.rand(1, gh * gw, 3, 2, generator=g) - 0.5
+    looked = lookup_neighbours(pts, table[None], (gh, gw))[0]
+    assert torch.equal(looked, table[:, None].expand(-1, 3, -1)), "points read a foreign cell"
 
 
 def test_tiny_mae_overfits_four_images():

@@ -25,8 +25,9 @@ def test_layer_ids_follow_depth():
     assert ids["backbone.encoder.patch_embed.weight"] == 0
     assert ids["head.1.weight"] == L + 1
     assert ids["backbone.decoder.query_token"] == L + 1
-    blocks = sorted({v for n, v in ids.items() if ".stages." in n})
-    assert blocks == list(range(1, L + 1)), f"block ids {blocks}"
+    stages = sorted({v for n, v in ids.items() if ".stages." in n})
+    assert stages == list(range(1, L + 1)), f"stage ids {stages}"
+    assert ids["backbone.encoder.merges.0.reduction.weight"] == 1
 
 
 def test_from_pretrained_loads_backbone_weights(tmp_path):

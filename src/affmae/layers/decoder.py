@@ -27,8 +27,8 @@ from torch.profiler import record_function
 
 from affmae.layers.common import Mlp, ring_offsets, sincos_embed_2d
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
-from affmae.ops.interpolate import (FAR, candidate_tokens, gather_weighted,
-                                    interpolation_weights, knn_select)
+from affmae.ops.interpolate import (FAR, cell_neighbours, gather_weighted,
+                                    interpolation_weights, lookup_neighbours)
 
 
 class DeformableAttention(nn.Module):
@@ -53,12 +53,13 @@ class DeformableAttention(nn.Module):
         nn.init.zeros_(self.log_temp)
 
     def forward(self, xq: torch.Tensor, qpos: torch.Tensor, src: torch.Tensor,
-                src_pos: torch.Tensor, cand: torch.Tensor, spacing: float) -> torch.Tensor:
+                src_pos: torch.Tensor, table: torch.Tensor, grid_hw: tuple[int, int],
+                spacing: float) -> torch.Tensor:
         """
         Args:
             xq: (B, Nq, C) normalised queries; qpos: (B, Nq, 2) their positions.
             src: (B, Nk, C) source tokens (clustered, padded); src_pos: (B, Nk, 2), FAR at padding.
-            cand: (B, Nq, Kcand) candidate source slots per query.
+            table: (B, gh*gw, K) nearest source slots of every grid cell (``cell_neighbours``).
             spacing: typical distance between source tokens (patch units).
         Returns:
             (B, Nq, C)
@@ -68,7 +69,7 @@ class DeformableAttention(nn.Module):
         off = self.offsets(xq).view(B, Nq, H, Pt, 2).float() * spacing
         points = qpos.float()[:, :, None, None, :] + off  # (B, Nq, H, Pt, 2)
         with record_function("decoder/knn"):
-            sel = knn_select(points.view(B, Nq, H * Pt, 2), cand, src_pos, self.knn)
+            sel = lookup_neighbours(points.view(B, Nq, H * Pt, 2), table, grid_hw)
             sel = sel.view(B, Nq, H, Pt, -1)  # (B, Nq, H, Pt, K)
         w = interpolation_weights(points / spacing, sel, src_pos / spacing, self.log_temp.exp())
         table = self.value(src).view(B, src.shape[1], H, Dh)  # (B, Nk, H, Dh)
@@ -93,10 +94,11 @@ class DecoderBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, qpos, qpos_far, cand_self, spacing_self, src, src_pos, cand, spacing):
+    def forward(self, x, qpos, qpos_far, table_self, spacing_self, src, src_pos, table, spacing,
+                grid_hw):
         h = self.norm1(x)
-        x = x + self.self_attn(h, qpos, h, qpos_far, cand_self, spacing_self)
-        x = x + self.cross_attn(self.norm2(x), qpos, src, src_pos, cand, spacing)
+        x = x + self.self_attn(h, qpos, h, qpos_far, table_self, grid_hw, spacing_self)
+        x = x + self.cross_attn(self.norm2(x), qpos, src, src_pos, table, grid_hw, spacing)
         return x + self.mlp(self.norm3(x))
 
 
@@ -113,7 +115,7 @@ class PointDecoder(nn.Module):
                  points: int = 4, knn: int = 4, mlp_ratio: float = 4.0, blocks_per_stage: int = 1,
                  cluster_size: int = 8, nbr_clusters: int = 8) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.knn = dim, knn
         self.cluster_size, self.nbr_clusters = cluster_size, nbr_clusters
         self.query_token = nn.Parameter(torch.zeros(1, 1, dim))
         # blocks[i] serves stage (S - 1 - i): coarse to fine.
@@ -144,7 +146,7 @@ class PointDecoder(nn.Module):
             qcl = balanced_clustering(qpos, grid_hw, self.cluster_size, self.nbr_clusters)
             qpos_c = pad_tokens(gather_tokens(qpos, qcl.perm), qcl.n_padded)  # (B, Mq*m, 2)
             qpos_far = far_padding(qpos_c, Nq)
-            cand_self = candidate_tokens(qcl, qcl, self.nbr_clusters)
+            table_self = cell_neighbours(qcl, qpos_far, grid_hw, self.knn, self.nbr_clusters)
         spacing_self = math.sqrt(cells / Nq)
         x = self.query_token + sincos_embed_2d(qpos_c, self.dim).to(self.query_token.dtype)
         inverse = torch.argsort(qcl.perm, dim=1)  # (B, Nq) clustered slot of each query
@@ -153,11 +155,12 @@ class PointDecoder(nn.Module):
             cl: Clustering = st.clustering
             with record_function("decoder/cluster"):
                 spos = far_padding(pad_tokens(st.pos, cl.n_padded), cl.n_valid)
-                cand = candidate_tokens(qcl, cl, self.nbr_clusters)
+                table = cell_neighbours(cl, spos, grid_hw, self.knn, self.nbr_clusters)
             spacing = math.sqrt(cells / cl.n_valid)
             for blk in blocks:
                 src = blk.src_proj(st.x) + sincos_embed_2d(st.pos, self.dim).to(st.x.dtype)
                 src = pad_tokens(src, cl.n_padded)
-                x = blk(x, qpos_c, qpos_far, cand_self, spacing_self, src, spos, cand, spacing)
+                x = blk(x, qpos_c, qpos_far, table_self, spacing_self, src, spos, table, spacing,
+                        grid_hw)
             outs.append(gather_tokens(x, inverse))  # (B, Nq, C) in qpos order
         return outs

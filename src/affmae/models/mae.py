@@ -38,7 +38,7 @@ class AFFMAEConfig(AFFConfig):
     decoder_knn: int = 4  # K nearest tokens interpolated at each sampling point
     decoder_mlp_ratio: float = 2.0  # decoder FFN hidden width / decoder_dim
     decoder_blocks_per_stage: int = 1  # decoder blocks per encoder stage
-    decoder_nbr_clusters: int = 12  # source clusters searched per query cluster (KNN bound)
+    decoder_nbr_clusters: int = 12  # source clusters searched per 4x4-cell tile (KNN bound)
     aux_weights: tuple[float, ...] = (0.05, 0.12)  # deep supervision, deepest stage first (4, 3)
     norm_pix_loss: bool = False  # normalise each target patch by its own mean/std
     pred_ratio: float = 1.0  # fraction of masked patches reconstructed per step
@@ -177,20 +177,16 @@ class AFFMAE(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return sum(self.config.depths)
+        return len(self.config.depths)
 
     def layer_id(self, name: str) -> int:
-        """LLRD depth: 0 patch embedding, 1..L encoder blocks (a merge and a stage's output
-        norm count with the stage's last block), L + 1 decoder and heads."""
-        depths = self.config.depths
-        if name.startswith("encoder.patch_embed") or name.startswith("encoder.embed_norm"):
+        """LLRD depth, per stage: 0 patch embedding, s for everything of stage s (its blocks,
+        output norm and the merge that ends it), S + 1 decoder and heads. Per-block depth
+        would give aff_small's patch embedding 0.6 ** 17 of the lr at the paper's decay."""
+        if name.startswith(("encoder.patch_embed", "encoder.embed_norm")):
             return 0
-        parts = name.split(".")
-        if name.startswith("encoder.stages."):
-            s, b = int(parts[2]), int(parts[3])
-            return sum(depths[:s]) + b + 1
-        if name.startswith(("encoder.merges.", "encoder.out_norms.")):
-            return sum(depths[: int(parts[2]) + 1])
+        if name.startswith(("encoder.stages.", "encoder.merges.", "encoder.out_norms.")):
+            return int(name.split(".")[2]) + 1
         return self.num_layers + 1
 
 

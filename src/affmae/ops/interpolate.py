@@ -3,17 +3,23 @@
 A sampling point q reads the K nearest tokens of a point set, weighted by w = softmax(-p * d)
 with learnable temperature p (the stable form; inverse-distance weights are not fp16-safe).
 
-Nearest-token search is bounded by clusters, never a scan of every token: each query carries a
-candidate list (the tokens of the Kc clusters nearest to its own cluster's centroid, Kc * m of
-them) and a sampling point ranks only those. It is exact when the true neighbours lie in the
-candidate list; with Kc = 12 and offsets of about one token spacing, 98.8% of sampling points
-get exactly the true 4 nearest tokens and 99.7% the true nearest one (Kc = 8: 92% / 98%;
-Kc = 16: 99.8% / 100%), measured by tests/models/test_aff.py; a miss substitutes a slightly
-farther token, which softmax(-p * d) already down-weights. The selection itself is not differentiable; the
-distances of the selected tokens are, so gradients reach the offsets and the temperature.
+Nearest-token search, never a scan of every token for every point (DESIGN 2.5):
+1. ``cell_neighbours``: once per token set and forward, a table of the K nearest tokens of
+   every cell centre of the patch grid. Cells are grouped in 4 x 4 tiles; a tile's candidates
+   are the tokens of the Kc clusters nearest to the tile centre, so the table costs
+   cells x Kc*m distances (at 512 px: 4096 x 96 per image), independent of the number of
+   sampling points, and the four decoder blocks' self-attention share one table.
+2. ``lookup_neighbours``: a sampling point takes the table row of the cell it falls in
+   (clamped to the grid). The rows are exact K-nearest sets for cell centres (tested against
+   a brute-force scan); for a point elsewhere in the cell they are the neighbours of its cell
+   centre, at most half a cell away, and the weights use the point's true distances.
+The selection is not differentiable; the distances are, so gradients reach the sampling
+offsets and the temperature.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,43 +27,64 @@ import torch.nn.functional as F
 from affmae.ops.clustering import Clustering, nearest_clusters
 
 FAR = 1.0e6  # position of padding slots: never nearer than a real token
+TILE = 4  # cells per tile side in the neighbour table
 
 
-def candidate_tokens(query_cl: Clustering, key_cl: Clustering, num_clusters: int) -> torch.Tensor:
-    """Candidate key slots of every query slot.
-
-    Args:
-        query_cl: clustering of the query set (queries stored in its clustered, padded order).
-        key_cl: clustering of the key set (keys stored in its clustered, padded order).
-        num_clusters: key clusters per query cluster.
-    Returns:
-        (B, Mq*mq, Kc*mk) int64 key slots (may point at key padding slots).
-    """
-    same = query_cl is key_cl
-    nbr = key_cl.nbr if same else nearest_clusters(query_cl.centroids, key_cl.centroids,
-                                                   num_clusters)  # (B, Mq, Kc)
-    nbr = nbr[..., :num_clusters]
-    mk = key_cl.m
-    slots = (nbr[..., None] * mk + torch.arange(mk, device=nbr.device)).flatten(2)  # (B, Mq, K)
-    return slots.repeat_interleave(query_cl.m, dim=1)  # (B, Mq*mq, K)
-
-
-def knn_select(points: torch.Tensor, cand: torch.Tensor, key_pos: torch.Tensor, k: int) -> torch.Tensor:
-    """K nearest candidates of each sampling point (no gradient).
+def cell_neighbours(key_cl: Clustering, key_pos: torch.Tensor, grid_hw: tuple[int, int],
+                    k: int, num_clusters: int) -> torch.Tensor:
+    """K nearest key slots of every cell centre of the grid.
 
     Args:
-        points: (B, Nq, S, 2) sampling points of each query (S = heads * points).
-        cand: (B, Nq, Kcand) candidate key slots. key_pos: (B, Nk, 2) (padding at FAR).
+        key_cl: clustering of the key set; key_pos: (B, Mk*m, 2) clustered positions with
+            padding slots at FAR.
+        grid_hw: (gh, gw) patch grid. k: neighbours per cell. num_clusters: Kc searched per tile.
     Returns:
-        (B, Nq, S, k) int64 key slots, nearest first.
+        (B, gh*gw, min(k, Kc*m)) int64 key slots, nearest first, raster order of cells.
     """
-    B, Nq, Kcand = cand.shape
+    B = key_pos.shape[0]
+    gh, gw = grid_hw
+    dev = key_pos.device
     with torch.no_grad():
-        cpos = torch.gather(key_pos, 1, cand.reshape(B, -1, 1).expand(-1, -1, 2))
-        cpos = cpos.view(B, Nq, 1, Kcand, 2).float()
-        d2 = (points.detach().float()[:, :, :, None, :] - cpos).square().sum(-1)  # (B,Nq,S,Kcand)
-        idx = torch.topk(d2, min(k, Kcand), dim=-1, largest=False).indices  # (B, Nq, S, k)
-        return torch.gather(cand[:, :, None, :].expand(-1, -1, idx.shape[2], -1), 3, idx)
+        # 1. Tile centres and the key clusters nearest to each.
+        th, tw = math.ceil(gh / TILE), math.ceil(gw / TILE)
+        ty, tx = torch.meshgrid(torch.arange(th, device=dev), torch.arange(tw, device=dev),
+                                indexing="ij")
+        centre = torch.stack([(tx * TILE).clamp(max=gw - 1), (ty * TILE).clamp(max=gh - 1)], -1)
+        centre = (centre.float() + (TILE - 1) / 2).clamp(max=torch.tensor([gw - 1, gh - 1],
+                                                                         device=dev).float())
+        nbr = nearest_clusters(centre.view(1, -1, 2).expand(B, -1, -1).contiguous(),
+                               key_cl.centroids, num_clusters)  # (B, T, Kc)
+        m = key_cl.m
+        cand = (nbr[..., None] * m + torch.arange(m, device=dev)).flatten(2)  # (B, T, Kc*m)
+        # 2. Each cell ranks its tile's candidates.
+        cy, cx = torch.meshgrid(torch.arange(gh, device=dev), torch.arange(gw, device=dev),
+                                indexing="ij")
+        tile = ((cy // TILE) * tw + cx // TILE).reshape(-1)  # (cells,)
+        cand = cand[:, tile]  # (B, cells, Kc*m)
+        cpos = torch.gather(key_pos.float(), 1, cand.reshape(B, -1, 1).expand(-1, -1, 2))
+        cells = torch.stack([cx, cy], -1).reshape(1, -1, 1, 2).float()  # (1, cells, 1, 2)
+        d2 = (cpos.view(B, gh * gw, -1, 2) - cells).square().sum(-1)  # (B, cells, Kc*m)
+        idx = torch.topk(d2, min(k, d2.shape[-1]), dim=-1, largest=False).indices
+        return torch.gather(cand, 2, idx)  # (B, cells, k)
+
+
+def lookup_neighbours(points: torch.Tensor, table: torch.Tensor,
+                      grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Table rows of the cells that sampling points fall in.
+
+    Args:
+        points: (B, Nq, S, 2) sampling points (x, y) in patch units.
+        table: (B, gh*gw, K) from ``cell_neighbours``.
+    Returns:
+        (B, Nq, S, K) int64 key slots.
+    """
+    B, Nq, S, _ = points.shape
+    gh, gw = grid_hw
+    with torch.no_grad():
+        x = points[..., 0].round().clamp(0, gw - 1).long()
+        y = points[..., 1].round().clamp(0, gh - 1).long()
+        cell = (y * gw + x).view(B, Nq * S, 1).expand(-1, -1, table.shape[-1])
+        return torch.gather(table, 1, cell).view(B, Nq, S, -1)
 
 
 def interpolation_weights(points: torch.Tensor, sel: torch.Tensor, key_pos: torch.Tensor,
@@ -91,6 +118,7 @@ def gather_weighted(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tenso
     b = torch.arange(B, device=sel.device).view(B, 1, 1, 1, 1)
     h = torch.arange(H, device=sel.device).view(1, 1, H, 1, 1)
     flat = ((b * Nk + sel) * H + h).reshape(-1, K)  # (B*Nq*H*Pt, K) rows of the flat table
-    out = F.embedding_bag(flat, table.reshape(B * Nk * H, Fd), mode="sum",
-                          per_sample_weights=weights.reshape(-1, K).to(table.dtype))
-    return out.view(B, Nq, H, Pt, Fd)
+    # float32: CUDA has no bf16 backward for per-sample weights, and the sum is more accurate.
+    out = F.embedding_bag(flat, table.reshape(B * Nk * H, Fd).float(), mode="sum",
+                          per_sample_weights=weights.reshape(-1, K).float())
+    return out.view(B, Nq, H, Pt, Fd).to(table.dtype)
