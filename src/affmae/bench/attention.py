@@ -5,9 +5,11 @@
 For the four stages of aff_small (heads 3, 6, 12, 16; head dim 32; m = 8; Kc = 8) at 512 and
 768 px with mask ratio 0.5 and d_s = 0.4 (tokens 2048 / 819 / 327 / 130 and 4608 / 1843 / 737 /
 294), batch 16, bf16: forward and forward + backward time (``triton.testing.do_bench`` median, L2
-flushed between runs), peak memory of forward + backward (``torch.cuda.max_memory_allocated``
-above the inputs), and the Triton kernel's achieved bandwidth as a percentage of a measured
-device-to-device copy (read + write bytes / time).
+flushed between runs), the same inside a CUDA graph (``do_bench_cudagraph``: device time without
+the host's launch overhead; not for FlexAttention), peak memory of forward + backward
+(``torch.cuda.max_memory_allocated`` above the inputs), and the Triton kernel's achieved bandwidth
+(over its CUDA-graph time) as a percentage of a measured device-to-device copy (read + write
+bytes / time). Results: docs/BENCHMARKS.md, section "Cluster attention kernel".
 
 Implementations (one function, same inputs):
 - ``triton``: ``cluster_attention(backend="triton")`` (the autograd path the model uses), plus
@@ -190,7 +192,7 @@ def measure(fn, s, graph: bool = False) -> dict:
 
     def step():
         out = fn(*leaves)
-        torch.autograd.grad(out, leaves, do)
+        torch.autograd.grad(out, leaves, do, allow_unused=True)  # flex_nograd leaves w, wb unused
 
     step()  # compile / warm up outside the memory measurement
     fb_ms = do_bench(step, return_mode="median")
