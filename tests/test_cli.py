@@ -100,3 +100,11 @@ def test_corrupt_image_error_names_the_file(four_images, tmp_path, capsys):
                      "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "zz_broken.png" in err, err
+
+
+def test_quick_demo_runs_and_writes_its_outputs(tmp_path, capsys):
+    code = cli.main(["demo", "--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out[-2000:]
+    assert "lower)" in out and list((tmp_path / "pretrain" / "figures").glob("*.png")), out
+    assert (tmp_path / "pretrain" / "model.safetensors").is_file()

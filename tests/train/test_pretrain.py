@@ -96,7 +96,7 @@ def test_tiny_mae_overfits_four_images(tmp_path, monkeypatch):
                         lambda n, cfg, epoch, start, stop, ctx: [[0, 1, 2, 3]] * (stop - start))
     real_mask = PretrainJob._mask
     monkeypatch.setattr(PretrainJob, "_mask", lambda self, b, seed: real_mask(self, b, 123))
-    cfg = _cfg(data, tmp_path / "run", batch_size=4, grad_accum=1, steps=120, lr=5e-3,
+    cfg = _cfg(data, tmp_path / "run", batch_size=4, grad_accum=1, steps=150, lr=5e-3,
                min_lr=5e-3, warmup_steps=5, weight_decay=0.0, mask_kind="uniform",
                ckpt_every=1000)
     losses = run_pretrain(cfg).losses

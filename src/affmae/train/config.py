@@ -111,6 +111,9 @@ class TrainConfig:
                                 "parameters get no gradient in a step)", group="device")
     seed: int = opt(0, "seed of every random choice: data order, crops, masks, init, drop-path",
                     group="device")
+    deterministic: bool = opt(False, "torch.use_deterministic_algorithms: bitwise repeatable "
+                              "GPU runs (slower; an op without a deterministic kernel raises). "
+                              "CPU runs are repeatable without it", group="device")
 
     # --- output, logging, checkpoints ------------------------------------------------------
     out: str = opt("runs/pretrain", "output folder: log.csv, figures/, latest.pt, "

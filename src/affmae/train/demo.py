@@ -10,8 +10,10 @@
 3. Fine-tuning on the synthetic labels (issue 5) goes after step 2, at the marked place in
    ``run_demo``.
 
-Budget: the whole demo under 5 minutes on a 2-core CPU; pretraining is sized to about 2 minutes
-when the cores are free. ``--quick`` is a smoke run (seconds) for tests and CI.
+Budget: the whole demo under 5 minutes on a 2-core CPU. Pretraining (300 steps of 16 images at
+128 px) took 78 s on 2 free cores (83 s with data generation); the loss falls about 1.3x, from
+1.13 to 0.87: the synthetic images carry pixel noise no model can predict, so the floor is high.
+``--quick`` is a smoke run (seconds) for tests and CI.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from affmae.train.config import PretrainConfig
 
 # (images, size px, steps, batch, figure every) for the full and the quick demo.
 FULL = dict(n_images=256, size=128, steps=300, batch_size=16, figure_every=100)
-QUICK = dict(n_images=32, size=64, steps=20, batch_size=8, figure_every=20)
+QUICK = dict(n_images=32, size=64, steps=40, batch_size=8, figure_every=40)
 
 
 def pretrain_config(data: Path, out: Path, quick: bool) -> PretrainConfig:
@@ -81,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (data, checkpoints, "
                         "figures, logs)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of a few seconds (64 px, 20 steps) instead of ~2 min")
+                        help="a smoke run of a few seconds (64 px, 40 steps) instead of ~1.5 min")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Config fields that may change on resume without breaking the replay of the original run
 # (output and bookkeeping only; anything else changed gets a warning naming it).
 _RESUME_FREE = {"out", "resume", "log_every", "ckpt_every", "keep_every", "figure_every",
-                "progress", "num_workers", "device", "ddp_find_unused", "steps", "epochs"}
+                "progress", "num_workers", "device", "ddp_find_unused", "deterministic"}
 
 
 def derive_seed(*parts: Any) -> int:
@@ -216,6 +217,10 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
     if cfg.warmup_steps >= total:
         _note(ctx, f"warmup_steps {cfg.warmup_steps} >= total steps {total}: the lr never "
                    f"reaches {cfg.lr:g}")
+    if cfg.deterministic:
+        # cuBLAS needs a fixed workspace for repeatable results (read when its handle is made).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     model = job.model.to(ctx.device)
     optimizer = build_adamw(job.param_groups(), cfg.lr, cfg.betas, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
