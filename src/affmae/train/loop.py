@@ -249,6 +249,9 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
         del ckpt
     else:
         torch.manual_seed(derive_seed(cfg.seed, "rng", 0, ctx.rank))
+        if (out / "latest.pt").is_file():
+            _note(ctx, f"{out / 'latest.pt'} exists and will be overwritten by this fresh run "
+                       "(--resume auto continues it instead)")
 
     logger = None
     if ctx.is_main:
