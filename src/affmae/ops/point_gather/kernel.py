@@ -1,0 +1,221 @@
+"""Weighted point gather, Triton kernels: forward and backward (AFFMAE sec. 3.2; DESIGN 2.5).
+
+Computes the function of ``reference.py``: for every sampling-point row r = (b, q, h, p),
+
+    out[r, :] = sum_k w[r, k] * table[b, sel[r, k], h, :]
+
+How it is computed (rows r are the flattened (B, Nq, H, Pt) index, row-major):
+1. Forward, one program per BLOCK_R rows: for each of the K slots (unrolled), load the slot
+   indices and weights of the rows, gather the (BLOCK_R, F) table rows (one contiguous F-vector
+   each), accumulate w * row in float32 registers; store once in the table's dtype. Nothing of
+   size (rows, K, F) is ever written.
+2. Backward, same tiling: load dO rows once (float32); per slot, gather the table rows again for
+   d_w[r, k] = dot(dO[r], table[b, sel[r, k], h]) (float32, written directly), and scatter
+   w[r, k] * dO[r] into a float32 (B, Nk, H, F) buffer with relaxed float32 atomics, cast to the
+   table's dtype at the end. Duplicate slots (in a row or across rows) add up, as in the reference.
+
+Supported: table float32, bfloat16 or float16 (output and d_table in that dtype), weights any
+float dtype (read as float32; d_weights returned in the weights' dtype), sel int64 or int32,
+feature dim F in 16..128 (any, masked to a power of two), K <= 16. B, Nq, Nk, H, Pt are runtime
+arguments that are never specialised (``do_not_specialize``), so a new batch size or resolution
+does not recompile; F, K and the dtypes are compile-time. With TRITON_INTERPRET=1 the same kernels
+run on CPU tensors through Triton's interpreter (tests).
+
+Differences from the reference: the forward accumulates in float32 in the order k = 0..K-1, as
+``embedding_bag`` does (within rounding); d_table's sum order depends on atomic scheduling, so it
+is not bitwise repeatable (``backend="auto"`` uses the reference when
+``torch.are_deterministic_algorithms_enabled()``). Slots are not range-checked (the reference's
+CUDA path asserts); callers pass slots from the decoder's neighbour tables, in range by construction.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIN_FEAT, MAX_FEAT = 16, 128
+MAX_K = 16
+_SIZES = ["R", "HP", "QHP", "Pt"]  # never specialised (see the module docstring)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def why_not(table: torch.Tensor, sel: torch.Tensor) -> str | None:
+    """Reason the kernels cannot run on these inputs, or None when they can."""
+    if table.dtype not in SUPPORTED_DTYPES:
+        return f"table dtype {table.dtype} is not supported (use one of {SUPPORTED_DTYPES})"
+    if table.dim() != 4:
+        return f"table must be (B, Nk, H, F), got shape {tuple(table.shape)}"
+    if not MIN_FEAT <= table.shape[-1] <= MAX_FEAT:
+        return f"feature dim F={table.shape[-1]} is outside [{MIN_FEAT}, {MAX_FEAT}]"
+    if sel.dim() != 5 or not 1 <= sel.shape[-1] <= MAX_K:
+        return f"sel must be (B, Nq, H, Pt, K) with 1 <= K <= {MAX_K}, got shape {tuple(sel.shape)}"
+    if table.device.type == "cpu" and not _interpreting():
+        return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)"
+    if table.device.type not in ("cuda", "cpu"):
+        return f"device {table.device} is not supported"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Row r -> b = r // (Nq*H*Pt), h = (r // Pt) % H. Row indices are int32 (the launcher
+# checks R < 2^31); memory offsets are int64. The table has strides (stb, stn, sth, 1); sel,
+# weights, out, dO, d_weights are contiguous; the float32 d_table buffer is contiguous (B, Nk, H, F).
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows(pid, R, HP, QHP, Pt, stb, sth, BLOCK_R: tl.constexpr):
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) int32
+    r_ok = r < R
+    b = r // QHP
+    h = (r % HP) // Pt
+    base = b.to(tl.int64) * stb + h.to(tl.int64) * sth  # table offset of (b, 0, h, 0)
+    return r, r_ok, b, h, base
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _fwd_kernel(
+    T, SEL, W, O, R, HP, QHP, Pt, stb, stn, sth,
+    F: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    # 1. This program's rows and their table base offsets.
+    r, r_ok, b, h, base = _rows(tl.program_id(0), R, HP, QHP, Pt, stb, sth, BLOCK_R)
+    rf = tl.arange(0, BLOCK_F)
+    rf_ok = rf < F
+    m2 = r_ok[:, None] & rf_ok[None, :]
+    r64 = r.to(tl.int64)
+    # 2. Slot by slot: gather one table row per sampling point, accumulate in float32.
+    acc = tl.zeros([BLOCK_R, BLOCK_F], tl.float32)
+    for k in tl.static_range(K):
+        s = tl.load(SEL + r64 * K + k, mask=r_ok, other=0).to(tl.int64)
+        w = tl.load(W + r64 * K + k, mask=r_ok, other=0.0).to(tl.float32)
+        t = tl.load(T + (base + s * stn)[:, None] + rf[None, :], mask=m2, other=0.0)
+        acc += w[:, None] * t.to(tl.float32)
+    # 3. One store in the table's dtype.
+    tl.store(O + r64[:, None] * F + rf[None, :], acc.to(O.dtype.element_ty), mask=m2)
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _bwd_kernel(
+    T, SEL, W, DO, DT32, DW, R, HP, QHP, Pt, stb, stn, sth, sdb, sdn, sdh,
+    F: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+    NEED_DT: tl.constexpr, NEED_DW: tl.constexpr,
+):
+    # 1. Rows, their upstream gradient (float32, loaded once) and d_table base offsets.
+    r, r_ok, b, h, base = _rows(tl.program_id(0), R, HP, QHP, Pt, stb, sth, BLOCK_R)
+    rf = tl.arange(0, BLOCK_F)
+    rf_ok = rf < F
+    m2 = r_ok[:, None] & rf_ok[None, :]
+    r64 = r.to(tl.int64)
+    do = tl.load(DO + r64[:, None] * F + rf[None, :], mask=m2, other=0.0).to(tl.float32)
+    dbase = b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+    # 2. Per slot: d_w = dO . gathered row; d_table[b, s, h] += w * dO (float32 atomics).
+    for k in tl.static_range(K):
+        s = tl.load(SEL + r64 * K + k, mask=r_ok, other=0).to(tl.int64)
+        if NEED_DW:
+            t = tl.load(T + (base + s * stn)[:, None] + rf[None, :], mask=m2, other=0.0)
+            tl.store(DW + r64 * K + k, tl.sum(do * t.to(tl.float32), 1), mask=r_ok)
+        if NEED_DT:
+            w = tl.load(W + r64 * K + k, mask=r_ok, other=0.0).to(tl.float32)
+            tl.atomic_add(DT32 + (dbase + s * sdn)[:, None] + rf[None, :], w[:, None] * do,
+                          mask=m2, sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def check_inputs(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor) -> None:
+    """Validate shapes and dtypes (errors name the bad value)."""
+    reason = why_not(table, sel)
+    if reason:
+        raise ValueError(reason)
+    B, Nk, H, _ = table.shape
+    if sel.shape[0] != B or sel.shape[2] != H:
+        raise ValueError(f"sel must be (B={B}, Nq, H={H}, Pt, K), got {tuple(sel.shape)}")
+    if sel.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"sel must be int64 or int32, got {sel.dtype}")
+    if weights.shape != sel.shape:
+        raise ValueError(f"weights shape {tuple(weights.shape)} != sel shape {tuple(sel.shape)}")
+    if not weights.is_floating_point():
+        raise ValueError(f"weights must be floating point, got {weights.dtype}")
+    if sel[..., 0].numel() >= 2**31:
+        raise ValueError(f"{sel[..., 0].numel()} sampling-point rows exceed the int32 row index")
+
+
+def _launch_params(F: int, K: int, block_rows: int | None) -> dict:
+    """Compile-time tile parameters: F and K come from the model, never from batch or resolution."""
+    block_f = max(16, triton.next_power_of_2(F))
+    # ~4096 gathered elements per slot and program: enough loads in flight per SM on an H100.
+    block_r = block_rows or max(16, min(128, 4096 // block_f))
+    return dict(F=F, K=K, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4)
+
+
+def _table_view(table: torch.Tensor) -> torch.Tensor:
+    # Any strides with a unit feature stride (e.g. a view of a fused projection); copy otherwise.
+    return table if table.stride(-1) == 1 else table.contiguous()
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def gather_forward(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor,
+                   block_rows: int | None = None) -> torch.Tensor:
+    """Forward kernel: (B, Nq, H, Pt, F) in table's dtype. ``block_rows`` overrides the row tile
+    (for ``affmae.bench.point_gather``)."""
+    check_inputs(table, sel, weights)
+    table, sel, weights = _table_view(table), _contig(sel), _contig(weights)
+    B, Nk, H, F = table.shape
+    Nq, Pt, K = sel.shape[1], sel.shape[3], sel.shape[4]
+    R = B * Nq * H * Pt
+    out = torch.empty(B, Nq, H, Pt, F, device=table.device, dtype=table.dtype)
+    if R == 0:
+        return out
+    p = _launch_params(F, K, block_rows)
+    _fwd_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
+        table, sel, weights, out, R, H * Pt, Nq * H * Pt, Pt,
+        table.stride(0), table.stride(1), table.stride(2), **p,
+    )
+    return out
+
+
+def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor,
+                    need_table: bool = True, need_weights: bool = True,
+                    block_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward kernel: d_table (B, Nk, H, F) in table's dtype and d_weights (B, Nq, H, Pt, K)
+    in weights' dtype. A gradient not needed comes back as an empty tensor of its dtype."""
+    check_inputs(table, sel, weights)
+    table, sel, weights = _table_view(table), _contig(sel), _contig(weights)
+    B, Nk, H, F = table.shape
+    Nq, Pt, K = sel.shape[1], sel.shape[3], sel.shape[4]
+    if tuple(do.shape) != (B, Nq, H, Pt, F):
+        raise ValueError(f"d_out must be {(B, Nq, H, Pt, F)}, got {tuple(do.shape)}")
+    do = _contig(do)
+    R = B * Nq * H * Pt
+    dev = table.device
+    dt32 = torch.zeros(B, Nk, H, F, device=dev, dtype=torch.float32) if need_table else None
+    dw = torch.empty(sel.shape, device=dev, dtype=torch.float32) if need_weights else None
+    if R > 0 and (need_table or need_weights):
+        p = _launch_params(F, K, block_rows)
+        placeholder = do  # pointer argument for a disabled output (never written)
+        _bwd_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
+            table, sel, weights, do, placeholder if dt32 is None else dt32,
+            placeholder if dw is None else dw, R, H * Pt, Nq * H * Pt, Pt,
+            table.stride(0), table.stride(1), table.stride(2), Nk * H * F, H * F, F,
+            NEED_DT=need_table, NEED_DW=need_weights, **p,
+        )
+    d_table = dt32.to(table.dtype) if need_table else table.new_empty(0)
+    if need_weights:
+        d_weights = dw.to(weights.dtype)
+    else:
+        d_weights = weights.new_empty(0)
+    return d_table, d_weights
