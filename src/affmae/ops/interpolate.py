@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from affmae.ops import point_gather
 from affmae.ops.clustering import Clustering, nearest_clusters
 
 FAR = 1.0e6  # position of padding slots: never nearer than a real token
@@ -107,18 +107,13 @@ def interpolation_weights(points: torch.Tensor, sel: torch.Tensor, key_pos: torc
 def gather_weighted(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_k weights[..., k] * table[b, sel[..., k], h] without materialising the gathered rows.
 
+    Delegates to ``affmae.ops.point_gather.gather_weighted`` (backend "auto": the Triton kernel on
+    CUDA, the ``embedding_bag`` reference elsewhere; ``AFFMAE_POINT_GATHER_BACKEND`` overrides).
+
     Args:
         table: (B, Nk, H, F) per-head key features. sel: (B, Nq, H, Pt, K) key slots.
         weights: (B, Nq, H, Pt, K).
     Returns:
         (B, Nq, H, Pt, F) in table's dtype.
     """
-    B, Nk, H, Fd = table.shape
-    Nq, Pt, K = sel.shape[1], sel.shape[3], sel.shape[4]
-    b = torch.arange(B, device=sel.device).view(B, 1, 1, 1, 1)
-    h = torch.arange(H, device=sel.device).view(1, 1, H, 1, 1)
-    flat = ((b * Nk + sel) * H + h).reshape(-1, K)  # (B*Nq*H*Pt, K) rows of the flat table
-    # float32: CUDA has no bf16 backward for per-sample weights, and the sum is more accurate.
-    out = F.embedding_bag(flat, table.reshape(B * Nk * H, Fd).float(), mode="sum",
-                          per_sample_weights=weights.reshape(-1, K).float())
-    return out.view(B, Nq, H, Pt, Fd).to(table.dtype)
+    return point_gather.gather_weighted(table, sel, weights)
