@@ -151,12 +151,12 @@ def check_inputs(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor) 
         raise ValueError(f"{sel[..., 0].numel()} sampling-point rows exceed the int32 row index")
 
 
-def _launch_params(F: int, K: int, block_rows: int | None) -> dict:
+def _launch_params(F: int, K: int, block_rows: int | None, num_warps: int | None) -> dict:
     """Compile-time tile parameters: F and K come from the model, never from batch or resolution."""
     block_f = max(16, triton.next_power_of_2(F))
     # ~4096 gathered elements per slot and program: enough loads in flight per SM on an H100.
     block_r = block_rows or max(16, min(128, 4096 // block_f))
-    return dict(F=F, K=K, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4)
+    return dict(F=F, K=K, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps or 4)
 
 
 def _table_view(table: torch.Tensor) -> torch.Tensor:
@@ -169,9 +169,9 @@ def _contig(t: torch.Tensor) -> torch.Tensor:
 
 
 def gather_forward(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor,
-                   block_rows: int | None = None) -> torch.Tensor:
-    """Forward kernel: (B, Nq, H, Pt, F) in table's dtype. ``block_rows`` overrides the row tile
-    (for ``affmae.bench.point_gather``)."""
+                   block_rows: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Forward kernel: (B, Nq, H, Pt, F) in table's dtype. ``block_rows`` and ``num_warps``
+    override the launch tile (for ``affmae.bench.point_gather``)."""
     check_inputs(table, sel, weights)
     table, sel, weights = _table_view(table), _contig(sel), _contig(weights)
     B, Nk, H, F = table.shape
@@ -180,7 +180,7 @@ def gather_forward(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor
     out = torch.empty(B, Nq, H, Pt, F, device=table.device, dtype=table.dtype)
     if R == 0:
         return out
-    p = _launch_params(F, K, block_rows)
+    p = _launch_params(F, K, block_rows, num_warps)
     _fwd_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
         table, sel, weights, out, R, H * Pt, Nq * H * Pt, Pt,
         table.stride(0), table.stride(1), table.stride(2), **p,
@@ -190,7 +190,8 @@ def gather_forward(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor
 
 def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor,
                     need_table: bool = True, need_weights: bool = True,
-                    block_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    block_rows: int | None = None,
+                    num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward kernel: d_table (B, Nk, H, F) in table's dtype and d_weights (B, Nq, H, Pt, K)
     in weights' dtype. A gradient not needed comes back as an empty tensor of its dtype."""
     check_inputs(table, sel, weights)
@@ -205,7 +206,7 @@ def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, we
     dt32 = torch.zeros(B, Nk, H, F, device=dev, dtype=torch.float32) if need_table else None
     dw = torch.empty(sel.shape, device=dev, dtype=torch.float32) if need_weights else None
     if R > 0 and (need_table or need_weights):
-        p = _launch_params(F, K, block_rows)
+        p = _launch_params(F, K, block_rows, num_warps)
         placeholder = do  # pointer argument for a disabled output (never written)
         _bwd_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
             table, sel, weights, do, placeholder if dt32 is None else dt32,
