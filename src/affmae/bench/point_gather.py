@@ -1,6 +1,6 @@
 """Decoder point-gather benchmark: Triton kernel vs the ``embedding_bag`` reference.
 
-``python -m affmae.bench.point_gather [--out results.json] [--batch 16] [--no-sweep]``
+``python -m affmae.bench.point_gather [--out results.json] [--batch 16] [--no-sweep] [--step]``
 
 The deformable decoder's interpolation (AFFMAE sec. 3.2; ``affmae.ops.point_gather``) at the
 aff_small decoder's sizes at 512 px, batch 16, bf16 table, float32 weights: Nq = 2048 queries,
@@ -13,6 +13,8 @@ Per Nk and implementation: forward and forward + backward (``torch.autograd.grad
 weights) median time (``triton.testing.do_bench``, L2 flushed between runs) and the peak memory of
 one forward + backward above the inputs (``torch.cuda.max_memory_allocated``). ``--sweep`` (default
 on) also times the raw Triton kernels (no autograd) over row tiles and launch widths.
+``--step`` also times a whole aff_small training step (512 px, bf16 autocast, mask ratio 0.5,
+``affmae.bench.step``) with the decoder's gather on each backend (``AFFMAE_POINT_GATHER_BACKEND``).
 Slots are uniform random in [0, Nk) (the model's are spatially local, so this is the pessimistic
 case for cache reuse and the optimistic one for atomic contention).
 Results: docs/BENCHMARKS.md, section "Decoder point gather kernel".
@@ -90,7 +92,42 @@ def sweep(s: dict) -> dict:
     return out
 
 
-def run(batch: int, do_sweep: bool, out_path: str | None) -> dict:
+def step_times(batch: int, steps: int = 10) -> dict:
+    """Median ms and peak MiB of a whole aff_small training step per gather backend."""
+    import os
+
+    from affmae import create_model
+    from affmae.bench.step import Trainer, measure_steps
+    from affmae.ops.masking import make_mask
+
+    res = 512
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(batch, 1, res, res, generator=g).cuda()
+    is_masked = make_mask(batch, (res // 8, res // 8), 0.5, kind="uniform", generator=g).cuda()
+    out = {}
+    old = os.environ.get("AFFMAE_POINT_GATHER_BACKEND")
+    try:
+        for backend in ("torch", "triton"):
+            os.environ["AFFMAE_POINT_GATHER_BACKEND"] = backend
+            torch.manual_seed(0)
+            model = create_model("aff_small").cuda()
+            stats = measure_steps(Trainer(model, imgs, is_masked, dtype="bf16"), steps=steps, warmup=3)
+            times = sorted(stats.step_ms)
+            out[backend] = dict(step_ms=times[len(times) // 2], peak_mib=stats.peak_mem_bytes / 2**20,
+                                final_loss=stats.final_loss)
+            print(f"aff_small step, gather {backend}: {out[backend]['step_ms']:.1f} ms, "
+                  f"peak {out[backend]['peak_mib']:.0f} MiB, loss {stats.final_loss:.4f}", flush=True)
+            del model
+            torch.cuda.empty_cache()
+    finally:
+        if old is None:
+            os.environ.pop("AFFMAE_POINT_GATHER_BACKEND", None)
+        else:
+            os.environ["AFFMAE_POINT_GATHER_BACKEND"] = old
+    return out
+
+
+def run(batch: int, do_sweep: bool, out_path: str | None, do_step: bool = False) -> dict:
     import triton
 
     res = dict(
@@ -130,6 +167,8 @@ def run(batch: int, do_sweep: bool, out_path: str | None) -> dict:
                         for p in ("fwd", "bwd")}
                 print(f"Nk={row['nk']} sweep: " + ", ".join(
                     f"best {p} {v:.3f} ms ({k})" for p, (v, k) in best.items()))
+    if do_step:
+        res["train_step"] = step_times(batch)
     if out_path:
         with open(out_path, "w") as f:
             json.dump(res, f, indent=1)
@@ -143,11 +182,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     parser.add_argument("--no-sweep", action="store_true",
                         help="skip the raw-kernel sweep over row tiles and launch widths")
+    parser.add_argument("--step", action="store_true",
+                        help="also time a whole aff_small training step with each gather backend")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("affmae.bench.point_gather needs a CUDA GPU", file=sys.stderr)
         return 2
-    run(args.batch, not args.no_sweep, args.out)
+    run(args.batch, not args.no_sweep, args.out, args.step)
     return 0
 
 
