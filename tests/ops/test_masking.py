@@ -168,3 +168,15 @@ def test_ratio_matches_for_large_batch_quickly():
     m = make_mask(64, (125, 125), 0.75, generator=_gen(0))
     want = num_masked(125 * 125, 0.75)
     assert bool((m.sum(1) == want).all()), f"counts {m.sum(1).unique().tolist()}, want {want}"
+
+
+def test_mask_indices_with_known_count_skips_nothing_else():
+    from affmae.ops.masking import make_mask, mask_indices, num_masked
+
+    mask = make_mask(3, (7, 9), 0.5, generator=torch.Generator().manual_seed(0))
+    n = num_masked(63, 0.5)
+    got = mask_indices(mask, n)
+    want = mask_indices(mask)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), "known count changes the split"
+    with pytest.raises(ValueError, match="num_masked"):
+        mask_indices(mask, 64)

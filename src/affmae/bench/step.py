@@ -23,8 +23,8 @@ from torch.profiler import record_function
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-def make_optimizer(model: torch.nn.Module, lr: float = 1.0e-4,
-                   weight_decay: float = 0.05) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, lr: float = 1.0e-4, weight_decay: float = 0.05,
+                   capturable: bool = False) -> torch.optim.AdamW:
     """AdamW with the pretraining recipe's betas; no decay on ndim <= 1 parameters and on the
     model's ``no_weight_decay()`` names (DESIGN 5)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
@@ -35,19 +35,29 @@ def make_optimizer(model: torch.nn.Module, lr: float = 1.0e-4,
         (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.883, 0.935))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.883, 0.935), capturable=capturable)
 
 
 class Trainer:
     """Holds what a step needs; ``step()`` runs one full training step."""
 
     def __init__(self, model: torch.nn.Module, imgs: torch.Tensor, is_masked: torch.Tensor,
-                 dtype: str = "bf16", clip: float = 5.0, compile: bool = False) -> None:
+                 dtype: str = "bf16", clip: float = 5.0, compile: bool = False,
+                 cuda_graph: bool = False) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        if cuda_graph and (not imgs.is_cuda or dtype == "fp16" or compile):
+            raise ValueError("cuda_graph needs CUDA inputs, bf16 or fp32 (no loss scaler) and "
+                             f"no compile; got device {imgs.device}, dtype {dtype}, "
+                             f"compile={compile}")
         self.model = model.train()
         self.fn = torch.compile(model, dynamic=False) if compile else model
-        self.opt = make_optimizer(model)
+        self.cuda_graph = cuda_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_loss: torch.Tensor | None = None
+        self.opt = make_optimizer(model, capturable=cuda_graph)
+        # Known masked count: the model then never reads the mask back (no sync in the step).
+        self.num_masked = int(is_masked[0].sum())
         self.imgs, self.is_masked = imgs, is_masked
         self.device_type = imgs.device.type
         self.amp_dtype = DTYPES[dtype]
@@ -57,10 +67,37 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def step(self) -> torch.Tensor:
+        """One step: eager, or a replay of the captured step when ``cuda_graph``."""
+        if not self.cuda_graph:
+            return self._step()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.static_loss
+
+    def _capture(self) -> None:
+        """Capture the whole step (forward, backward, clip, AdamW) in one CUDA graph.
+
+        Shapes are static for a fixed batch, resolution and mask ratio, and the step has no host
+        sync, so one graph replays it with no Python or launch overhead. Warm-up steps run on a
+        side stream first (allocator, autotuning, optimiser state), as the PyTorch recipe for
+        whole-network capture asks.
+        """
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self._step()
+
+    def _step(self) -> torch.Tensor:
         with record_function("step/forward"):
             with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                loss = self.fn(self.imgs, self.is_masked)["loss"]
+                loss = self.fn(self.imgs, self.is_masked, num_masked=self.num_masked)["loss"]
         with record_function("step/backward"):
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         with record_function("step/optimizer"):

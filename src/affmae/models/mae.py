@@ -121,17 +121,19 @@ class AFFMAE(nn.Module):
         return out
 
     def forward(self, imgs: torch.Tensor, is_masked: torch.Tensor,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None,
+                num_masked: int | None = None) -> dict[str, torch.Tensor]:
         """imgs (B, C, H, W) normalised; is_masked (B, gh*gw) bool -> losses, "pred" (B, Nq, C*P*P)
         and "pred_idx" (B, Nq) raster indices of the predicted patches (ascending).
-        ``generator`` draws the pred_ratio subset (global RNG when None)."""
+        ``generator`` draws the pred_ratio subset (global RNG when None); ``num_masked``, when
+        the caller knows it, avoids reading the mask back (no host sync: CUDA-graph safe)."""
         P = self.patch_size
         grid_hw = (imgs.shape[-2] // P, imgs.shape[-1] // P)
         if is_masked.shape != (imgs.shape[0], grid_hw[0] * grid_hw[1]):
             raise ValueError(f"is_masked has shape {tuple(is_masked.shape)}, expected "
                              f"{(imgs.shape[0], grid_hw[0] * grid_hw[1])} for images "
                              f"{tuple(imgs.shape)} and patch {P}")
-        visible_idx, masked_idx = mask_indices(is_masked)
+        visible_idx, masked_idx = mask_indices(is_masked, num_masked)
         ratio = self.config.pred_ratio if self.training else 1.0
         query_idx = sample_queries(masked_idx, ratio, generator) if ratio < 1.0 else masked_idx
         stages = self.forward_encoder(imgs, visible_idx)

@@ -313,16 +313,17 @@ class ViTMAE(nn.Module):
     # MAE's split: masking -> forward_encoder -> forward_decoder -> forward_loss.
 
     def forward_encoder(
-        self, imgs: torch.Tensor, is_masked: torch.Tensor
+        self, imgs: torch.Tensor, is_masked: torch.Tensor, num_masked: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode the visible patches -> (x (B, Nv, C), visible_idx (B, Nv), masked_idx (B, Nm))."""
+        """Encode the visible patches -> (x (B, Nv, C), visible_idx (B, Nv), masked_idx (B, Nm)).
+        ``num_masked`` (optional, known count per image) skips the mask read-back."""
         gh, gw = self._grid(imgs)
         if is_masked.shape != (imgs.shape[0], gh * gw):
             raise ValueError(
                 f"is_masked has shape {tuple(is_masked.shape)}, expected "
                 f"({imgs.shape[0]}, {gh * gw}) for {tuple(imgs.shape[-2:])} images"
             )
-        visible_idx, masked_idx = mask_indices(is_masked)
+        visible_idx, masked_idx = mask_indices(is_masked, num_masked)
         with record_function("vit/encoder"):
             patches = patchify(imgs, self.patch_size)  # (B, gh*gw, in_chans*P*P)
             C = patches.shape[-1]
@@ -353,16 +354,17 @@ class ViTMAE(nn.Module):
         return F.mse_loss(pred.float(), self._target(imgs, query_idx))
 
     def forward(self, imgs: torch.Tensor, is_masked: torch.Tensor,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None,
+                num_masked: int | None = None) -> dict[str, torch.Tensor]:
         """imgs (B, in_chans, H, W) normalised, is_masked (B, gh*gw) bool (True = hidden).
 
         Returns "loss" (= "loss_rec", MSE over the predicted patches), "pred" (B, Nq, in_chans*P*P)
         for the patches "pred_idx" (B, Nq) (raster indices, ascending): every masked patch, or in
         training with pred_ratio < 1 a random round(pred_ratio * Nm) of them (from ``generator``
-        or the global RNG).
+        or the global RNG). ``num_masked``: the known masked count per image (no host sync).
         """
         grid_hw = self._grid(imgs)
-        x, visible_idx, masked_idx = self.forward_encoder(imgs, is_masked)
+        x, visible_idx, masked_idx = self.forward_encoder(imgs, is_masked, num_masked)
         query_idx = masked_idx
         if self.training and self.config.pred_ratio < 1.0:
             query_idx = sample_queries(masked_idx, self.config.pred_ratio, generator)

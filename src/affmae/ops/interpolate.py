@@ -49,9 +49,9 @@ def cell_neighbours(key_cl: Clustering, key_pos: torch.Tensor, grid_hw: tuple[in
         th, tw = math.ceil(gh / TILE), math.ceil(gw / TILE)
         ty, tx = torch.meshgrid(torch.arange(th, device=dev), torch.arange(tw, device=dev),
                                 indexing="ij")
-        centre = torch.stack([(tx * TILE).clamp(max=gw - 1), (ty * TILE).clamp(max=gh - 1)], -1)
-        centre = (centre.float() + (TILE - 1) / 2).clamp(max=torch.tensor([gw - 1, gh - 1],
-                                                                         device=dev).float())
+        cx0 = (tx * TILE + (TILE - 1) / 2).clamp(max=gw - 1)  # tile centre, inside the grid
+        cy0 = (ty * TILE + (TILE - 1) / 2).clamp(max=gh - 1)
+        centre = torch.stack([cx0, cy0], -1).float()  # (th, tw, 2)
         nbr = nearest_clusters(centre.view(1, -1, 2).expand(B, -1, -1).contiguous(),
                                key_cl.centroids, num_clusters)  # (B, T, Kc)
         m = key_cl.m

@@ -204,9 +204,15 @@ def make_mask(
     return is_masked
 
 
-def mask_indices(is_masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_indices(is_masked: torch.Tensor,
+                 num_masked: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a mask into index lists: (visible_idx (B, Nv), masked_idx (B, Nm)), int64, ascending.
 
+    Args:
+        is_masked: (B, N) bool, True = hidden; every image hides the same number of patches.
+        num_masked: that number when the caller knows it (``num_masked(N, ratio)``): skips the
+            count check, which reads the mask back to the host (a device sync that also stops
+            CUDA-graph capture). Left None, the count is read and checked.
     Raises:
         ValueError: ``is_masked`` not a 2-D bool tensor, or images hiding different counts.
     """
@@ -216,13 +222,16 @@ def mask_indices(is_masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             f"shape={tuple(is_masked.shape)}"
         )
     B, N = is_masked.shape
-    counts = is_masked.sum(dim=1)  # (B,)
-    n_mask = int(counts[0]) if B > 0 else 0
-    if B > 0 and not bool((counts == n_mask).all()):
-        raise ValueError(
-            "every image must hide the same number of patches, got per-image counts "
-            f"{counts.tolist()}"
-        )
+    n_mask = num_masked
+    if n_mask is None:
+        counts = is_masked.sum(dim=1).tolist()  # one host sync
+        n_mask = counts[0] if B > 0 else 0
+        if any(c != n_mask for c in counts):
+            raise ValueError(
+                f"every image must hide the same number of patches, got per-image counts {counts}"
+            )
+    elif not 0 <= n_mask <= N:
+        raise ValueError(f"num_masked={n_mask} is outside [0, {N}]")
     # A stable sort of the 0/1 flags lists visible (0) then masked (1) indices, each ascending.
     order = torch.sort(is_masked.to(torch.uint8), dim=1, stable=True).indices  # (B, N)
     return order[:, : N - n_mask].contiguous(), order[:, N - n_mask :].contiguous()
