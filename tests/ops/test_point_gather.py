@@ -103,20 +103,23 @@ def assert_three_way(rows, label):
 
 
 # ------------------------------------------------------------------------------------------------
-# Interpreter cases (CPU, run in one subprocess): name -> (make_inputs kwargs, dtype)
+# Interpreter cases (CPU, run in one subprocess): name -> (make_inputs kwargs, dtype, dtable)
 # ------------------------------------------------------------------------------------------------
 
 SMALL = dict(B=2, Nq=37, Nk=13, H=3, Pt=4)
 CASES = {
-    "f24_k3_fp32": (dict(SMALL, K=3, F=24), "fp32"),
-    "f24_k3_fp16": (dict(SMALL, K=3, F=24), "fp16"),
-    "f64_k4_bf16": (dict(SMALL, K=4, F=64), "bf16"),
-    "f64_k4_fp16_duplicates": (dict(SMALL, K=4, F=64, duplicates=True), "fp16"),
-    "f64_k4_fp32_duplicates_int32": (dict(SMALL, K=4, F=64, duplicates=True, sel_dtype=torch.int32), "fp32"),
-    "f32_k4_bf16_strided_table": (dict(SMALL, K=4, F=32, strided=True), "bf16"),
+    "f24_k3_fp32": (dict(SMALL, K=3, F=24), "fp32", "sorted"),
+    "f24_k3_fp16": (dict(SMALL, K=3, F=24), "fp16", "sorted"),
+    "f64_k4_bf16": (dict(SMALL, K=4, F=64), "bf16", "sorted"),
+    "f64_k4_fp16_duplicates": (dict(SMALL, K=4, F=64, duplicates=True), "fp16", "sorted"),
+    "f64_k4_fp32_duplicates_int32": (dict(SMALL, K=4, F=64, duplicates=True, sel_dtype=torch.int32), "fp32", "sorted"),
+    "f32_k4_bf16_strided_table": (dict(SMALL, K=4, F=32, strided=True), "bf16", "sorted"),
     # Extremes of the supported range: F = 128, K = 16 (Nk = 5: every row repeats slots), F = 16.
-    "f128_k2_bf16": (dict(B=1, Nq=9, Nk=7, H=2, Pt=3, K=2, F=128), "bf16"),
-    "f16_k16_fp32": (dict(B=1, Nq=11, Nk=5, H=1, Pt=2, K=16, F=16), "fp32"),
+    "f128_k2_bf16": (dict(B=1, Nq=9, Nk=7, H=2, Pt=3, K=2, F=128), "bf16", "sorted"),
+    "f16_k16_fp32": (dict(B=1, Nq=11, Nk=5, H=1, Pt=2, K=16, F=16), "fp32", "sorted"),
+    # d_table by float32 atomics.
+    "atomic_f24_k3_fp32": (dict(SMALL, K=3, F=24), "fp32", "atomic"),
+    "atomic_f64_k4_bf16_duplicates": (dict(SMALL, K=4, F=64, duplicates=True), "bf16", "atomic"),
 }
 
 
@@ -141,16 +144,15 @@ def _single_gradient_errors() -> dict:
 
 def _custom_op_path_difference() -> float:
     """Max difference between the custom ops (what torch.compile and FLOP counters see) and the
-    eager fast path: the same kernels, so it must be 0 (d_table up to atomic order: float32
-    sums of identical terms, compared after the same cast)."""
+    eager fast path: the same kernels (deterministic "sorted" d_table), so it must be 0."""
     from affmae.ops.point_gather import function  # noqa: F401  (registers the ops)
     from affmae.ops.point_gather import kernel
 
     inp = make_inputs(B=1, Nq=7, Nk=5, H=2, Pt=2, K=3, F=16, seed=2)
     args = (inp["table"], inp["sel"], inp["weights"])
-    direct = [kernel.gather_forward(*args), *kernel.gather_backward(inp["do"], *args)]
+    direct = [kernel.gather_forward(*args), *kernel.gather_backward(inp["do"], *args, True, True, "sorted")]
     op = [torch.ops.affmae.point_gather_fwd(*args),
-          *torch.ops.affmae.point_gather_bwd(inp["do"], *args, True, True)]
+          *torch.ops.affmae.point_gather_bwd(inp["do"], *args, True, True, "sorted")]
     return max((a - b).abs().max().item() for a, b in zip(direct, op))
 
 
@@ -159,9 +161,10 @@ def _worker(path: str) -> None:
     from affmae.ops.point_gather.function import gather_weighted_triton
 
     results = {}
-    for name, (kw, dtype) in CASES.items():
+    for name, (kw, dtype, dtable) in CASES.items():
         try:
-            results[name] = {"rows": three_way(make_inputs(**kw), DTYPES[dtype], gather_weighted_triton)}
+            fn = lambda *a, _d=dtable: gather_weighted_triton(*a, dtable=_d)  # noqa: E731
+            results[name] = {"rows": three_way(make_inputs(**kw), DTYPES[dtype], fn)}
         except Exception:  # recorded so the matching test fails with the traceback
             results[name] = {"error": traceback.format_exc()}
     for name, check in (("single_grad", _single_gradient_errors), ("custom_op", _custom_op_path_difference)):
@@ -267,6 +270,11 @@ def test_backend_choice_on_cpu(monkeypatch):
     monkeypatch.setenv("AFFMAE_POINT_GATHER_BACKEND", "bogus")
     with pytest.raises(ValueError, match="bogus"):
         gather_weighted(*args)
+    from affmae.ops.point_gather import dtable_mode
+
+    monkeypatch.setenv("AFFMAE_POINT_GATHER_DTABLE", "scatter")
+    with pytest.raises(ValueError, match="scatter"):
+        dtable_mode()
 
 
 def test_fake_shapes_and_flop_formula():
@@ -282,7 +290,7 @@ def test_fake_shapes_and_flop_formula():
         w = torch.empty(B, Nq, H, Pt, K)
         with FlopCounterMode(display=False) as fc:
             out = torch.ops.affmae.point_gather_fwd(table, sel, w)
-            d_table, d_w = torch.ops.affmae.point_gather_bwd(out, table, sel, w, True, True)
+            d_table, d_w = torch.ops.affmae.point_gather_bwd(out, table, sel, w, True, True, "sorted")
     assert out.shape == (B, Nq, H, Pt, F) and out.dtype == torch.bfloat16, f"out {out.shape} {out.dtype}"
     assert d_table.shape == table.shape and d_table.dtype == torch.bfloat16, f"d_table {d_table.shape}"
     assert d_w.shape == w.shape and d_w.dtype == torch.float32, f"d_weights {d_w.shape} {d_w.dtype}"
@@ -305,12 +313,26 @@ FULL = dict(B=16, Nq=2048, Nk=2048, H=6, Pt=4, K=4, F=64)
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-@pytest.mark.parametrize("nk", [2048, 819])
-def test_gpu_full_size_matches_reference(dtype, nk):
+@pytest.mark.parametrize("nk", [2048, 130])
+@pytest.mark.parametrize("dtable", ["sorted", "atomic"])
+def test_gpu_full_size_matches_reference(dtype, nk, dtable):
     from affmae.ops.point_gather.function import gather_weighted_triton
 
-    inp = make_inputs(**dict(FULL, Nk=nk), device="cuda", duplicates=nk == 819)
-    assert_three_way(three_way(inp, DTYPES[dtype], gather_weighted_triton), f"Nk={nk} {dtype}")
+    inp = make_inputs(**dict(FULL, Nk=nk), device="cuda", duplicates=nk == 130)
+    fn = lambda *a: gather_weighted_triton(*a, dtable=dtable)  # noqa: E731
+    assert_three_way(three_way(inp, DTYPES[dtype], fn), f"Nk={nk} {dtype} {dtable}")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_sorted_dtable_is_deterministic():
+    from affmae.ops.point_gather import kernel
+
+    inp = make_inputs(**dict(FULL, Nk=130), device="cuda")
+    args = (inp["do"].bfloat16(), inp["table"].bfloat16(), inp["sel"], inp["weights"])
+    first = kernel.gather_backward(*args, dtable="sorted")[0]
+    second = kernel.gather_backward(*args, dtable="sorted")[0]
+    assert torch.equal(first, second), f"sorted d_table differs between runs by {(first - second).abs().max()}"
 
 
 @pytest.mark.gpu
@@ -344,7 +366,9 @@ def test_gpu_auto_backend_choice(monkeypatch):
     with pytest.warns(UserWarning, match="float64"):
         assert resolve_backend("auto", table.double(), sel) == "torch"
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert resolve_backend("auto", table, sel) == "torch", "deterministic mode must use the reference"
+    assert resolve_backend("auto", table, sel) == "triton", "sorted d_table is deterministic"
+    monkeypatch.setenv("AFFMAE_POINT_GATHER_DTABLE", "atomic")
+    assert resolve_backend("auto", table, sel) == "torch", "deterministic mode with atomics must use the reference"
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":

@@ -15,8 +15,10 @@ one forward + backward above the inputs (``torch.cuda.max_memory_allocated``). `
 on) also times the raw Triton kernels (no autograd) over row tiles and launch widths.
 ``--step`` also times a whole aff_small training step (512 px, bf16 autocast, mask ratio 0.5,
 ``affmae.bench.step``) with the decoder's gather on each backend (``AFFMAE_POINT_GATHER_BACKEND``).
-Slots are uniform random in [0, Nk) (the model's are spatially local, so this is the pessimistic
-case for cache reuse and the optimistic one for atomic contention).
+Implementations: ``triton`` (d_table by sort + segment sums, the default), ``triton_atomic``
+(d_table by float32 atomics), ``torch`` (the ``embedding_bag`` reference). Slots two ways:
+"random" (uniform in [0, Nk)) and "local" (slot of query q near q * Nk / Nq, +-3: neighbouring
+rows share table rows, as the decoder's spatially local neighbours do; the worst case for atomics).
 Results: docs/BENCHMARKS.md, section "Decoder point gather kernel".
 """
 
@@ -37,10 +39,15 @@ NK_VALUES = (2048, 819, 327, 130)
 STEP_CALLS = {2048: 5, 819: 1, 327: 1, 130: 1}  # 4 self-attention + 1 cross at Nk = 2048
 
 
-def make_inputs(batch: int, nk: int, dtype: torch.dtype, seed: int = 0) -> dict:
+def make_inputs(batch: int, nk: int, dtype: torch.dtype, seed: int = 0, slots: str = "random") -> dict:
     g = torch.Generator(device="cuda").manual_seed(seed)
     table = torch.randn(batch, nk, HEADS, FEAT, device="cuda", generator=g).to(dtype)
-    sel = torch.randint(0, nk, (batch, NQ, HEADS, POINTS, KNN), device="cuda", generator=g)
+    shape = (batch, NQ, HEADS, POINTS, KNN)
+    if slots == "random":
+        sel = torch.randint(0, nk, shape, device="cuda", generator=g)
+    else:  # local: near q * Nk / Nq
+        centre = (torch.arange(NQ, device="cuda") * nk // NQ).view(1, NQ, 1, 1, 1)
+        sel = (centre + torch.randint(-3, 4, shape, device="cuda", generator=g)).clamp(0, nk - 1)
     logits = torch.randn(batch, NQ, HEADS, POINTS, KNN, device="cuda", generator=g)
     weights = torch.softmax(logits, dim=-1)  # float32, as interpolation_weights gives
     do = torch.randn(batch, NQ, HEADS, POINTS, FEAT, device="cuda", generator=g).to(dtype)
@@ -80,14 +87,15 @@ def sweep(s: dict) -> dict:
 
     args = (s["table"], s["sel"], s["weights"])
     out = {}
-    for block_rows in (32, 64, 128):
-        for nw in (2, 4, 8):
+    for block_rows in (16, 32, 64):
+        for nw in (2, 4):
             key = f"r{block_rows}_w{nw}"
             out[f"fwd_{key}_ms"] = do_bench(
                 lambda: kernel.gather_forward(*args, block_rows=block_rows, num_warps=nw),
                 return_mode="median")
             out[f"bwd_{key}_ms"] = do_bench(
-                lambda: kernel.gather_backward(s["do"], *args, block_rows=block_rows, num_warps=nw),
+                lambda: kernel.gather_backward(s["do"], *args, dtable="atomic", block_rows=block_rows,
+                                               num_warps=nw),
                 return_mode="median")
     return out
 
@@ -105,25 +113,30 @@ def step_times(batch: int, steps: int = 10) -> dict:
     imgs = torch.randn(batch, 1, res, res, generator=g).cuda()
     is_masked = make_mask(batch, (res // 8, res // 8), 0.5, kind="uniform", generator=g).cuda()
     out = {}
-    old = os.environ.get("AFFMAE_POINT_GATHER_BACKEND")
+    old = {k: os.environ.get(k) for k in ("AFFMAE_POINT_GATHER_BACKEND", "AFFMAE_POINT_GATHER_DTABLE")}
     try:
-        for backend in ("torch", "triton"):
+        for backend, dtable in (("torch", "sorted"), ("triton", "sorted"), ("triton", "atomic"),
+                                ("torch", "sorted")):  # torch again: drift between runs
             os.environ["AFFMAE_POINT_GATHER_BACKEND"] = backend
+            os.environ["AFFMAE_POINT_GATHER_DTABLE"] = dtable
             torch.manual_seed(0)
             model = create_model("aff_small").cuda()
             stats = measure_steps(Trainer(model, imgs, is_masked, dtype="bf16"), steps=steps, warmup=3)
             times = sorted(stats.step_ms)
-            out[backend] = dict(step_ms=times[len(times) // 2], peak_mib=stats.peak_mem_bytes / 2**20,
-                                final_loss=stats.final_loss)
-            print(f"aff_small step, gather {backend}: {out[backend]['step_ms']:.1f} ms, "
-                  f"peak {out[backend]['peak_mib']:.0f} MiB, loss {stats.final_loss:.4f}", flush=True)
+            name = backend if backend == "torch" else f"{backend}_{dtable}"
+            name = name + "_again" if name in out else name
+            out[name] = dict(step_ms=times[len(times) // 2], peak_mib=stats.peak_mem_bytes / 2**20,
+                             final_loss=stats.final_loss)
+            print(f"aff_small step, gather {name}: {out[name]['step_ms']:.1f} ms, "
+                  f"peak {out[name]['peak_mib']:.0f} MiB, loss {stats.final_loss:.4f}", flush=True)
             del model
             torch.cuda.empty_cache()
     finally:
-        if old is None:
-            os.environ.pop("AFFMAE_POINT_GATHER_BACKEND", None)
-        else:
-            os.environ["AFFMAE_POINT_GATHER_BACKEND"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return out
 
 
@@ -135,31 +148,36 @@ def run(batch: int, do_sweep: bool, out_path: str | None, do_step: bool = False)
         python=platform.python_version(), batch=batch, nq=NQ, heads=HEADS, feat=FEAT,
         points=POINTS, knn=KNN, dtype="bf16", rows=[],
     )
+    from affmae.ops.point_gather.function import gather_weighted_triton
+
     impls = {
         "triton": lambda t, s, w: gather_weighted(t, s, w, backend="triton"),
+        "triton_atomic": lambda t, s, w: gather_weighted_triton(t, s, w, dtable="atomic"),
         "torch": gather_weighted_ref,
     }
-    for nk in NK_VALUES:
-        s = make_inputs(batch, nk, torch.bfloat16, seed=nk)
-        row = dict(nk=nk)
-        for name, fn in impls.items():
-            row[name] = measure(fn, s)
-        if do_sweep and nk in (2048, 130):
-            row["sweep"] = sweep(s)
-        res["rows"].append(row)
-        t, r = row["triton"], row["torch"]
-        print(f"Nk={nk:5d}  triton fwd {t['fwd_ms']:.3f} fwd+bwd {t['fwdbwd_ms']:.3f} ms "
-              f"peak {t['peak_mib']:.0f} MiB | torch fwd {r['fwd_ms']:.3f} fwd+bwd "
-              f"{r['fwdbwd_ms']:.3f} ms peak {r['peak_mib']:.0f} MiB", flush=True)
-        if out_path:
-            with open(out_path, "w") as f:
-                json.dump(res, f, indent=1)
-    step = {impl: {k: sum(STEP_CALLS[row["nk"]] * row[impl][k] for row in res["rows"])
-                   for k in ("fwd_ms", "fwdbwd_ms")} for impl in impls}
-    res["step"] = step
-    print(f"step (8 calls): triton fwd {step['triton']['fwd_ms']:.2f} fwd+bwd "
-          f"{step['triton']['fwdbwd_ms']:.2f} ms | torch fwd {step['torch']['fwd_ms']:.2f} "
-          f"fwd+bwd {step['torch']['fwdbwd_ms']:.2f} ms")
+    for slots in ("local", "random"):
+        for nk in NK_VALUES:
+            s = make_inputs(batch, nk, torch.bfloat16, seed=nk, slots=slots)
+            row = dict(nk=nk, slots=slots)
+            for name, fn in impls.items():
+                row[name] = measure(fn, s)
+            if do_sweep and slots == "random" and nk in (2048, 130):
+                row["sweep"] = sweep(s)
+            res["rows"].append(row)
+            print(f"{slots:6s} Nk={nk:5d} " + " | ".join(
+                f"{n} fwd {row[n]['fwd_ms']:.3f} fwd+bwd {row[n]['fwdbwd_ms']:.3f} ms "
+                f"peak {row[n]['peak_mib']:.0f} MiB" for n in impls), flush=True)
+            if out_path:
+                with open(out_path, "w") as f:
+                    json.dump(res, f, indent=1)
+    res["step"] = {}
+    for slots in ("local", "random"):
+        rows = [r for r in res["rows"] if r["slots"] == slots]
+        step = {impl: {k: sum(STEP_CALLS[r["nk"]] * r[impl][k] for r in rows)
+                       for k in ("fwd_ms", "fwdbwd_ms")} for impl in impls}
+        res["step"][slots] = step
+        print(f"{slots} slots, step (8 calls): " + " | ".join(
+            f"{n} fwd {v['fwd_ms']:.2f} fwd+bwd {v['fwdbwd_ms']:.2f} ms" for n, v in step.items()))
     if do_sweep:
         for row in res["rows"]:
             if "sweep" in row:

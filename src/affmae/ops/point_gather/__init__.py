@@ -7,9 +7,10 @@ out[b, q, h, p] = sum_k weights[b, q, h, p, k] * table[b, sel[b, q, h, p, k], h]
 share one signature and compute the same function (``reference.py`` is the specification).
 "auto" uses Triton on CUDA tensors when it can and otherwise the reference; ``why_not_triton``
 says why it refused, and "auto" warns with that reason when it falls back on CUDA tensors.
-The environment variable ``AFFMAE_POINT_GATHER_BACKEND`` overrides "auto" for users.
-"auto" also takes the reference when ``torch.are_deterministic_algorithms_enabled()``: the
-kernel's d_table uses float32 atomics (not bitwise repeatable); "triton" then still runs it.
+The environment variable ``AFFMAE_POINT_GATHER_BACKEND`` overrides "auto" for users, and
+``AFFMAE_POINT_GATHER_DTABLE`` ("sorted", default, or "atomic") picks how the Triton backward
+forms d_table. With "atomic" (float32 atomics, not bitwise repeatable) "auto" takes the reference
+when ``torch.are_deterministic_algorithms_enabled()``; "triton" then still runs it.
 
 Files: ``reference.py`` (specification, CPU path), ``kernel.py`` (Triton kernels and launchers),
 ``function.py`` (custom ops with FLOP formulas, the autograd Function, ``gather_weighted_triton``).
@@ -26,6 +27,16 @@ from affmae.ops.point_gather.reference import gather_weighted_ref
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "AFFMAE_POINT_GATHER_BACKEND"
+DTABLE_ENV_VAR = "AFFMAE_POINT_GATHER_DTABLE"
+DTABLE_MODES = ("sorted", "atomic")
+
+
+def dtable_mode() -> str:
+    """The d_table mode users chose through ``AFFMAE_POINT_GATHER_DTABLE`` (default "sorted")."""
+    mode = os.environ.get(DTABLE_ENV_VAR, "sorted")
+    if mode not in DTABLE_MODES:
+        raise ValueError(f"{DTABLE_ENV_VAR} must be one of {DTABLE_MODES}, got {mode!r}")
+    return mode
 
 
 def why_not_triton(table: torch.Tensor, sel: torch.Tensor) -> str | None:
@@ -50,8 +61,8 @@ def resolve_backend(backend: str, table: torch.Tensor, sel: torch.Tensor) -> str
     if backend == "auto":
         if not table.is_cuda:
             return "torch"
-        if torch.are_deterministic_algorithms_enabled():
-            return "torch"  # documented above: the kernel's d_table is not bitwise repeatable
+        if torch.are_deterministic_algorithms_enabled() and dtable_mode() == "atomic":
+            return "torch"  # documented above: atomic d_table is not bitwise repeatable
         reason = why_not_triton(table, sel)
         if reason:
             warnings.warn(f"gather_weighted: backend 'auto' uses 'torch' because {reason}", stacklevel=3)
@@ -78,7 +89,7 @@ def gather_weighted(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tenso
     if resolve_backend(backend, table, sel) == "triton":
         from affmae.ops.point_gather.function import gather_weighted_triton
 
-        return gather_weighted_triton(table, sel, weights)
+        return gather_weighted_triton(table, sel, weights, dtable_mode())
     return gather_weighted_ref(table, sel, weights)
 
 

@@ -44,14 +44,14 @@ def _fwd_fake(table, sel, weights):
 
 @torch.library.custom_op("affmae::point_gather_bwd", mutates_args=())
 def point_gather_bwd(do: Tensor, table: Tensor, sel: Tensor, weights: Tensor,
-                     need_table: bool, need_weights: bool) -> tuple[Tensor, Tensor]:
+                     need_table: bool, need_weights: bool, dtable: str) -> tuple[Tensor, Tensor]:
     """Backward: d_table (table's shape and dtype) and d_weights (weights' shape and dtype); a
-    gradient not asked for is an empty tensor."""
-    return kernel.gather_backward(do, table, sel, weights, need_table, need_weights)
+    gradient not asked for is an empty tensor. ``dtable``: "sorted" or "atomic" (kernel.py)."""
+    return kernel.gather_backward(do, table, sel, weights, need_table, need_weights, dtable)
 
 
 @point_gather_bwd.register_fake
-def _bwd_fake(do, table, sel, weights, need_table, need_weights):
+def _bwd_fake(do, table, sel, weights, need_table, need_weights, dtable):
     d_table = torch.empty_like(table) if need_table else table.new_empty(0)
     d_weights = torch.empty_like(weights) if need_weights else weights.new_empty(0)
     return d_table, d_weights
@@ -85,37 +85,41 @@ class PointGatherFunction(torch.autograd.Function):
     """Autograd over the two custom ops. ``sel`` gets no gradient."""
 
     @staticmethod
-    def forward(ctx, table, sel, weights):
+    def forward(ctx, table, sel, weights, dtable):
         if _eager(table, sel, weights):
             out = kernel.gather_forward(table, sel, weights)
         else:
             out = torch.ops.affmae.point_gather_fwd(table, sel, weights)
         ctx.save_for_backward(table, sel, weights)
+        ctx.dtable = dtable
         return out
 
     @staticmethod
     def backward(ctx, do):
         table, sel, weights = ctx.saved_tensors
-        need_table, _, need_weights = ctx.needs_input_grad
+        need_table, _, need_weights, _ = ctx.needs_input_grad
         if not (need_table or need_weights):
-            return None, None, None
+            return None, None, None, None
+        args = (do, table, sel, weights, need_table, need_weights, ctx.dtable)
         if _eager(do, table, sel, weights):
-            d_table, d_weights = kernel.gather_backward(do, table, sel, weights, need_table, need_weights)
+            d_table, d_weights = kernel.gather_backward(*args)
         else:
-            d_table, d_weights = torch.ops.affmae.point_gather_bwd(
-                do, table, sel, weights, need_table, need_weights
-            )
-        return (d_table if need_table else None), None, (d_weights if need_weights else None)
+            d_table, d_weights = torch.ops.affmae.point_gather_bwd(*args)
+        return (d_table if need_table else None), None, (d_weights if need_weights else None), None
 
 
-def gather_weighted_triton(table: Tensor, sel: Tensor, weights: Tensor) -> Tensor:
+def gather_weighted_triton(table: Tensor, sel: Tensor, weights: Tensor, dtable: str = "sorted") -> Tensor:
     """Weighted point gather through the Triton kernels (same signature and result as
     ``gather_weighted_ref``).
 
     Args:
         table: (B, Nk, H, F) float32 / bfloat16 / float16. sel: (B, Nq, H, Pt, K) int slots.
         weights: (B, Nq, H, Pt, K) (float32 in the model).
+        dtable: how the backward forms d_table: "sorted" (stable sort + segment sums,
+            deterministic, default) or "atomic" (float32 atomics); docs/BENCHMARKS.md compares them.
     Returns:
         (B, Nq, H, Pt, F) in table's dtype.
     """
-    return PointGatherFunction.apply(table, sel, weights)
+    if dtable not in kernel.DTABLE_MODES:
+        raise ValueError(f"dtable must be one of {kernel.DTABLE_MODES}, got {dtable!r}")
+    return PointGatherFunction.apply(table, sel, weights, dtable)

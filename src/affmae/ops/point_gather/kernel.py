@@ -10,9 +10,15 @@ How it is computed (rows r are the flattened (B, Nq, H, Pt) index, row-major):
    each), accumulate w * row in float32 registers; store once in the table's dtype. Nothing of
    size (rows, K, F) is ever written.
 2. Backward, same tiling: load dO rows once (float32); per slot, gather the table rows again for
-   d_w[r, k] = dot(dO[r], table[b, sel[r, k], h]) (float32, written directly), and scatter
-   w[r, k] * dO[r] into a float32 (B, Nk, H, F) buffer with relaxed float32 atomics, cast to the
-   table's dtype at the end. Duplicate slots (in a row or across rows) add up, as in the reference.
+   d_w[r, k] = dot(dO[r], table[b, sel[r, k], h]) (float32, written directly).
+3. d_table, two ways (``dtable`` argument; docs/BENCHMARKS.md has the measurement):
+   "sorted" (default): the flat table row of every (row, slot) entry, a stable ``torch.sort`` and
+   a ``bincount`` give each table row its incoming entries (CSR); one program per table row sums
+   w * dO over them in float32 and writes the row once. Deterministic (fixed summation order).
+   "atomic": step 2's kernel also scatters w[r, k] * dO[r] into a float32 (B, Nk, H, F) buffer
+   with relaxed float32 atomics, cast to the table's dtype at the end; fast on scattered slots,
+   but the decoder's slots are spatially local, so neighbouring rows hit the same table rows.
+   Duplicate slots (in a row or across rows) add up in both, as in the reference.
 
 Supported: table float32, bfloat16 or float16 (output and d_table in that dtype), weights any
 float dtype (read as float32; d_weights returned in the weights' dtype), sel int64 or int32,
@@ -22,9 +28,8 @@ does not recompile; F, K and the dtypes are compile-time. With TRITON_INTERPRET=
 run on CPU tensors through Triton's interpreter (tests).
 
 Differences from the reference: the forward accumulates in float32 in the order k = 0..K-1, as
-``embedding_bag`` does (within rounding); d_table's sum order depends on atomic scheduling, so it
-is not bitwise repeatable (``backend="auto"`` uses the reference when
-``torch.are_deterministic_algorithms_enabled()``). Slots are not range-checked (the reference's
+``embedding_bag`` does (within rounding); "atomic" d_table's sum order depends on scheduling, so
+it is not bitwise repeatable ("sorted" is). Slots are not range-checked (the reference's
 CUDA path asserts); callers pass slots from the decoder's neighbour tables, in range by construction.
 """
 
@@ -128,6 +133,31 @@ def _bwd_kernel(
                           mask=m2, sem="relaxed")
 
 
+@triton.jit
+def _dtable_sorted_kernel(
+    PERM, OFF, W, DO, DT, K,
+    F: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    # Program t = flat table row (b, n, h): its incoming entries are PERM[OFF[t] : OFF[t + 1]]
+    # (entry e = r * K + k, grouped by table row, in entry order); sum w[e] * dO[e // K] in
+    # float32 registers and write the row once, in the table's dtype. No atomics: deterministic.
+    t = tl.program_id(0).to(tl.int64)
+    start = tl.load(OFF + t)
+    end = tl.load(OFF + t + 1)
+    rf = tl.arange(0, BLOCK_F)
+    rf_ok = rf < F
+    acc = tl.zeros([BLOCK_F], tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        i = e0 + tl.arange(0, BLOCK_E)
+        i_ok = i < end
+        e = tl.load(PERM + i, mask=i_ok, other=0)
+        w = tl.load(W + e, mask=i_ok, other=0.0).to(tl.float32)
+        do = tl.load(DO + (e // K)[:, None] * F + rf[None, :], mask=i_ok[:, None] & rf_ok[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.sum(w[:, None] * do, 0)
+    tl.store(DT + t * F + rf, acc.to(DT.dtype.element_ty), mask=rf_ok)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -154,8 +184,9 @@ def check_inputs(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor) 
 def _launch_params(F: int, K: int, block_rows: int | None, num_warps: int | None) -> dict:
     """Compile-time tile parameters: F and K come from the model, never from batch or resolution."""
     block_f = max(16, triton.next_power_of_2(F))
-    # ~4096 gathered elements per slot and program: enough loads in flight per SM on an H100.
-    block_r = block_rows or max(16, min(128, 4096 // block_f))
+    # ~2048 gathered elements per slot and program (32 rows at F = 64): the fastest of the row
+    # tiles 32 / 64 / 128 x 2 / 4 / 8 warps measured on an H100 (docs/BENCHMARKS.md).
+    block_r = block_rows or max(16, min(128, 2048 // block_f))
     return dict(F=F, K=K, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps or 4)
 
 
@@ -188,12 +219,21 @@ def gather_forward(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor
     return out
 
 
+DTABLE_MODES = ("sorted", "atomic")
+
+
 def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor,
-                    need_table: bool = True, need_weights: bool = True,
+                    need_table: bool = True, need_weights: bool = True, dtable: str = "sorted",
                     block_rows: int | None = None,
                     num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward kernel: d_table (B, Nk, H, F) in table's dtype and d_weights (B, Nq, H, Pt, K)
-    in weights' dtype. A gradient not needed comes back as an empty tensor of its dtype."""
+    """Backward kernels: d_table (B, Nk, H, F) in table's dtype and d_weights (B, Nq, H, Pt, K)
+    in weights' dtype. A gradient not needed comes back as an empty tensor of its dtype.
+
+    ``dtable``: "sorted" (entries grouped by table row with a stable sort, one segment sum per
+    row: deterministic) or "atomic" (float32 atomics from the row-major kernel).
+    """
+    if dtable not in DTABLE_MODES:
+        raise ValueError(f"dtable must be one of {DTABLE_MODES}, got {dtable!r}")
     check_inputs(table, sel, weights)
     table, sel, weights = _table_view(table), _contig(sel), _contig(weights)
     B, Nk, H, F = table.shape
@@ -203,20 +243,42 @@ def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, we
     do = _contig(do)
     R = B * Nq * H * Pt
     dev = table.device
-    dt32 = torch.zeros(B, Nk, H, F, device=dev, dtype=torch.float32) if need_table else None
+    atomic = need_table and dtable == "atomic"
+    dt32 = torch.zeros(B, Nk, H, F, device=dev, dtype=torch.float32) if atomic else None
     dw = torch.empty(sel.shape, device=dev, dtype=torch.float32) if need_weights else None
-    if R > 0 and (need_table or need_weights):
-        p = _launch_params(F, K, block_rows, num_warps)
+    p = _launch_params(F, K, block_rows, num_warps)
+    if R > 0 and (atomic or need_weights):
         placeholder = do  # pointer argument for a disabled output (never written)
         _bwd_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
             table, sel, weights, do, placeholder if dt32 is None else dt32,
             placeholder if dw is None else dw, R, H * Pt, Nq * H * Pt, Pt,
             table.stride(0), table.stride(1), table.stride(2), Nk * H * F, H * F, F,
-            NEED_DT=need_table, NEED_DW=need_weights, **p,
+            NEED_DT=atomic, NEED_DW=need_weights, **p,
         )
-    d_table = dt32.to(table.dtype) if need_table else table.new_empty(0)
-    if need_weights:
-        d_weights = dw.to(weights.dtype)
+    if not need_table:
+        d_table = table.new_empty(0)
+    elif atomic:
+        d_table = dt32.to(table.dtype)
     else:
-        d_weights = weights.new_empty(0)
+        d_table = _dtable_sorted(do, sel, weights, B, Nk, H, F, table.dtype, p["BLOCK_F"])
+    d_weights = dw.to(weights.dtype) if need_weights else weights.new_empty(0)
     return d_table, d_weights
+
+
+def _dtable_sorted(do, sel, weights, B, Nk, H, F, dtype, block_f):
+    """d_table without atomics: flat table row of every (row, slot) entry, stable sort, CSR."""
+    Nq, Pt, K = sel.shape[1], sel.shape[3], sel.shape[4]
+    dev = sel.device
+    T = B * Nk * H
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1, 1)
+    h = torch.arange(H, device=dev).view(1, 1, H, 1, 1)
+    key = ((b * Nk + sel) * H + h).view(-1)  # (R * K,) flat table row of each entry
+    key = key.to(torch.int32) if T < 2**31 else key
+    perm = torch.sort(key, stable=True).indices  # entries grouped by table row, entry order kept
+    off = torch.zeros(T + 1, device=dev, dtype=torch.int64)
+    torch.cumsum(torch.bincount(key, minlength=T), 0, out=off[1:])  # (T + 1,) CSR offsets
+    d_table = torch.empty(B, Nk, H, F, device=dev, dtype=dtype)
+    if T > 0:
+        _dtable_sorted_kernel[(T,)](perm, off, weights, do, d_table, K,
+                                    F=F, BLOCK_E=16, BLOCK_F=block_f, num_warps=2)
+    return d_table
