@@ -15,8 +15,8 @@ one forward + backward above the inputs (``torch.cuda.max_memory_allocated``). `
 on) also times the raw Triton kernels (no autograd) over row tiles and launch widths.
 ``--step`` also times a whole aff_small training step (512 px, bf16 autocast, mask ratio 0.5,
 ``affmae.bench.step``) with the decoder's gather on each backend (``AFFMAE_POINT_GATHER_BACKEND``).
-Implementations: ``triton`` (d_table by sort + segment sums, the default), ``triton_atomic``
-(d_table by float32 atomics), ``torch`` (the ``embedding_bag`` reference). Slots two ways:
+Implementations: ``triton`` (the default: d_table by float32 atomics), ``triton_sorted``
+(d_table by sort + segment sums, deterministic), ``torch`` (the ``embedding_bag`` reference). Slots two ways:
 "random" (uniform in [0, Nk)) and "local" (slot of query q near q * Nk / Nq, +-3: neighbouring
 rows share table rows, as the decoder's spatially local neighbours do; the worst case for atomics).
 Results: docs/BENCHMARKS.md, section "Decoder point gather kernel".
@@ -115,8 +115,8 @@ def step_times(batch: int, steps: int = 10) -> dict:
     out = {}
     old = {k: os.environ.get(k) for k in ("AFFMAE_POINT_GATHER_BACKEND", "AFFMAE_POINT_GATHER_DTABLE")}
     try:
-        for backend, dtable in (("torch", "sorted"), ("triton", "sorted"), ("triton", "atomic"),
-                                ("torch", "sorted")):  # torch again: drift between runs
+        for backend, dtable in (("torch", "atomic"), ("triton", "sorted"), ("triton", "atomic"),
+                                ("torch", "atomic")):  # torch again: drift between runs
             os.environ["AFFMAE_POINT_GATHER_BACKEND"] = backend
             os.environ["AFFMAE_POINT_GATHER_DTABLE"] = dtable
             torch.manual_seed(0)
@@ -152,7 +152,7 @@ def run(batch: int, do_sweep: bool, out_path: str | None, do_step: bool = False)
 
     impls = {
         "triton": lambda t, s, w: gather_weighted(t, s, w, backend="triton"),
-        "triton_atomic": lambda t, s, w: gather_weighted_triton(t, s, w, dtable="atomic"),
+        "triton_sorted": lambda t, s, w: gather_weighted_triton(t, s, w, dtable="sorted"),
         "torch": gather_weighted_ref,
     }
     for slots in ("local", "random"):

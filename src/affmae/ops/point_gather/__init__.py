@@ -8,9 +8,10 @@ share one signature and compute the same function (``reference.py`` is the speci
 "auto" uses Triton on CUDA tensors when it can and otherwise the reference; ``why_not_triton``
 says why it refused, and "auto" warns with that reason when it falls back on CUDA tensors.
 The environment variable ``AFFMAE_POINT_GATHER_BACKEND`` overrides "auto" for users, and
-``AFFMAE_POINT_GATHER_DTABLE`` ("sorted", default, or "atomic") picks how the Triton backward
-forms d_table. With "atomic" (float32 atomics, not bitwise repeatable) "auto" takes the reference
-when ``torch.are_deterministic_algorithms_enabled()``; "triton" then still runs it.
+``AFFMAE_POINT_GATHER_DTABLE`` ("atomic" or "sorted") picks how the Triton backward forms d_table.
+Unset, it is "atomic" (float32 atomics: faster, not bitwise repeatable), or "sorted" (sort +
+segment sums: deterministic) while ``torch.are_deterministic_algorithms_enabled()``. If a user
+sets "atomic" under deterministic algorithms, "auto" takes the reference ("triton" still runs it).
 
 Files: ``reference.py`` (specification, CPU path), ``kernel.py`` (Triton kernels and launchers),
 ``function.py`` (custom ops with FLOP formulas, the autograd Function, ``gather_weighted_triton``).
@@ -28,12 +29,14 @@ from affmae.ops.point_gather.reference import gather_weighted_ref
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "AFFMAE_POINT_GATHER_BACKEND"
 DTABLE_ENV_VAR = "AFFMAE_POINT_GATHER_DTABLE"
-DTABLE_MODES = ("sorted", "atomic")
+DTABLE_MODES = ("atomic", "sorted")
 
 
 def dtable_mode() -> str:
-    """The d_table mode users chose through ``AFFMAE_POINT_GATHER_DTABLE`` (default "sorted")."""
-    mode = os.environ.get(DTABLE_ENV_VAR, "sorted")
+    """The d_table mode: ``AFFMAE_POINT_GATHER_DTABLE`` if set, else "sorted" under
+    deterministic algorithms and "atomic" otherwise (see the module docstring)."""
+    default = "sorted" if torch.are_deterministic_algorithms_enabled() else "atomic"
+    mode = os.environ.get(DTABLE_ENV_VAR, default)
     if mode not in DTABLE_MODES:
         raise ValueError(f"{DTABLE_ENV_VAR} must be one of {DTABLE_MODES}, got {mode!r}")
     return mode

@@ -46,7 +46,7 @@ def _fwd_fake(table, sel, weights):
 def point_gather_bwd(do: Tensor, table: Tensor, sel: Tensor, weights: Tensor,
                      need_table: bool, need_weights: bool, dtable: str) -> tuple[Tensor, Tensor]:
     """Backward: d_table (table's shape and dtype) and d_weights (weights' shape and dtype); a
-    gradient not asked for is an empty tensor. ``dtable``: "sorted" or "atomic" (kernel.py)."""
+    gradient not asked for is an empty tensor. ``dtable``: "atomic" or "sorted" (kernel.py)."""
     return kernel.gather_backward(do, table, sel, weights, need_table, need_weights, dtable)
 
 
@@ -108,15 +108,15 @@ class PointGatherFunction(torch.autograd.Function):
         return (d_table if need_table else None), None, (d_weights if need_weights else None), None
 
 
-def gather_weighted_triton(table: Tensor, sel: Tensor, weights: Tensor, dtable: str = "sorted") -> Tensor:
+def gather_weighted_triton(table: Tensor, sel: Tensor, weights: Tensor, dtable: str = "atomic") -> Tensor:
     """Weighted point gather through the Triton kernels (same signature and result as
     ``gather_weighted_ref``).
 
     Args:
         table: (B, Nk, H, F) float32 / bfloat16 / float16. sel: (B, Nq, H, Pt, K) int slots.
         weights: (B, Nq, H, Pt, K) (float32 in the model).
-        dtable: how the backward forms d_table: "sorted" (stable sort + segment sums,
-            deterministic, default) or "atomic" (float32 atomics); docs/BENCHMARKS.md compares them.
+        dtable: how the backward forms d_table: "atomic" (float32 atomics, default, measured
+            faster) or "sorted" (stable sort + segment sums, deterministic); docs/BENCHMARKS.md.
     Returns:
         (B, Nq, H, Pt, F) in table's dtype.
     """
