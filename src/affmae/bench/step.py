@@ -8,7 +8,9 @@ Timing: CUDA events around each step on a GPU (no host sync inside the step), wa
 (``time.perf_counter``) on a CPU; the median over the timed steps. Warm-up steps run first, so
 the optimiser state exists, cuDNN/Triton autotuning and ``torch.compile`` are done, before the
 peak-memory counter is reset; the peak is ``torch.cuda.max_memory_allocated`` over the timed steps
-(every one of them has the optimiser state). On a CPU memory is not measured (None).
+(every one of them has the optimiser state). With ``cuda_graph`` the counter is reset before the
+warm-up instead, since the graph's memory pool is allocated during capture (a peak over replays
+alone would miss every activation). On a CPU memory is not measured (None).
 """
 
 from __future__ import annotations
@@ -137,12 +139,17 @@ def measure_steps(trainer: Trainer, steps: int = 20, warmup: int = 5) -> StepSta
         # at least one warm-up step: the optimiser state must exist before memory is measured
         raise ValueError(f"need steps >= 1 and warmup >= 1, got steps={steps}, warmup={warmup}")
     cuda = trainer.imgs.is_cuda
+    if cuda and trainer.cuda_graph:
+        # The graph's memory pool is allocated while capturing (in the warm-up): count it.
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         trainer.step()
     times: list[float] = []
     if cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if not trainer.cuda_graph:
+            torch.cuda.reset_peak_memory_stats()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(steps)]
         for start, end in events:

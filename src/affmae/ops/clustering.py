@@ -151,9 +151,10 @@ def nearest_clusters(
     for start in range(0, Mq, chunk):
         q = query[:, start : start + chunk].float()
         d = torch.cdist(q, keys.float(), compute_mode="donot_use_mm_for_euclid_dist")  # (B, chunk, Mk)
-        if self_first:
-            rows = torch.arange(q.shape[1], device=q.device)
-            d[:, rows, rows + start] = -1.0
+        if self_first:  # masked_fill, not an indexed store of a host scalar (graph-safe)
+            rows = torch.arange(start, start + q.shape[1], device=q.device)
+            own = rows[:, None] == torch.arange(Mk, device=q.device)  # (chunk, Mk)
+            d = d.masked_fill(own, -1.0)
         out.append(torch.topk(d, k, dim=-1, largest=False, sorted=True).indices)
     return torch.cat(out, dim=1)
 
