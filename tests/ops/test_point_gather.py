@@ -15,23 +15,17 @@ GPU (``@pytest.mark.gpu``): the decoder's full size at 512 px in bf16 / fp16, to
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
+from kernel_checks import (DTYPES, assert_three_way, error_rows, result, run_interpreter,
+                           write_results)
 
 from affmae.ops.point_gather import gather_weighted, resolve_backend, why_not_triton
 from affmae.ops.point_gather.reference import gather_weighted_ref
 
-FACTOR = 3.0  # kernel error <= FACTOR * same-precision reference error + floor
-FLOOR = 1e-5  # relative to max |float64 value|
 NAMES = ("out", "d_table", "d_weights")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,27 +73,7 @@ def three_way(inp, dtype, kernel_fn):
     exact = _run(gather_weighted_ref, inp, torch.float64, torch.float64)
     same = _run(gather_weighted_ref, inp, dtype, torch.float32)
     kern = _run(kernel_fn, inp, dtype, torch.float32)
-    rows = {}
-    for name, e, s, k in zip(NAMES, exact, same, kern):
-        assert k.dtype == s.dtype, f"{name}: kernel dtype {k.dtype} != reference dtype {s.dtype}"
-        assert k.shape == s.shape, f"{name}: kernel shape {tuple(k.shape)} != {tuple(s.shape)}"
-        rows[name] = (
-            (k.double() - e).abs().max().item(),
-            (s.double() - e).abs().max().item(),
-            e.abs().max().item(),
-            bool(torch.isfinite(k).all()),
-        )
-    return rows
-
-
-def assert_three_way(rows, label):
-    for name, (err_k, err_ref, scale, finite) in rows.items():
-        assert finite, f"{label} {name}: kernel produced NaN/Inf"
-        bound = FACTOR * err_ref + FLOOR * scale
-        assert err_k <= bound, (
-            f"{label} {name}: kernel error {err_k:.3e} > {FACTOR} x reference error {err_ref:.3e} "
-            f"+ floor {FLOOR * scale:.3e} (max |value| {scale:.3e})"
-        )
+    return error_rows(NAMES, exact, same, kern)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,53 +134,36 @@ def _worker(path: str) -> None:
     """Run every interpreter case (TRITON_INTERPRET=1 is set by the caller) and write JSON."""
     from affmae.ops.point_gather.function import gather_weighted_triton
 
-    results = {}
-    for name, (kw, dtype, dtable) in CASES.items():
-        try:
-            fn = lambda *a, _d=dtable: gather_weighted_triton(*a, dtable=_d)  # noqa: E731
-            results[name] = {"rows": three_way(make_inputs(**kw), DTYPES[dtype], fn)}
-        except Exception:  # recorded so the matching test fails with the traceback
-            results[name] = {"error": traceback.format_exc()}
-    for name, check in (("single_grad", _single_gradient_errors), ("custom_op", _custom_op_path_difference)):
-        try:
-            results[name] = {"value": check()}
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-    Path(path).write_text(json.dumps(results))
+    def case(kw, dtype, dtable):
+        fn = lambda *a: gather_weighted_triton(*a, dtable=dtable)  # noqa: E731
+        return lambda: three_way(make_inputs(**kw), DTYPES[dtype], fn)
+
+    jobs = {name: case(*spec) for name, spec in CASES.items()}
+    write_results(path, {**jobs, "single_grad": _single_gradient_errors,
+                         "custom_op": _custom_op_path_difference})
 
 
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("interp") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", str(path)], env=env, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stderr[-4000:]}"
-    return json.loads(path.read_text())
+    return run_interpreter(__file__, tmp_path_factory.mktemp("interp"), timeout=300)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_interpreter_matches_reference(interpreter_results, case):
-    res = interpreter_results[case]
-    assert "error" not in res, f"{case} raised:\n{res.get('error')}"
-    assert set(res["rows"]) == set(NAMES), f"{case}: missing outputs {set(NAMES) - set(res['rows'])}"
-    assert_three_way(res["rows"], case)
+    rows = result(interpreter_results, case)
+    assert set(rows) == set(NAMES), f"{case}: missing outputs {set(NAMES) - set(rows)}"
+    assert_three_way(rows, case)
 
 
 def test_interpreter_single_gradient(interpreter_results):
-    res = interpreter_results["single_grad"]
-    assert "error" not in res, f"single-gradient case raised:\n{res.get('error')}"
-    for which, r in res["value"].items():
+    for which, r in result(interpreter_results, "single_grad").items():
         assert r["other_is_none"], f"only {which} needed a gradient, the other input got one"
         assert r["err"] < 1e-5, f"d_{which} alone differs from the float64 reference by {r['err']:.3e}"
 
 
 def test_interpreter_custom_ops_match_eager_path(interpreter_results):
-    res = interpreter_results["custom_op"]
-    assert "error" not in res, f"custom op path raised:\n{res.get('error')}"
-    assert res["value"] == 0.0, f"custom ops differ from the eager launchers by {res['value']}"
+    diff = result(interpreter_results, "custom_op")
+    assert diff == 0.0, f"custom ops differ from the eager launchers by {diff}"
 
 
 # ------------------------------------------------------------------------------------------------

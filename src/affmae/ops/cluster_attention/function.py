@@ -22,10 +22,10 @@ q k^T and dO v^T) and the bias arithmetic are not counted.
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from affmae.ops.cluster_attention import kernel
+from affmae.ops.dispatch import plain_eager
 
 Tensor = torch.Tensor
 
@@ -89,23 +89,13 @@ def _bwd_flop(do_shape, q_shape, k_shape, v_shape, lse_shape, pos_shape, nbr_sha
     return 5 * _forward_flops(q_shape, nbr_shape) // 2
 
 
-def _eager(*tensors: Tensor) -> bool:
-    """True when nothing needs to see the custom ops (see the module docstring)."""
-    return (
-        not torch.compiler.is_compiling()
-        and _get_current_dispatch_mode() is None
-        and not torch._C._are_functorch_transforms_active()
-        and all(type(t) is torch.Tensor for t in tensors)
-    )
-
-
 class ClusterAttentionFunction(torch.autograd.Function):
     """Autograd over the two custom ops. Positions and neighbourhoods get no gradient."""
 
     @staticmethod
     def forward(ctx, q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv):
         args = (q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale)
-        if _eager(q, k, v, pos, nbr):
+        if plain_eager(q, k, v, pos, nbr):
             out, lse = kernel.attention_forward(*args)
         else:
             out, lse = torch.ops.affmae.cluster_attention_fwd(*args)
@@ -118,7 +108,7 @@ class ClusterAttentionFunction(torch.autograd.Function):
         q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v = ctx.saved_tensors
         args = (do, q, k, v, lse, pos, nbr, ctx.n_valid, bias_weight, bias_bias, blank_k, blank_v,
                 ctx.scale, ctx.dkdv)
-        if _eager(do, q, k, v, pos, nbr):
+        if plain_eager(do, q, k, v, pos, nbr):
             dq, dk, dv, g = kernel.attention_backward(*args)
         else:
             dq, dk, dv, g = torch.ops.affmae.cluster_attention_bwd(*args)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
+from affmae.ops.dispatch import plain_eager
 from affmae.ops.point_gather import kernel
 
 Tensor = torch.Tensor
@@ -71,22 +71,12 @@ def _bwd_flop(do_shape, table_shape, sel_shape, weights_shape, *args, out_shape=
     return 4 * _rows_times_kf(table_shape, sel_shape)
 
 
-def _eager(*tensors: Tensor) -> bool:
-    """True when nothing needs to see the custom ops (see the module docstring)."""
-    return (
-        not torch.compiler.is_compiling()
-        and _get_current_dispatch_mode() is None
-        and not torch._C._are_functorch_transforms_active()
-        and all(type(t) is torch.Tensor for t in tensors)
-    )
-
-
 class PointGatherFunction(torch.autograd.Function):
     """Autograd over the two custom ops. ``sel`` gets no gradient."""
 
     @staticmethod
     def forward(ctx, table, sel, weights, dtable):
-        if _eager(table, sel, weights):
+        if plain_eager(table, sel, weights):
             out = kernel.gather_forward(table, sel, weights)
         else:
             out = torch.ops.affmae.point_gather_fwd(table, sel, weights)
@@ -101,7 +91,7 @@ class PointGatherFunction(torch.autograd.Function):
         if not (need_table or need_weights):
             return None, None, None, None
         args = (do, table, sel, weights, need_table, need_weights, ctx.dtable)
-        if _eager(do, table, sel, weights):
+        if plain_eager(do, table, sel, weights):
             d_table, d_weights = kernel.gather_backward(*args)
         else:
             d_table, d_weights = torch.ops.affmae.point_gather_bwd(*args)
