@@ -42,6 +42,7 @@ import time
 
 import torch
 
+from affmae.bench.timing import time_op
 from affmae.ops.cluster_attention import cluster_attention
 from affmae.ops.cluster_attention.reference import cluster_attention_ref
 from affmae.ops.clustering import balanced_clustering, gather_tokens, pad_tokens
@@ -183,35 +184,14 @@ def measure(fn, s, graph: bool = False) -> dict:
     graph: also time both inside a CUDA graph (``do_bench_cudagraph``): GPU time alone, without
     the host's launch overhead, which a training step overlaps with earlier GPU work.
     """
-    from triton.testing import do_bench, do_bench_cudagraph
-
     leaves = _leaves(s)
     do = s["do"]
-    with torch.no_grad():
-        fwd_ms = do_bench(lambda: fn(*leaves), return_mode="median")
 
     def step():
         out = fn(*leaves)
         torch.autograd.grad(out, leaves, do, allow_unused=True)  # flex_nograd leaves w, wb unused
 
-    step()  # compile / warm up outside the memory measurement
-    fb_ms = do_bench(step, return_mode="median")
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    out = dict(fwd_ms=fwd_ms, fwdbwd_ms=fb_ms, peak_mib=peak)
-    if graph:
-        try:
-            with torch.no_grad():
-                out["fwd_graph_ms"] = do_bench_cudagraph(lambda: fn(*leaves), return_mode="median")
-            out["fwdbwd_graph_ms"] = do_bench_cudagraph(step, return_mode="median")
-        except Exception as e:  # recorded; the eager timings above stand
-            out["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    return out
+    return time_op(lambda: fn(*leaves), step, graph)
 
 
 def min_bytes(s, elt: int) -> tuple[int, int]:

@@ -31,6 +31,7 @@ import sys
 
 import torch
 
+from affmae.bench.timing import time_op
 from affmae.ops.point_gather import gather_weighted
 from affmae.ops.point_gather.reference import gather_weighted_ref
 
@@ -56,27 +57,14 @@ def make_inputs(batch: int, nk: int, dtype: torch.dtype, seed: int = 0, slots: s
 
 def measure(fn, s: dict) -> dict:
     """Forward, forward + backward median ms; peak MiB of one forward + backward."""
-    from triton.testing import do_bench
-
     table = s["table"].clone().requires_grad_()
     weights = s["weights"].clone().requires_grad_()
-    with torch.no_grad():
-        fwd_ms = do_bench(lambda: fn(table, s["sel"], weights), return_mode="median")
 
     def step():
         out = fn(table, s["sel"], weights)
         torch.autograd.grad(out, (table, weights), s["do"])
 
-    step()  # compile / warm up outside the memory measurement
-    fb_ms = do_bench(step, return_mode="median")
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return dict(fwd_ms=fwd_ms, fwdbwd_ms=fb_ms, peak_mib=peak)
+    return time_op(lambda: fn(table, s["sel"], weights), step)
 
 
 def sweep(s: dict) -> dict:
