@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
+from labelled import VALUES, write_labelled
 from affmae import create_model
 from affmae.data.synthetic import write_dataset
 from affmae.train.config import config_from_args
@@ -19,28 +19,7 @@ from affmae.train.distributed import context_from_env
 from affmae.train.finetune import (FinetuneConfig, FinetuneJob, add_arguments, finetune_demo,
                                    run_finetune)
 
-VALUES = (0, 100, 200)
-NAMES = ("cyto", "mem", "mito")
 STATS = {"mean": 0.5, "std": 0.25}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine's 2 cores are shared: 2 threads contend and run 10-50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def write_labelled(root, n, size, seed):
-    """Synthetic pairs with mask values VALUES (not 0..C-1) and a matching classes.yaml."""
-    write_dataset(root, n, size, seed=seed)
-    lut = np.asarray(VALUES, dtype=np.uint8)
-    for f in sorted((root / "masks").glob("*.png")):
-        Image.fromarray(lut[np.asarray(Image.open(f))]).save(f)
-    (root / "classes.yaml").write_text(yaml.safe_dump(dict(zip(VALUES, NAMES))))
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from affmae.devices import resolve_device
 from affmae.ops.masking import DEFAULT_PERLIN_SCALES, MASK_KINDS
 
 DEFAULT_SIZE = 512
@@ -96,15 +97,6 @@ def _say(msg: str) -> None:
     print(f"affmae analyze: {msg}", flush=True)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r} requested but CUDA is not available")
-    return dev
-
-
 def _training_config(path: Path) -> dict:
     """The job config stored in a ``.pt`` training checkpoint ({} for .safetensors or none)."""
     if path.suffix == ".safetensors":
@@ -169,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     args = argparse.Namespace(**{**dict.fromkeys(_OPTIONAL), **vars(args)})
     _check_args(args)
     out = Path(args.out)
-    device = _device(args.device)
+    device = resolve_device(args.device)
 
     # 1. Model (optional) and the settings it implies.
     model, train_cfg, stats = None, {}, None

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from affmae.devices import resolve_device
 from affmae.bench.flops import count_model_flops
 from affmae.bench.plot import plot_results
 from affmae.bench.profile import format_profile, profile_step
@@ -124,15 +125,6 @@ def _config_fields(create_model, name: str) -> set[str]:
     import dataclasses
 
     return {f.name for f in dataclasses.fields(create_model(name).config)}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def make_batch(res: int, batch: int, ratio: float, kind: str, seed: int, patch: int):

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from affmae.devices import resolve_device
 from affmae.train.metrics import IoUMeter, json_safe
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -213,15 +214,6 @@ def autocast_for(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST[precision])
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 # ----------------------------------------------------------------------------------------------
