@@ -45,3 +45,28 @@ def test_from_pretrained_loads_backbone_weights(tmp_path):
     seg.eval(), again.eval()
     assert torch.equal(seg(x), again(x)), "reloaded segmenter computes a different function"
     assert config_dict(again)["num_classes"] == 2
+
+
+def test_dense_queries_start_from_their_own_token():
+    """In dense prediction each query starts from its own patch's stage-1 token (raster order)."""
+    torch.manual_seed(0)
+    mae = create_model("aff_tiny").eval()
+    x = torch.randn(1, 1, 64, 48)
+    seen = {}
+    forward = mae.decoder.forward
+
+    def spy(stages, qpos, grid_hw, query_init=None):
+        seen["stages"], seen["qpos"], seen["init"] = stages, qpos, query_init
+        return forward(stages, qpos, grid_hw, query_init)
+
+    mae.decoder.forward = spy
+    with torch.no_grad():
+        mae.dense_features(x)
+    first = seen["stages"][0]
+    assert seen["init"] is not None, "dense queries start from the learned token only"
+    # Query i sits at raster position i; its init must be the projection of the token there.
+    at = {tuple(p): k for k, p in enumerate(first.pos[0].tolist())}
+    proj = mae.decoder.blocks[-1][0].src_proj
+    for i in (0, 13, 47):
+        k = at[tuple(seen["qpos"][0, i].tolist())]
+        torch.testing.assert_close(seen["init"][0, i], proj(first.x[0, k]))

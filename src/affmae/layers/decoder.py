@@ -131,11 +131,14 @@ class PointDecoder(nn.Module):
             if isinstance(mod, DeformableAttention):
                 mod.reset_parameters()
 
-    def forward(self, stages, qpos: torch.Tensor, grid_hw: tuple[int, int]) -> list[torch.Tensor]:
+    def forward(self, stages, qpos: torch.Tensor, grid_hw: tuple[int, int],
+                query_init: torch.Tensor | None = None) -> list[torch.Tensor]:
         """
         Args:
             stages: encoder TokenSets, stage 1 first.
             qpos: (B, Nq, 2) query positions. grid_hw: (gh, gw).
+            query_init: optional (B, Nq, C) features added to the learned query token (in
+                ``qpos`` order); dense prediction passes each patch's own stage-1 token here.
         Returns:
             Decoder features after each stage's blocks, coarse to fine: list of (B, Nq, C) in
             the order of ``qpos``.
@@ -149,6 +152,8 @@ class PointDecoder(nn.Module):
             table_self = cell_neighbours(qcl, qpos_far, grid_hw, self.knn, self.nbr_clusters)
         spacing_self = math.sqrt(cells / Nq)
         x = self.query_token + sincos_embed_2d(qpos_c, self.dim).to(self.query_token.dtype)
+        if query_init is not None:
+            x = x + pad_tokens(gather_tokens(query_init, qcl.perm), qcl.n_padded)
         inverse = torch.argsort(qcl.perm, dim=1)  # (B, Nq) clustered slot of each query
         outs = []
         for blocks, st in zip(self.blocks, reversed(stages)):

@@ -164,13 +164,26 @@ class AFFMAE(nn.Module):
 
     # -- fine-tuning (affmae.models.segmentation) ------------------------------------------
     def dense_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Unmasked encoder, decoder queried at every patch: (B, gh*gw, decoder_dim)."""
+        """Unmasked encoder, decoder queried at every patch: (B, gh*gw, decoder_dim).
+
+        Deviation (DESIGN is silent on the query start in fine-tuning): a query starts from the
+        learned token plus its patch's own stage-1 token (through the finest decoder block's
+        pretrained source projection), as a ViT-MAE decoder sees every encoder token in
+        fine-tuning. Starting from the learned token alone, the decoder's output followed the
+        query position more than the image (demo: held-out mIoU 0.344 -> 0.408; 8 synthetic
+        128 px images with 64 px random crops, 300 steps: 0.414 -> 0.642).
+        """
         P = self.patch_size
         grid_hw = (imgs.shape[-2] // P, imgs.shape[-1] // P)
         all_idx = torch.arange(grid_hw[0] * grid_hw[1], device=imgs.device)
         all_idx = all_idx.expand(imgs.shape[0], -1)
         stages = self.encoder.forward_intermediates(imgs)
-        return self.decoder(stages, grid_positions(all_idx, grid_hw[1]), grid_hw)[-1]
+        # Every query has its own stage-1 token (nothing is masked): start the query from it,
+        # through the finest block's (pretrained) source projection, back in raster order.
+        first = stages[0]
+        own = gather_tokens(first.x, torch.argsort(first.clustering.perm, dim=1))  # (B, N, C1)
+        query_init = self.decoder.blocks[-1][0].src_proj(own)  # (B, N, decoder_dim)
+        return self.decoder(stages, grid_positions(all_idx, grid_hw[1]), grid_hw, query_init)[-1]
 
     def strip_pretraining_heads(self) -> None:
         """Drop the pixel heads (unused in fine-tuning; DDP would see unused parameters)."""
