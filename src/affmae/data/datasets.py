@@ -278,13 +278,16 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        """Item ``i`` (crop of the current epoch) or ``(epoch, i)`` (crop of that epoch: a loader
+        that spans epochs passes the epoch with the index, so its workers need no set_epoch)."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         path, page = self.items[i]
         x = read_image(path, page=page)[0]  # (H, W)
         if self.mode == "resize":
             out = _resize_image(torch.from_numpy(x)[None], self.size)
         else:
-            y0, x0 = _crop_box(x.shape, self.size, self.mode, _generator(self.seed, self.epoch, i))
+            y0, x0 = _crop_box(x.shape, self.size, self.mode, _generator(self.seed, epoch, i))
             crop = x[y0 : y0 + self.size[0], x0 : x0 + self.size[1]]
             out = torch.from_numpy(np.ascontiguousarray(crop))[None]  # (1, H, W)
         return (out - self.mean) / self.std
@@ -438,7 +441,9 @@ class SegmentationFolder(Dataset):
         """Raw mask values -> class indices (values must be in class_values)."""
         return self._sorter[np.searchsorted(self._sorted_values, mask)]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair ``i`` or ``(epoch, i)``, as for ImageFolder."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         pair = self.pairs[i]
         x = read_image(pair.image, page=pair.page)[0]  # (H, W)
         m = read_mask(pair.mask, page=pair.page)
@@ -447,7 +452,7 @@ class SegmentationFolder(Dataset):
             img = _resize_image(torch.from_numpy(x)[None], self.size)
             tgt = _resize_labels(torch.from_numpy(y), self.size)
         else:
-            y0, x0 = _crop_box(x.shape, self.size, self.mode, _generator(self.seed, self.epoch, i))
+            y0, x0 = _crop_box(x.shape, self.size, self.mode, _generator(self.seed, epoch, i))
             sl = (slice(y0, y0 + self.size[0]), slice(x0, x0 + self.size[1]))
             img = torch.from_numpy(np.ascontiguousarray(x[sl]))[None]  # (1, H, W)
             tgt = torch.from_numpy(np.ascontiguousarray(y[sl]))  # (H, W)

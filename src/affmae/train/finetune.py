@@ -231,12 +231,10 @@ class RepeatedPairs(Dataset):
     def __len__(self) -> int:
         return len(self.base) * self.repeats
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         r, j = divmod(int(i), len(self.base))
-        # Items are read one after another in each process (main or worker), so setting the
-        # base's epoch right before the read is safe.
-        self.base.set_epoch(self.epoch * self.repeats + r)
-        return self.base[j]
+        return self.base[(epoch * self.repeats + r, j)]
 
 
 class FinetuneJob(TrainJob):

@@ -142,16 +142,29 @@ def batch_indices(n: int, cfg: TrainConfig, epoch: int, start: int, stop: int,
     return out
 
 
-def _loader(job: TrainJob, epoch: int, start: int, stop: int, ctx: DistContext) -> DataLoader:
-    if hasattr(job.dataset, "set_epoch"):
-        job.dataset.set_epoch(epoch)
+def _epoch_batches(n: int, cfg: TrainConfig, start: int, total: int, spe: int,
+                   ctx: DistContext):
+    """Micro-batches of steps ``start..total-1`` across epochs, as ``(epoch, index)`` keys."""
+    step = start
+    while step < total:
+        epoch, in_epoch = divmod(step, spe)
+        stop = min(total, (epoch + 1) * spe)
+        for batch in batch_indices(n, cfg, epoch, in_epoch, stop - epoch * spe, ctx):
+            yield [(epoch, i) for i in batch]
+        step = stop
+
+
+def _loader(job: TrainJob, start: int, total: int, spe: int, ctx: DistContext) -> DataLoader:
+    """One loader for the whole run: its workers start once, not at every epoch (with a small
+    dataset an epoch is a few steps). The dataset takes ``(epoch, index)`` keys, so crops
+    depend on the epoch without any per-epoch state in the workers."""
     cfg = job.cfg
     return DataLoader(
-        job.dataset, batch_sampler=batch_indices(len(job.dataset), cfg, epoch, start, stop, ctx),
+        job.dataset, batch_sampler=_epoch_batches(len(job.dataset), cfg, start, total, spe, ctx),
         num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda",
         # An explicit generator: a loader must not draw its worker seeds from the global RNG,
         # whose stream drives drop-path and must not depend on when loaders are created.
-        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "loader", epoch, start)))
+        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "loader", start)))
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -293,10 +306,10 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
     last_ckpt = None
     model.train()
     step = start
+    batches = iter(_loader(job, start, total, spe, ctx))
     while step < total:
-        epoch, in_epoch = divmod(step, spe)
+        epoch = step // spe
         stop = min(total, (epoch + 1) * spe)
-        batches = iter(_loader(job, epoch, in_epoch, stop - epoch * spe, ctx))
         for step in range(step, stop):
             t0 = time.perf_counter()
             # 1. lr from the schedule, per group scale kept.
