@@ -36,16 +36,7 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 def _import_families() -> None:
     # Importing a family module registers its sizes.
-    from affmae.models import mae  # noqa: F401
-
-    try:
-        from affmae.models import vit  # noqa: F401
-    except ImportError:
-        pass
-    try:
-        from affmae.models import segmentation  # noqa: F401
-    except ImportError:
-        pass
+    from affmae.models import mae, segmentation, vit  # noqa: F401
 
 
 def list_models() -> list[str]:
