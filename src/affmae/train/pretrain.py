@@ -53,6 +53,9 @@ class PretrainJob(TrainJob):
             raise ValueError(f"size {cfg.size} (H, W) is not a multiple of the patch size "
                              f"{self.patch} of model {cfg.model!r}")
         self.grid = (h // self.patch, w // self.patch)
+        from affmae.ops.masking import num_masked
+
+        self.n_masked = num_masked(self.grid[0] * self.grid[1], cfg.mask_ratio)
         # 2. Data; a resumed run keeps the statistics it was trained with.
         stats = _resumed_stats(cfg)
         self.dataset = ImageFolder(cfg.data, cfg.size, patch_size=self.patch, mode=cfg.crop,
@@ -83,7 +86,9 @@ class PretrainJob(TrainJob):
         per_rank = batch.shape[0]
         mask = self._mask(self.cfg.batch_size, derive_seed(self.cfg.seed, "mask", step, micro))
         mask = mask[self.ctx.rank * per_rank:(self.ctx.rank + 1) * per_rank]  # this rank's rows
-        return model(batch, mask.to(batch.device, non_blocking=True))
+        # The masked count is known from the ratio: the model need not read the mask back
+        # (one device sync per micro-step fewer).
+        return model(batch, mask.to(batch.device, non_blocking=True), num_masked=self.n_masked)
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"data_stats": dict(self.data_stats)}
