@@ -75,7 +75,7 @@ def test_aff_checkpoint_writes_every_figure_and_per_stage_ranks(setup, tmp_path,
     assert er["tokens_per_image"] == {"unmasked": [64, 25, 10, 4], "masked": [32, 12, 4, 1]}, er
     assert er["tokens_pooled_unmasked"] == [128, 50, 20, 8], er["tokens_pooled_unmasked"]
     assert er["dims"] == [32, 48, 64, 96] and er["num_images"] == 2, er
-    assert res["pca"]["layers"][0] == "decoder after stage 4" and len(res["pca"]["layers"]) == 4
+    assert res["pca"]["layers"][0] == "decoder, stage 4 cross-attention" and len(res["pca"]["layers"]) == 4
     recs = {(r["kind"], r["ratio"]): r["mse_masked"] for r in res["reconstruction"]}
     assert set(recs) == {(k, r) for k in ("perlin", "uniform") for r in (0.5, 0.75)}, recs
     assert all(math.isfinite(v) and v > 0 for v in recs.values()), recs

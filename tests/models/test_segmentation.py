@@ -55,9 +55,9 @@ def test_dense_queries_start_from_their_own_token():
     seen = {}
     forward = mae.decoder.forward
 
-    def spy(stages, qpos, grid_hw, query_init=None):
+    def spy(stages, qpos, grid_hw, query_init=None, after="block"):
         seen["stages"], seen["qpos"], seen["init"] = stages, qpos, query_init
-        return forward(stages, qpos, grid_hw, query_init)
+        return forward(stages, qpos, grid_hw, query_init, after)
 
     mae.decoder.forward = spy
     with torch.no_grad():
@@ -70,3 +70,20 @@ def test_dense_queries_start_from_their_own_token():
     for i in (0, 13, 47):
         k = at[tuple(seen["qpos"][0, i].tolist())]
         torch.testing.assert_close(seen["init"][0, i], proj(first.x[0, k]))
+
+
+def test_decoder_features_after_cross_attention_differ_from_block_outputs():
+    torch.manual_seed(0)
+    mae = create_model("aff_tiny").eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        block = mae.dense_decoder_features(x)
+        cross = mae.dense_decoder_features(x, after="cross")
+    assert len(block) == len(cross) == 4 and block[-1].shape == cross[-1].shape == (1, 64, 64)
+    assert not torch.allclose(block[-1], cross[-1]), "the FFN changed nothing: wrong capture"
+    try:
+        mae.dense_decoder_features(x, after="ffn")
+    except ValueError as e:
+        assert "after" in str(e)
+    else:
+        raise AssertionError("an unknown capture point was accepted")

@@ -140,11 +140,10 @@ def dense_feature_maps(
     gh, gw = _grid(model, imgs)
     B = imgs.shape[0]
     if family == "aff":
-        all_idx = torch.arange(gh * gw, device=imgs.device).expand(B, -1)
-        stages = model.encoder.forward_intermediates(imgs)
-        feats = model.decoder(stages, grid_positions(all_idx, gw), (gh, gw))  # raster order
-        S = len(stages)
-        labels = [f"decoder after stage {S - i}" for i in range(len(feats))]
+        # As in fine-tuning (queries start from their own tokens), after each cross-attention.
+        feats = model.dense_decoder_features(imgs, after="cross")  # raster order
+        S = len(feats)
+        labels = [f"decoder, stage {S - i} cross-attention" for i in range(len(feats))]
     else:
         taps = _vit_taps(model)
         feats = list(model.forward_intermediates(imgs, indices=taps)) + [model.dense_features(imgs)]

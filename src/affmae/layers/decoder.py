@@ -96,10 +96,11 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x, qpos, qpos_far, table_self, spacing_self, src, src_pos, table, spacing,
                 grid_hw):
+        """-> (block output, features right after the cross-attention) both (B, Nq, C)."""
         h = self.norm1(x)
         x = x + self.self_attn(h, qpos, h, qpos_far, table_self, grid_hw, spacing_self)
-        x = x + self.cross_attn(self.norm2(x), qpos, src, src_pos, table, grid_hw, spacing)
-        return x + self.mlp(self.norm3(x))
+        cross = x + self.cross_attn(self.norm2(x), qpos, src, src_pos, table, grid_hw, spacing)
+        return cross + self.mlp(self.norm3(cross)), cross
 
 
 def far_padding(pos: torch.Tensor, n_valid: int) -> torch.Tensor:
@@ -132,17 +133,21 @@ class PointDecoder(nn.Module):
                 mod.reset_parameters()
 
     def forward(self, stages, qpos: torch.Tensor, grid_hw: tuple[int, int],
-                query_init: torch.Tensor | None = None) -> list[torch.Tensor]:
+                query_init: torch.Tensor | None = None, after: str = "block") -> list[torch.Tensor]:
         """
         Args:
             stages: encoder TokenSets, stage 1 first.
             qpos: (B, Nq, 2) query positions. grid_hw: (gh, gw).
             query_init: optional (B, Nq, C) features added to the learned query token (in
                 ``qpos`` order); dense prediction passes each patch's own stage-1 token here.
+            after: "block" (each stage's output) or "cross" (right after the cross-attention
+                of the stage's last block, before its FFN: the paper's Fig. 4 features).
         Returns:
             Decoder features after each stage's blocks, coarse to fine: list of (B, Nq, C) in
             the order of ``qpos``.
         """
+        if after not in ("block", "cross"):
+            raise ValueError(f"after must be 'block' or 'cross', got {after!r}")
         B, Nq, _ = qpos.shape
         cells = grid_hw[0] * grid_hw[1]
         with record_function("decoder/cluster"):
@@ -165,7 +170,7 @@ class PointDecoder(nn.Module):
             for blk in blocks:
                 src = blk.src_proj(st.x) + sincos_embed_2d(st.pos, self.dim).to(st.x.dtype)
                 src = pad_tokens(src, cl.n_padded)
-                x = blk(x, qpos_c, qpos_far, table_self, spacing_self, src, spos, table, spacing,
-                        grid_hw)
-            outs.append(gather_tokens(x, inverse))  # (B, Nq, C) in qpos order
+                x, cross = blk(x, qpos_c, qpos_far, table_self, spacing_self, src, spos, table,
+                               spacing, grid_hw)
+            outs.append(gather_tokens(cross if after == "cross" else x, inverse))  # qpos order
         return outs

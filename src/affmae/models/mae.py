@@ -173,6 +173,12 @@ class AFFMAE(nn.Module):
         query position more than the image (demo: held-out mIoU 0.344 -> 0.408; 8 synthetic
         128 px images with 64 px random crops, 300 steps: 0.414 -> 0.642).
         """
+        return self.dense_decoder_features(imgs)[-1]
+
+    def dense_decoder_features(self, imgs: torch.Tensor, after: str = "block") -> list[torch.Tensor]:
+        """The decoder at every patch after each stage, coarse to fine: list of
+        (B, gh*gw, decoder_dim) in raster order; ``after="cross"`` takes each stage's features
+        right after its cross-attention (see ``PointDecoder.forward``)."""
         P = self.patch_size
         grid_hw = (imgs.shape[-2] // P, imgs.shape[-1] // P)
         all_idx = torch.arange(grid_hw[0] * grid_hw[1], device=imgs.device)
@@ -183,7 +189,8 @@ class AFFMAE(nn.Module):
         first = stages[0]
         own = gather_tokens(first.x, torch.argsort(first.clustering.perm, dim=1))  # (B, N, C1)
         query_init = self.decoder.blocks[-1][0].src_proj(own)  # (B, N, decoder_dim)
-        return self.decoder(stages, grid_positions(all_idx, grid_hw[1]), grid_hw, query_init)[-1]
+        return self.decoder(stages, grid_positions(all_idx, grid_hw[1]), grid_hw, query_init,
+                            after)
 
     def strip_pretraining_heads(self) -> None:
         """Drop the pixel heads (unused in fine-tuning; DDP would see unused parameters)."""
