@@ -1,5 +1,6 @@
 """Segmentation model on an MAE backbone: shapes, gradients, LLRD ids, checkpoint round trips."""
 
+import pytest
 import torch
 
 from affmae import create_model, load_model
@@ -81,9 +82,5 @@ def test_decoder_features_after_cross_attention_differ_from_block_outputs():
         cross = mae.dense_decoder_features(x, after="cross")
     assert len(block) == len(cross) == 4 and block[-1].shape == cross[-1].shape == (1, 64, 64)
     assert not torch.allclose(block[-1], cross[-1]), "the FFN changed nothing: wrong capture"
-    try:
+    with pytest.raises(ValueError, match="after"):
         mae.dense_decoder_features(x, after="ffn")
-    except ValueError as e:
-        assert "after" in str(e)
-    else:
-        raise AssertionError("an unknown capture point was accepted")
