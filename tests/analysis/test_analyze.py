@@ -25,15 +25,6 @@ AFF_FIGURES = ("effective_rank", "pca", "token_maps_unmasked", "token_maps_maske
                "recon_uniform_r0.75", "mask_spectra", "mask_examples")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: on a shared 2-core machine thread hand-offs cost more than the maths.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("analyze")

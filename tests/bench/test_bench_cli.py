@@ -11,15 +11,6 @@ from affmae import list_models
 from affmae.bench import cli
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared CPU: one thread avoids oversubscription (several times faster here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _models():
     names = ["vit_tiny"]
     if "aff_tiny" in list_models():

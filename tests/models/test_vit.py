@@ -16,15 +16,6 @@ from affmae.ops.masking import make_mask, mask_indices
 VIT_NAMES = ("vit_tiny", "vit_tiny_crossmae")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared CPU: one thread avoids oversubscription (several times faster here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(B=2, H=64, W=96, ratio=0.5, seed=0):
     g = torch.Generator().manual_seed(seed)
     imgs = torch.randn(B, 1, H, W, generator=g)
