@@ -179,3 +179,46 @@ def test_plot_and_model_inputs_are_checked(tmp_path):
         plot_token_maps(imgs, pos, 8, tmp_path / "t.png", hidden=np.zeros((1, 4, 4), bool))
     with pytest.raises(ValueError, match=r"\(AFFMAE or ViTMAE\), got Linear"):
         model_family(torch.nn.Linear(2, 2))
+
+
+def test_compare_puts_two_runs_side_by_side_and_rejects_mismatches(setup, tmp_path, capsys):
+    _, ckpt, data = setup
+    torch.manual_seed(1)  # a second, different checkpoint of the same architecture
+    other = tmp_path / "other.safetensors"
+    registry.save_safetensors(create_model("aff_tiny"), other, data_stats={"mean": 0.45, "std": 0.2})
+    runs = {}
+    for name, c in (("first", ckpt), ("second", other)):
+        rc, _, err = _analyze(capsys, "--checkpoint", c, "--data", data, "--out", tmp_path / name,
+                              "--size", 64, "--num-images", 2, "--show", 1, "--num-masks", 2,
+                              "--recon-ratios", 0.5, "--recon-kinds", "perlin")
+        assert rc == 0, err
+        runs[name] = json.loads((tmp_path / name / "analysis.json").read_text())["effective_rank"]
+    out = tmp_path / "cmp"
+    rc, stdout, err = _analyze(capsys, "--compare", tmp_path / "first/analysis.json",
+                               tmp_path / "second/analysis.json", "--labels", "A", "B",
+                               "--out", out)
+    assert rc == 0, err
+    _assert_png(out / "effective_rank_compare.png")
+    table = json.loads((out / "compare.json").read_text())
+    assert table["layers"] == runs["first"]["layers"], table["layers"]
+    assert table["runs"]["A"]["unmasked"] == runs["first"]["unmasked"], table["runs"]["A"]
+    assert table["runs"]["B"]["masked"] == runs["second"]["masked"], table["runs"]["B"]
+    assert runs["first"]["unmasked"] != runs["second"]["unmasked"], "the two runs are identical"
+    assert "A: effective rank (unmasked) stage 1" in stdout, stdout
+
+    # A run measured on other images is not comparable: an error naming the file.
+    rc, _, err = _analyze(capsys, "--checkpoint", other, "--data", data, "--out",
+                          tmp_path / "third", "--size", 64, "--num-images", 3, "--show", 1,
+                          "--num-masks", 2, "--recon-ratios", 0.5, "--recon-kinds", "perlin")
+    assert rc == 0, err
+    third = tmp_path / "third/analysis.json"
+    rc, _, err = _analyze(capsys, "--compare", tmp_path / "first/analysis.json", third,
+                          "--out", out)
+    assert rc == 2 and f"{third}: num_images 3 differs" in err, err
+    rc, _, err = _analyze(capsys, "--compare", third, "--labels", "A", "B", "--out", out)
+    assert rc == 2 and "--compare needs at least two" in err, err
+    rc, _, err = _analyze(capsys, "--compare", tmp_path / "first/analysis.json", third,
+                          "--labels", "A", "--out", out)
+    assert rc == 2 and "--labels gives 1 names for 2" in err, err
+    rc, _, err = _analyze(capsys, "--out", out)
+    assert rc == 2 and "--data is required" in err, err

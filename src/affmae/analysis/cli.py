@@ -1,13 +1,15 @@
 """``affmae analyze``: the figures that show what a pretrained model learned (issue 6).
 
     affmae analyze --checkpoint CKPT --data DIR --out DIR [--size PX [PX]] [--num-images N] ...
+    affmae analyze --compare RUN_A/analysis.json RUN_B/analysis.json --labels A B --out DIR
 
 With a checkpoint (AFFMAE or ViTMAE, ``.pt`` or ``.safetensors``) it writes, under ``--out``:
 effective ranks per encoder stage (paper Fig. 5), PCA of dense decoder features (Fig. 4), token
 maps (Fig. 3), reconstructions for each mask kind and ratio (Fig. 8)
 (``affmae.analysis.model_figures``), and always the mask spectra and mask illustration
 (Figs. 6-7, ``affmae.analysis.figures.mask_spectra_figure``), which need no model: without
-``--checkpoint`` only those are made. All numbers go to ``analysis.json``.
+``--checkpoint`` only those are made. All numbers go to ``analysis.json``. ``--compare`` puts
+the effective ranks of earlier runs side by side (e.g. with and without deep supervision).
 
 Defaults follow the checkpoint: a ``.pt`` training checkpoint carries its job config, so
 ``--size``, ``--crop``, ``--mask-ratio``, ``--mask-kind`` and ``--perlin-scales`` default to the
@@ -36,8 +38,8 @@ DEFAULT_SIZE = 512
 CROPS = ("resize", "center_crop")
 # Flags whose default depends on the checkpoint: absent from the namespace unless given (so -h
 # shows the help text's default, not "None"); ``run`` reads them as None.
-_OPTIONAL = ("checkpoint", "size", "crop", "spectrum_images", "patch_size", "mask_ratio",
-             "mask_kind", "perlin_scales")
+_OPTIONAL = ("checkpoint", "data", "compare", "labels", "size", "crop", "spectrum_images",
+             "patch_size", "mask_ratio", "mask_kind", "perlin_scales")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,10 +48,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--checkpoint", metavar="CKPT", default=argparse.SUPPRESS,
                     help="pretrained AFFMAE/ViTMAE (.pt or .safetensors); without it only the "
                     "mask spectra (Figs. 6-7) are computed")
-    io.add_argument("--data", metavar="DIR", required=True, default=argparse.SUPPRESS,
-                    help="folder of images (searched recursively)")
+    io.add_argument("--data", metavar="DIR", default=argparse.SUPPRESS,
+                    help="folder of images (searched recursively); required except with "
+                    "--compare")
     io.add_argument("--out", metavar="DIR", required=True, default=argparse.SUPPRESS,
                     help="output folder for the PNG figures and analysis.json")
+    io.add_argument("--compare", nargs="+", metavar="JSON", default=argparse.SUPPRESS,
+                    help="instead of analysing a checkpoint: put the effective ranks of two or "
+                    "more earlier runs' analysis.json side by side (effective_rank_compare.png "
+                    "and compare.json in --out), e.g. with and without deep supervision")
+    io.add_argument("--labels", nargs="+", metavar="NAME", default=argparse.SUPPRESS,
+                    help="one legend name per --compare file (default: each file's folder name)")
     io.add_argument("--skip-bad", action="store_true",
                     help="skip unreadable images instead of stopping with an error naming the file")
     d = parser.add_argument_group("images")
@@ -159,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     args = argparse.Namespace(**{**dict.fromkeys(_OPTIONAL), **vars(args)})
+    if args.compare is not None:
+        return compare_runs(args.compare, args.labels, Path(args.out))
+    if args.labels is not None:
+        raise ValueError("--labels names the --compare files; give --compare too")
+    if args.data is None:
+        raise ValueError("--data is required (a folder of images), except with --compare")
     _check_args(args)
     out = Path(args.out)
     device = resolve_device(args.device)
@@ -274,6 +289,55 @@ def run(args: argparse.Namespace) -> int:
     with open(json_path, "w") as f:
         json.dump(_jsonable(result), f, indent=2)
     _say(f"wrote {len(files)} figures and {json_path} in {result['seconds']:.1f} s")
+    return 0
+
+
+def compare_runs(paths: list[str], labels: list[str] | None, out: Path) -> int:
+    """Effective ranks of several ``analysis.json`` files in one figure and one JSON table.
+
+    The runs must have measured the same layers on the same number of images with the same mask
+    (what ``affmae analyze`` does for checkpoints of one architecture given the same flags);
+    anything else is an error naming the file, since the curves would not be comparable."""
+    from affmae.analysis.figures import plot_effective_rank
+
+    if len(paths) < 2:
+        raise ValueError(f"--compare needs at least two analysis.json files, got {len(paths)}")
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"--labels gives {len(labels)} names for {len(paths)} --compare files")
+    names = labels or [Path(p).resolve().parent.name for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"legend names must differ, got {names}; use --labels")
+    runs = []
+    for path in paths:
+        try:
+            er = json.loads(Path(path).read_text())["effective_rank"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such analysis.json") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not an analysis.json with effective ranks ({e!r}); was it "
+                             "written by `affmae analyze --checkpoint ...`?") from None
+        runs.append(er)
+    ref = runs[0]
+    for path, er in zip(paths[1:], runs[1:]):
+        for key in ("layers", "num_images", "mask"):
+            if er.get(key) != ref.get(key):
+                raise ValueError(f"{path}: {key} {er.get(key)!r} differs from {paths[0]}'s "
+                                 f"{ref.get(key)!r}; analyse both with the same flags")
+    # The figure shows the unmasked input (as fine-tuning sees it); the masked ranks, close to
+    # them in every run so far, would crowd it and are in compare.json.
+    curves = {name: er["unmasked"] for name, er in zip(names, runs)}
+    out.mkdir(parents=True, exist_ok=True)
+    fig = plot_effective_rank(curves, ref["layers"], out / "effective_rank_compare.png",
+                              title=f"Normalised effective rank, unmasked input, "
+                              f"{ref['num_images']} images")
+    table = {"layers": ref["layers"], "num_images": ref["num_images"], "mask": ref["mask"],
+             "runs": {n: {"file": str(p), "unmasked": er["unmasked"], "masked": er["masked"]}
+                      for n, p, er in zip(names, paths, runs)}}
+    (out / "compare.json").write_text(json.dumps(_jsonable(table), indent=2) + "\n")
+    for n, er in zip(names, runs):
+        _say(f"{n}: effective rank (unmasked) " + ", ".join(
+            f"{lab} {v:.3f}" for lab, v in zip(ref["layers"], er["unmasked"])))
+    _say(f"wrote {fig} and {out / 'compare.json'}")
     return 0
 
 
