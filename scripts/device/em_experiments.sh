@@ -4,7 +4,10 @@
 #            Lucchi++ and ISBI 2012, aff_small without deep supervision on ISBI (issue 6), and
 #            aff_small fine-tuned from scratch on both sets (row (a) of issue 5);
 #   phase B: fine-tuning from the pretrained checkpoints (rows (b), (c) and the 5/25/100 % label
-#            curves), `affmae analyze` of the two ISBI aff_small checkpoints (issue 6).
+#            curves), `affmae analyze` of the two ISBI aff_small checkpoints (issue 6);
+#   phase C: Lucchi++ (a), (b), (c) at 100 % of the labels again, 1500 fine-tuning steps;
+#   phase D: the ViT LLRD check: vit_small pretrained again on Lucchi++ (same recipe), then
+#            fine-tuned 1500 steps with layer decay 0.85 and 1.0 (needs no earlier phase).
 # All runs of a phase share the GPU as concurrent processes (the eager steps are host-bound, so
 # they overlap). Every run is wrapped in `timeout`: pretraining keeps step_XXXXXXX.pt every
 # KEEP steps and phase B fine-tunes every model of a set from the largest step ALL of that set's
@@ -12,7 +15,7 @@
 # the tables use the largest evaluated step all runs of a table reached.
 #
 # Data: the sets' PNGs copied (losslessly re-encoded) to data/em/{lucchi_pp,isbi2012} and carried.
-# Usage from the repository root:  bash scripts/device/em_experiments.sh A|B OUT_DIR
+# Usage from the repository root:  bash scripts/device/em_experiments.sh A|B|C|D OUT_DIR
 # CPU dry run of the plumbing:     SMOKE=1 bash scripts/device/em_experiments.sh A /tmp/o
 set -uo pipefail
 PHASE=$1
@@ -23,11 +26,11 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
 if [[ ${SMOKE:-0} == 1 ]]; then  # tiny models, CPU, seconds: checks the script, not the method
   AFF=aff_tiny VIT=vit_tiny SIZE=64 DEV=cpu PREC=fp32 PT_STEPS=6 KEEP=3 FT_STEPS=4 EVAL=2
-  PT_BATCH=4 FT_BATCH=2 T_PT=300 T_FT=${T_FT:-300} WORKERS=0
+  LONG_STEPS=6 PT_BATCH=4 FT_BATCH=2 T_PT=300 T_FT=${T_FT:-300} WORKERS=0
 else
   AFF=aff_small VIT=vit_small SIZE=512 DEV=cuda PREC=bf16 PT_STEPS=${PT_STEPS:-1000} KEEP=200
-  FT_STEPS=${FT_STEPS:-400} EVAL=100 PT_BATCH=16 FT_BATCH=8 T_PT=${T_PT:-520} T_FT=${T_FT:-540}
-  WORKERS=2
+  FT_STEPS=${FT_STEPS:-400} LONG_STEPS=${LONG_STEPS:-1500} EVAL=100 PT_BATCH=16 FT_BATCH=8
+  T_PT=${T_PT:-520} T_FT=${T_FT:-540} WORKERS=2
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 fi
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -46,9 +49,10 @@ ISBI=(--data data/em/isbi2012/train --val-fraction 0.2 --class-values 0 255
 
 pretrain() {  # NAME MODEL SET [MODEL_OVERRIDES]
   timeout "$T_PT" python -m affmae.cli pretrain --data "runs/unlab/$3" --size $SIZE \
-    --crop random_crop --model "$2" --model-overrides "${4:-{\}}" --batch-size $PT_BATCH --grad-accum 1 \
-    --steps $PT_STEPS --warmup-steps $((PT_STEPS / 10)) --lr 5e-4 --precision $PREC --device $DEV \
-    --num-workers $WORKERS --out "runs/pt/$1" --log-every 10 --ckpt-every $KEEP --keep-every $KEEP \
+    --crop random_crop --model "$2" --model-overrides "${4:-{\}}" --batch-size $PT_BATCH \
+    --grad-accum 1 --steps $PT_STEPS --warmup-steps $((PT_STEPS / 10)) --lr 5e-4 \
+    --precision $PREC --device $DEV --num-workers $WORKERS --out "runs/pt/$1" --log-every 10 \
+    --ckpt-every $KEEP --keep-every $KEEP \
     --figure-every $((PT_STEPS / 2)) --no-progress >"runs/logs/pt_$1.log" 2>&1
   echo "pretrain $1 rc=$?"
 }
@@ -73,6 +77,16 @@ common_step() {  # RUN... -> largest kept pretraining step every run has
   echo "$best"
 }
 ckpt() { printf 'runs/pt/%s/step_%07d.pt' "$1" "$2"; }
+long_lucchi() {  # NAME CHECKPOINT|- [FLAGS...]: a 1500-step Lucchi++ fine-tuning at 100 %
+  local name=$1 src=$2; shift 2
+  local from=(--model $AFF); [[ $src != - ]] && from=(--checkpoint "$src")
+  timeout "$T_FT" python -m affmae.cli finetune "${LUCCHI[@]}" "${from[@]}" "$@" --size $SIZE \
+    --batch-size $FT_BATCH --steps $LONG_STEPS --warmup-steps $((LONG_STEPS / 10)) --lr 3e-4 \
+    --precision $PREC --device $DEV --num-workers $WORKERS --eval-every $((LONG_STEPS / 6)) \
+    --eval-batch 8 --figure-every $LONG_STEPS --ckpt-every $LONG_STEPS --out "runs/ftlong/$name" \
+    --no-progress >"runs/logs/ftlong_$name.log" 2>&1
+  echo "finetune $name rc=$?"
+}
 
 case $PHASE in
 A)
@@ -109,11 +123,27 @@ B)
   done
   wait
   ;;
-*) echo "phase must be A or B, got $PHASE"; exit 2 ;;
+C)
+  S=$(common_step aff_lucchi vit_lucchi)
+  [[ -n $S ]] || { echo "no common pretraining checkpoint (cold machine?)"; exit 1; }
+  long_lucchi lucchi_a - &
+  long_lucchi lucchi_b "$(ckpt aff_lucchi "$S")" &
+  long_lucchi lucchi_c "$(ckpt vit_lucchi "$S")" &
+  wait
+  ;;
+D)
+  T_PT=170 pretrain vit_lucchi $VIT lucchi
+  S=$(common_step vit_lucchi)
+  for d in 0.85 1.0; do
+    long_lucchi "lucchi_c_ld$d" "$(ckpt vit_lucchi "$S")" --layer-decay $d &
+  done
+  wait
+  ;;
+*) echo "phase must be A, B, C or D, got $PHASE"; exit 2 ;;
 esac
 
 # Everything small comes back in one archive: logs, CSVs, JSON, configs, figures.
 tar czf "$OUT/phase$PHASE.tar.gz" runs/logs \
-  $(find runs/pt runs/ft runs/analysis -maxdepth 3 \( -name '*.csv' -o -name '*.json' \
+  $(find runs/pt runs/ft runs/ftlong runs/analysis -maxdepth 3 \( -name '*.csv' -o -name '*.json' \
     -o -name '*.yaml' -o -name '*.png' \) 2>/dev/null)
 python scripts/device/em_summary.py runs | tee "$OUT/summary_$PHASE.txt"

@@ -185,7 +185,8 @@ def test_compare_puts_two_runs_side_by_side_and_rejects_mismatches(setup, tmp_pa
     _, ckpt, data = setup
     torch.manual_seed(1)  # a second, different checkpoint of the same architecture
     other = tmp_path / "other.safetensors"
-    registry.save_safetensors(create_model("aff_tiny"), other, data_stats={"mean": 0.45, "std": 0.2})
+    registry.save_safetensors(create_model("aff_tiny"), other,
+                              data_stats={"mean": 0.45, "std": 0.2})
     runs = {}
     for name, c in (("first", ckpt), ("second", other)):
         rc, _, err = _analyze(capsys, "--checkpoint", c, "--data", data, "--out", tmp_path / name,

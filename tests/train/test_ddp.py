@@ -44,3 +44,37 @@ def test_two_process_gloo_run_matches_one_process(images64, tmp_path):
         batch_size=4, grad_accum=2, steps=3, lr=2e-3, warmup_steps=1, device="cpu",
         num_workers=0, log_every=1, ckpt_every=3, figure_every=0, progress=False)).losses
     assert ddp == pytest.approx(single, rel=1e-4), f"2 ranks {ddp} vs 1 rank {single}"
+
+
+@pytest.mark.slow
+def test_two_process_finetune_matches_one_process(tmp_path):
+    """Fine-tuning under torchrun (gloo): same global batch -> the losses and the evaluation of
+    one process; rank 0 alone writes eval.csv / metrics.json, and the evaluation is reduced over
+    both ranks (each scores half of the held-out images)."""
+    from labelled import write_labelled
+
+    data = write_labelled(tmp_path / "data", 10, (48, 48), seed=0)
+    args = ["finetune", "--data", str(data), "--model", "aff_tiny", "--size", "32",
+            "--batch-size", "4", "--steps", "3", "--warmup-steps", "1", "--lr", "1e-3",
+            "--val-fraction", "0.4", "--eval-every", "3", "--no-augment", "--device", "cpu",
+            "--num-workers", "0", "--log-every", "1", "--figure-every", "0", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (("ddp", ["-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node", "2", "-m", "affmae.cli"]),
+                           ("single", ["-m", "affmae.cli"])):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, *launcher, *args, "--out", str(out)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        runs[name] = (read_log(out / "log.csv"), read_log(out / "eval.csv"))
+    (ddp_log, ddp_eval), (one_log, one_eval) = runs["ddp"], runs["single"]
+    ddp_loss, one_loss = [r["loss"] for r in ddp_log], [r["loss"] for r in one_log]
+    assert len(ddp_loss) == 3 and ddp_loss == pytest.approx(one_loss, rel=1e-4), (
+        f"2 ranks {ddp_loss} vs 1 rank {one_loss}")
+    assert len(ddp_eval) == 1 and ddp_eval[0]["step"] == 3, ddp_eval
+    for key, value in one_eval[0].items():
+        assert ddp_eval[0][key] == pytest.approx(value, abs=1e-4), (
+            f"{key}: 2 ranks {ddp_eval[0][key]} vs 1 rank {value}")
+    ckpt = torch.load(tmp_path / "ddp" / "latest.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 3, (ckpt["world_size"], ckpt["step"])

@@ -320,7 +320,7 @@ class FinetuneJob(TrainJob):
         logits = model(imgs)  # (B, C, H, W)
         return segmentation_loss(logits, targets, class_weights=self.class_weights,
                                  kind=self.cfg.loss, focal_gamma=self.focal_gamma,
-                                 dice_weight=self.cfg.dice_weight)
+                                 dice_weight=self.cfg.dice_weight, sync=True)
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"data_stats": dict(self.data_stats),

@@ -17,6 +17,13 @@ Loss (``segmentation_loss``), for logits (B, C, H, W) and targets (B, H, W) of c
    class weights w (the paper's "class importance"; all 1 by default).
 Pixels whose target is ``ignore_index`` contribute to nothing. Everything is computed in float32
 whatever the autocast dtype of the logits.
+5. Under DDP (``sync=True``) the sums of steps 2-3 (BCE sum, valid-pixel count, Dice
+   intersections and denominators) are summed over the ranks first (differentiable
+   all-reduce), so every rank computes the loss of the GLOBAL batch: batch Dice and the pixel
+   mean are not averages of per-rank values. Gradients: each rank's gradient of the global loss
+   comes back multiplied by the world size through the all-reduce's backward, and DDP's
+   gradient average divides it out, so a run on N ranks takes the same steps as one process
+   with the same global batch (tested).
 
 IoU (``IoUMeter``), accumulated over a whole evaluation set (the standard dataset-level IoU,
 not a mean of per-image IoUs): IoU_c = TP_c / (TP_c + FP_c + FN_c) from torchmetrics'
@@ -45,7 +52,8 @@ DICE_SMOOTH = 1.0
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, *,
                       class_weights: Sequence[float] | torch.Tensor | None = None,
                       kind: str = "bce_dice", focal_gamma: float = 2.0, dice_weight: float = 1.0,
-                      ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
+                      ignore_index: int = IGNORE_INDEX,
+                      sync: bool = False) -> dict[str, torch.Tensor]:
     """Class-weighted BCE (or focal) + soft Dice; see the module docstring.
 
     Args:
@@ -53,6 +61,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, *,
         target: (B, H, W) int64 class indices in [0, C), or ``ignore_index``.
         class_weights: C non-negative weights (not all zero); None = all 1.
         kind: "bce_dice" or "focal_dice".
+        sync: reduce the sums over the default process group (DDP training; every rank must
+            call it); ignored when torch.distributed is not initialised or has one rank.
     Returns:
         {"loss", "loss_bce" | "loss_focal", "loss_dice"}: float32 scalars (the parts are the
         class-weighted means before ``dice_weight``).
@@ -68,24 +78,37 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, *,
     valid = target != ignore_index  # (B, H, W)
     onehot = F.one_hot(torch.where(valid, target, 0), C).permute(0, 3, 1, 2).float()  # (B, C, H, W)
     v = valid[:, None].float()  # (B, 1, H, W)
-    n_valid = v.sum().clamp_min(1.0)
-    # 1-2. Per-class binary cross-entropy (optionally focal), mean over valid pixels.
+    # 1-2. Per-class binary cross-entropy (optionally focal), summed over valid pixels.
     bce = F.binary_cross_entropy_with_logits(x, onehot, reduction="none")  # (B, C, H, W)
     p = torch.sigmoid(x)
     if kind == "focal_dice":
         p_t = p * onehot + (1.0 - p) * (1.0 - onehot)
         bce = bce * (1.0 - p_t).pow(focal_gamma)
-    per_class_bce = (bce * v).sum(dim=(0, 2, 3)) / n_valid  # (C,)
-    # 3. Soft batch Dice per class over valid pixels.
+    # 3. Soft batch Dice sums per class over valid pixels.
     p = p * v
-    inter = (p * onehot).sum(dim=(0, 2, 3))  # (C,)
-    denom = p.sum(dim=(0, 2, 3)) + (onehot * v).sum(dim=(0, 2, 3))  # (C,)
+    sums = torch.stack([(bce * v).sum(dim=(0, 2, 3)),  # (3, C): BCE, intersection, denominator
+                        (p * onehot).sum(dim=(0, 2, 3)),
+                        p.sum(dim=(0, 2, 3)) + (onehot * v).sum(dim=(0, 2, 3))])
+    n_valid = v.sum()
+    if sync and _world_size() > 1:  # 5. the global batch's sums
+        from torch.distributed.nn.functional import all_reduce
+
+        sums = all_reduce(sums)
+        n_valid = all_reduce(n_valid.detach())
+    bce_sum, inter, denom = sums.unbind(0)
+    per_class_bce = bce_sum / n_valid.clamp_min(1.0)  # (C,)
     dice = 1.0 - (2.0 * inter + DICE_SMOOTH) / (denom + DICE_SMOOTH)  # (C,)
     # 4. Class-weighted means.
     loss_bce = (w * per_class_bce).sum()
     loss_dice = (w * dice).sum()
     name = "loss_bce" if kind == "bce_dice" else "loss_focal"
     return {"loss": loss_bce + dice_weight * loss_dice, name: loss_bce, "loss_dice": loss_dice}
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _weights(class_weights, C: int, device: torch.device) -> torch.Tensor:
