@@ -5,7 +5,8 @@
 Pretraining: steps reached, first/last logged loss, median img/s (the runs shared one GPU, so
 img/s is not a speed measurement). Fine-tuning: for every run, mIoU and per-class IoU at the
 largest evaluated step that ALL runs of the same set reached (equal fine-tuning steps), the best
-evaluation up to that step, and the last evaluation the run made. With FIGURE.png, also the
+evaluation up to that step, and the last evaluation the run made; every evaluation of the longer
+runs (``runs/ftlong``, phases C and D). With FIGURE.png, also the
 data-efficiency plot (mIoU at the common step against the label fraction; runs named
 SET_RUN_PERCENT, e.g. lucchi_b_25).
 """
@@ -100,6 +101,10 @@ def main() -> None:
     table = finetuning(root)
     if len(sys.argv) > 2:
         plot_data_efficiency(table, Path(sys.argv[2]))
+    for run in sorted(p for p in root.glob("ftlong/*") if p.is_dir()):  # phases C and D
+        ev = rows(run / "eval.csv")
+        print(f"long fine-tuning {run.name}: " + "; ".join(
+            f"{int(e['step'])}: {e['miou']:.4f}" for e in ev) + f"\n  last {fmt(ev[-1] if ev else None)}")
     for a in sorted(root.glob("analysis/*/analysis.json")):
         data = json.loads(a.read_text())
         er = data["effective_rank"]

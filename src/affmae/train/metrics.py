@@ -19,8 +19,9 @@ Pixels whose target is ``ignore_index`` contribute to nothing. Everything is com
 whatever the autocast dtype of the logits.
 5. Under DDP (``sync=True``) the sums of steps 2-3 (BCE sum, valid-pixel count, Dice
    intersections and denominators) are summed over the ranks first (differentiable
-   all-reduce), so every rank computes the loss of the GLOBAL batch: batch Dice and the pixel
-   mean are not averages of per-rank values. Gradients: each rank's gradient of the global loss
+   all-reduce), so every rank computes the loss of the GLOBAL batch of the micro-step: batch
+   Dice and the pixel mean are not averages of per-rank values. (With gradient accumulation
+   each micro-step has its own batch Dice, in one process as on N ranks.) Gradients: each rank's gradient of the global loss
    comes back multiplied by the world size through the all-reduce's backward, and DDP's
    gradient average divides it out, so a run on N ranks takes the same steps as one process
    with the same global batch (tested).
