@@ -104,7 +104,8 @@ def main() -> None:
     for run in sorted(p for p in root.glob("ftlong/*") if p.is_dir()):  # phases C and D
         ev = rows(run / "eval.csv")
         print(f"long fine-tuning {run.name}: " + "; ".join(
-            f"{int(e['step'])}: {e['miou']:.4f}" for e in ev) + f"\n  last {fmt(ev[-1] if ev else None)}")
+            f"{int(e['step'])}: {e['miou']:.4f}" for e in ev))
+        print(f"  last {fmt(ev[-1] if ev else None)}")
     for a in sorted(root.glob("analysis/*/analysis.json")):
         data = json.loads(a.read_text())
         er = data["effective_rank"]

@@ -21,10 +21,10 @@ whatever the autocast dtype of the logits.
    intersections and denominators) are summed over the ranks first (differentiable
    all-reduce), so every rank computes the loss of the GLOBAL batch of the micro-step: batch
    Dice and the pixel mean are not averages of per-rank values. (With gradient accumulation
-   each micro-step has its own batch Dice, in one process as on N ranks.) Gradients: each rank's gradient of the global loss
-   comes back multiplied by the world size through the all-reduce's backward, and DDP's
-   gradient average divides it out, so a run on N ranks takes the same steps as one process
-   with the same global batch (tested).
+   each micro-step has its own batch Dice, in one process as on N ranks.) Gradients: each
+   rank's gradient of the global loss comes back multiplied by the world size through the
+   all-reduce's backward, and DDP's gradient average divides it out, so a run on N ranks takes
+   the same steps as one process with the same global batch (tested).
 
 IoU (``IoUMeter``), accumulated over a whole evaluation set (the standard dataset-level IoU,
 not a mean of per-image IoUs): IoU_c = TP_c / (TP_c + FP_c + FN_c) from torchmetrics'
