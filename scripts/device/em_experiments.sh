@@ -15,6 +15,9 @@
 # the tables use the largest evaluated step all runs of a table reached.
 #
 # Data: the sets' PNGs copied (losslessly re-encoded) to data/em/{lucchi_pp,isbi2012} and carried.
+# The lent GPU image has no kornia: carry its wheels (.whl/: kornia 0.9.0, kornia_rs 0.2.0 for
+# cp312) and install them first, as in docs/RESULTS.md section 0:
+#   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 # Usage from the repository root:  bash scripts/device/em_experiments.sh A|B|C|D OUT_DIR
 # CPU dry run of the plumbing:     SMOKE=1 bash scripts/device/em_experiments.sh A /tmp/o
 set -uo pipefail
