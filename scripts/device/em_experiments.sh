@@ -145,8 +145,16 @@ D)
 *) echo "phase must be A, B, C or D, got $PHASE"; exit 2 ;;
 esac
 
-# Everything small comes back in one archive: logs, CSVs, JSON, configs, figures.
-tar czf "$OUT/phase$PHASE.tar.gz" runs/logs \
-  $(find runs/pt runs/ft runs/ftlong runs/analysis -maxdepth 3 \( -name '*.csv' -o -name '*.json' \
-    -o -name '*.yaml' -o -name '*.png' \) 2>/dev/null)
+# What comes back (files of at most 16 MiB each, 8 in all): the text of every run in one archive;
+# figures in one archive per kind (PNGs of EM images hardly compress: all of phase B's together
+# were over 16 MiB).
+tar czf "$OUT/phase${PHASE}_text.tar.gz" runs/logs $(find runs/pt runs/ft runs/ftlong \
+  runs/analysis -maxdepth 3 \( -name '*.csv' -o -name '*.json' -o -name '*.yaml' \) 2>/dev/null)
+for kind in pt ft ftlong; do
+  figs=$(find runs/$kind -path '*/figures/*.png' 2>/dev/null)
+  [[ -n $figs ]] && tar cf "$OUT/phase${PHASE}_figures_$kind.tar" $figs
+done
+for run in runs/analysis/*/; do
+  [[ -d $run ]] && tar cf "$OUT/phase${PHASE}_analysis_$(basename "$run").tar" "$run"
+done
 python scripts/device/em_summary.py runs | tee "$OUT/summary_$PHASE.txt"
