@@ -15,7 +15,9 @@ last part, on any device (a CPU will do: bytes do not depend on the device), by 
    ``encoder.stages.2``: every block of stage 3) and by the innermost module's class.
 
 Caveats, said in the output: work done outside any submodule (AFF's clustering and neighbour
-search run in ``AFFEncoder.forward``) is attributed to the parent module; and on a CPU the
+search run in ``AFFEncoder.forward``) is attributed to the parent module; the inputs that a
+block run under gradient checkpointing (``grad_checkpoint``) keeps for its recomputation are not
+saved through autograd and are not counted (one (B, N, C) tensor per block); and on a CPU the
 cluster attention runs the PyTorch reference, which saves its gathered keys and (B, H, N, K)
 probabilities, while the Triton kernel on CUDA saves only q, k, v and one fp32 row statistic per
 query and head: on CUDA the ClusterAttention rows are smaller than these CPU counts.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -77,3 +78,11 @@ def ring_offsets(heads: int, points: int) -> torch.Tensor:
     direction = torch.stack([theta.cos(), theta.sin()], dim=-1)  # (heads, 2)
     scale = torch.arange(1, points + 1, dtype=torch.float32).view(1, points, 1)
     return direction[:, None, :] * scale  # (heads, points, 2)
+
+
+def run_block(block: nn.Module, checkpointed: bool, *args):
+    """``block(*args)``, or the same through ``torch.utils.checkpoint`` (non-reentrant, RNG state
+    preserved so drop-path draws the same in the recomputation) when training with gradients."""
+    if checkpointed and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)

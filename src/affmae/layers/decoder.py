@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from affmae.layers.common import Mlp, ring_offsets, sincos_embed_2d
+from affmae.layers.common import Mlp, ring_offsets, run_block, sincos_embed_2d
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
 from affmae.ops.interpolate import (FAR, cell_neighbours, gather_weighted,
                                     interpolation_weights, lookup_neighbours)
@@ -114,9 +114,11 @@ class PointDecoder(nn.Module):
 
     def __init__(self, stage_dims: tuple[int, ...], dim: int = 384, heads: int = 6,
                  points: int = 4, knn: int = 4, mlp_ratio: float = 4.0, blocks_per_stage: int = 1,
-                 cluster_size: int = 8, nbr_clusters: int = 8) -> None:
+                 cluster_size: int = 8, nbr_clusters: int = 8,
+                 grad_checkpoint: bool = False) -> None:
         super().__init__()
         self.dim, self.knn = dim, knn
+        self.grad_checkpoint = grad_checkpoint  # recompute each block's activations in backward
         self.cluster_size, self.nbr_clusters = cluster_size, nbr_clusters
         self.query_token = nn.Parameter(torch.zeros(1, 1, dim))
         # blocks[i] serves stage (S - 1 - i): coarse to fine.
@@ -170,7 +172,7 @@ class PointDecoder(nn.Module):
             for blk in blocks:
                 src = blk.src_proj(st.x) + sincos_embed_2d(st.pos, self.dim).to(st.x.dtype)
                 src = pad_tokens(src, cl.n_padded)
-                x, cross = blk(x, qpos_c, qpos_far, table_self, spacing_self, src, spos, table,
-                               spacing, grid_hw)
+                x, cross = run_block(blk, self.grad_checkpoint, x, qpos_c, qpos_far, table_self,
+                                     spacing_self, src, spos, table, spacing, grid_hw)
             outs.append(gather_tokens(cross if after == "cross" else x, inverse))  # qpos order
         return outs

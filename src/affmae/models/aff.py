@@ -20,7 +20,7 @@ from torch.profiler import record_function
 
 from affmae.layers.attention import ClusterAttention
 from affmae.layers.block import AFFBlock
-from affmae.layers.common import init_weights
+from affmae.layers.common import init_weights, run_block
 from affmae.layers.merge import TokenMerging
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
 from affmae.ops.patches import grid_positions, patchify
@@ -41,6 +41,9 @@ class AFFConfig:
     downsample_rate: float = 0.4  # d_s: fraction of tokens kept by each merge
     drop_path: float = 0.1  # stochastic depth, linearly increasing over blocks
     attention_backend: str = "auto"  # "auto" | "triton" | "torch"
+    # Recompute activations in the backward instead of keeping them (memory for time), per
+    # transformer block: "none" | "encoder" | "decoder" (AFFMAE's decoder blocks) | "all".
+    grad_checkpoint: str = "none"
 
     def __post_init__(self) -> None:
         n = len(self.widths)
@@ -59,6 +62,12 @@ class AFFConfig:
         if self.attention_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"attention_backend must be auto|triton|torch, got "
                              f"{self.attention_backend!r}")
+        if self.grad_checkpoint not in GRAD_CHECKPOINT:
+            raise ValueError(f"grad_checkpoint must be one of {'|'.join(GRAD_CHECKPOINT)}, got "
+                             f"{self.grad_checkpoint!r}")
+
+
+GRAD_CHECKPOINT = ("none", "encoder", "decoder", "all")
 
 
 @dataclass
@@ -123,7 +132,7 @@ class AFFEncoder(nn.Module):
                 x = pad_tokens(gather_tokens(x, cl.perm), cl.n_padded)  # (B, M*m, C)
                 pos = pad_tokens(gather_tokens(pos, cl.perm), cl.n_padded)  # (B, M*m, 2)
             for blk in blocks:
-                x = blk(x, pos, cl)
+                x = run_block(blk, c.grad_checkpoint in ("encoder", "all"), x, pos, cl)
             n = cl.n_valid
             outputs.append(TokenSet(self.out_norms[s](x[:, :n]), pos[:, :n], cl))
             if s < len(self.merges):

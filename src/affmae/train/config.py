@@ -72,7 +72,7 @@ class TrainConfig:
                      group="model")
     model_overrides: dict = opt(
         {}, "model config fields to override, as a YAML/JSON mapping, e.g. "
-        "'{drop_path: 0.0, d_s: 0.25}' (misspelt fields are an error)", group="model",
+        "'{drop_path: 0.0, downsample_rate: 0.25}' (misspelt fields are an error)", group="model",
         metavar="MAPPING")
 
     # --- optimisation ---------------------------------------------------------------------
