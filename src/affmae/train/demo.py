@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (data, checkpoints, "
                         "figures, logs)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of a few seconds (64 px, 40 steps) instead of the full demo (about 3.5 min on 2 CPU cores)")
+                        help="a smoke run of a few seconds (64 px, 40 steps) instead of the "
+                        "full demo (about 3.5 min on 2 CPU cores)")
 
 
 def run(args: argparse.Namespace) -> int:
