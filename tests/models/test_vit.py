@@ -242,3 +242,25 @@ def test_segmenter_on_vit_backbone(name):
     assert ids["backbone.encoder.blocks.1.mlp.fc1.weight"] == 2
     assert all(0 <= i <= L + 1 for i in ids.values()), ids
     assert max(ids.values()) == L + 1 and ids["head.1.weight"] == L + 1
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "vit_tiny_crossmae"])
+@pytest.mark.parametrize("mode", ["encoder", "decoder", "all"])
+def test_grad_checkpoint_gives_the_same_loss_and_gradients(name, mode):
+    imgs, mask = _batch()
+
+    def run(m):
+        torch.manual_seed(0)
+        model = create_model(name, drop_path=0.2, grad_checkpoint=m).train()
+        torch.manual_seed(1)  # same drop-path draws (and CrossMAE query subset) in every mode
+        loss = model(imgs, mask)["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    ref_loss, ref = run("none")
+    loss, grads = run(mode)
+    assert torch.equal(loss, ref_loss), (mode, loss.item(), ref_loss.item())
+    worst = max((grads[n] - g).abs().max().item() for n, g in ref.items())
+    assert worst <= 1e-6, f"{name} {mode}: largest gradient difference {worst:.3g}"
+    with pytest.raises(ValueError, match="grad_checkpoint must be one of"):
+        create_model(name, grad_checkpoint="yes")

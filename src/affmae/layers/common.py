@@ -80,6 +80,9 @@ def ring_offsets(heads: int, points: int) -> torch.Tensor:
     return direction[:, None, :] * scale  # (heads, points, 2)
 
 
+GRAD_CHECKPOINT = ("none", "encoder", "decoder", "all")  # values of the models' grad_checkpoint
+
+
 def run_block(block: nn.Module, checkpointed: bool, *args):
     """``block(*args)``, or the same through ``torch.utils.checkpoint`` (non-reentrant, RNG state
     preserved so drop-path draws the same in the recomputation) when training with gradients."""

@@ -20,7 +20,7 @@ from torch.profiler import record_function
 
 from affmae.layers.attention import ClusterAttention
 from affmae.layers.block import AFFBlock
-from affmae.layers.common import init_weights, run_block
+from affmae.layers.common import GRAD_CHECKPOINT, init_weights, run_block
 from affmae.layers.merge import TokenMerging
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
 from affmae.ops.patches import grid_positions, patchify
@@ -65,9 +65,6 @@ class AFFConfig:
         if self.grad_checkpoint not in GRAD_CHECKPOINT:
             raise ValueError(f"grad_checkpoint must be one of {'|'.join(GRAD_CHECKPOINT)}, got "
                              f"{self.grad_checkpoint!r}")
-
-
-GRAD_CHECKPOINT = ("none", "encoder", "decoder", "all")
 
 
 @dataclass

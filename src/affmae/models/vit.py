@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from affmae.layers.common import DropPath, Mlp, init_weights, sincos_embed_2d
+from affmae.layers.common import (GRAD_CHECKPOINT, DropPath, Mlp, init_weights, run_block,
+                                  sincos_embed_2d)
 from affmae.ops.patches import grid_positions, patchify, unpatchify
 from affmae.models.registry import register_model, replace_config
 from affmae.ops.masking import mask_indices, sample_queries
@@ -63,6 +64,9 @@ class ViTMAEConfig:
     decoder_mlp_ratio: float = 4.0  # decoder MLP hidden width / decoder_dim
     pred_ratio: float = 1.0  # fraction of masked patches reconstructed per training step ("cross")
     norm_pix_loss: bool = False  # normalise each target patch by its own mean/std (MAE option)
+    # Recompute block activations in the backward (memory for time), as AFF's field:
+    # "none" | "encoder" | "decoder" | "all".
+    grad_checkpoint: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "in_chans", "depth", "num_heads", "decoder_depth",
@@ -86,6 +90,9 @@ class ViTMAEConfig:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if not 0.0 < self.pred_ratio <= 1.0:
             raise ValueError(f"pred_ratio must be in (0, 1], got {self.pred_ratio!r}")
+        if self.grad_checkpoint not in GRAD_CHECKPOINT:
+            raise ValueError(f"grad_checkpoint must be one of {'|'.join(GRAD_CHECKPOINT)}, got "
+                             f"{self.grad_checkpoint!r}")
         if self.pred_ratio < 1.0 and self.decoder != "cross":
             # The MAE decoder's mask tokens attend to each other: dropping some would change the
             # predictions of the rest and save no compute, so the option would be misleading.
@@ -186,6 +193,7 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, c: ViTMAEConfig) -> None:
         super().__init__()
+        self.checkpointed = c.grad_checkpoint in ("encoder", "all")  # see run_block
         self.patch_embed = nn.Linear(c.in_chans * c.patch_size**2, c.embed_dim)
         rates = torch.linspace(0, c.drop_path, c.depth).tolist()
         self.blocks = nn.ModuleList(
@@ -203,7 +211,7 @@ class ViTEncoder(nn.Module):
         x = x + _pos_embed(idx, gw, x.shape[-1], x.dtype)
         tapped = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = run_block(blk, self.checkpointed, x)
             if i in taps:
                 tapped.append(x)
         return self.norm(x), tapped
@@ -214,6 +222,7 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, c: ViTMAEConfig) -> None:
         super().__init__()
+        self.checkpointed = c.grad_checkpoint in ("decoder", "all")  # see run_block
         self.embed = nn.Linear(c.embed_dim, c.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
         self.blocks = nn.ModuleList(
@@ -241,7 +250,7 @@ class MAEDecoder(nn.Module):
         all_idx = torch.arange(L, device=y.device).expand(B, L)
         full = full + _pos_embed(all_idx, gw, Cd, y.dtype)
         for blk in self.blocks:
-            full = blk(full)
+            full = run_block(blk, self.checkpointed, full)
         out = full.gather(1, query_idx.unsqueeze(-1).expand(-1, -1, Cd))  # (B, Nq, Cd)
         return self.norm(out)
 
@@ -251,6 +260,7 @@ class CrossDecoder(nn.Module):
 
     def __init__(self, c: ViTMAEConfig) -> None:
         super().__init__()
+        self.checkpointed = c.grad_checkpoint in ("decoder", "all")  # see run_block
         self.embed = nn.Linear(c.embed_dim, c.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
         self.blocks = nn.ModuleList(
@@ -275,7 +285,7 @@ class CrossDecoder(nn.Module):
         mem = mem + _pos_embed(visible_idx, gw, Cd, mem.dtype)
         q = self.mask_token.to(mem.dtype) + _pos_embed(query_idx, gw, Cd, mem.dtype)  # (B, Nq, Cd)
         for blk in self.blocks:
-            q = blk(q, mem)
+            q = run_block(blk, self.checkpointed, q, mem)
         return self.norm(q)
 
 
