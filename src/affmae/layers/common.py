@@ -83,6 +83,18 @@ def ring_offsets(heads: int, points: int) -> torch.Tensor:
 GRAD_CHECKPOINT = ("none", "encoder", "decoder", "all")  # values of the models' grad_checkpoint
 
 
+def check_grad_checkpoint(mode: str) -> None:
+    """A model config's ``grad_checkpoint`` must be one of GRAD_CHECKPOINT."""
+    if mode not in GRAD_CHECKPOINT:
+        raise ValueError(f"grad_checkpoint must be one of {'|'.join(GRAD_CHECKPOINT)}, got "
+                         f"{mode!r}")
+
+
+def checkpoints(mode: str, part: str) -> bool:
+    """Whether ``grad_checkpoint=mode`` recomputes the blocks of ``part`` ("encoder"|"decoder")."""
+    return mode in (part, "all")
+
+
 def run_block(block: nn.Module, checkpointed: bool, *args):
     """``block(*args)``, or the same through ``torch.utils.checkpoint`` (non-reentrant, RNG state
     preserved so drop-path draws the same in the recomputation) when training with gradients."""

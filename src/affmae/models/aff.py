@@ -20,7 +20,7 @@ from torch.profiler import record_function
 
 from affmae.layers.attention import ClusterAttention
 from affmae.layers.block import AFFBlock
-from affmae.layers.common import GRAD_CHECKPOINT, init_weights, run_block
+from affmae.layers.common import check_grad_checkpoint, checkpoints, init_weights, run_block
 from affmae.layers.merge import TokenMerging
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
 from affmae.ops.patches import grid_positions, patchify
@@ -62,9 +62,7 @@ class AFFConfig:
         if self.attention_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"attention_backend must be auto|triton|torch, got "
                              f"{self.attention_backend!r}")
-        if self.grad_checkpoint not in GRAD_CHECKPOINT:
-            raise ValueError(f"grad_checkpoint must be one of {'|'.join(GRAD_CHECKPOINT)}, got "
-                             f"{self.grad_checkpoint!r}")
+        check_grad_checkpoint(self.grad_checkpoint)
 
 
 @dataclass
@@ -129,7 +127,7 @@ class AFFEncoder(nn.Module):
                 x = pad_tokens(gather_tokens(x, cl.perm), cl.n_padded)  # (B, M*m, C)
                 pos = pad_tokens(gather_tokens(pos, cl.perm), cl.n_padded)  # (B, M*m, 2)
             for blk in blocks:
-                x = run_block(blk, c.grad_checkpoint in ("encoder", "all"), x, pos, cl)
+                x = run_block(blk, checkpoints(c.grad_checkpoint, "encoder"), x, pos, cl)
             n = cl.n_valid
             outputs.append(TokenSet(self.out_norms[s](x[:, :n]), pos[:, :n], cl))
             if s < len(self.merges):

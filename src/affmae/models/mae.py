@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from affmae.layers.common import init_weights
+from affmae.layers.common import checkpoints, init_weights
 from affmae.layers.decoder import PointDecoder
 from affmae.models.aff import AFFConfig, AFFEncoder, TokenSet
 from affmae.models.registry import register_model, replace_config
@@ -75,7 +75,7 @@ class AFFMAE(nn.Module):
         self.decoder = PointDecoder(
             c.widths, c.decoder_dim, c.decoder_heads, c.decoder_points, c.decoder_knn,
             c.decoder_mlp_ratio, c.decoder_blocks_per_stage, c.cluster_size,
-            c.decoder_nbr_clusters, grad_checkpoint=c.grad_checkpoint in ("decoder", "all"))
+            c.decoder_nbr_clusters, grad_checkpoint=checkpoints(c.grad_checkpoint, "decoder"))
         out = c.in_chans * c.patch_size**2
         self.head = _head(c.decoder_dim, out)
         # aux_heads["4"] reads the decoder after the stage-4 blocks, etc.; zero weight = no head.

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from affmae.layers.common import (GRAD_CHECKPOINT, DropPath, Mlp, init_weights, run_block,
-                                  sincos_embed_2d)
+from affmae.layers.common import (DropPath, Mlp, check_grad_checkpoint, checkpoints,
+                                  init_weights, run_block, sincos_embed_2d)
 from affmae.ops.patches import grid_positions, patchify, unpatchify
 from affmae.models.registry import register_model, replace_config
 from affmae.ops.masking import mask_indices, sample_queries
@@ -90,9 +90,7 @@ class ViTMAEConfig:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if not 0.0 < self.pred_ratio <= 1.0:
             raise ValueError(f"pred_ratio must be in (0, 1], got {self.pred_ratio!r}")
-        if self.grad_checkpoint not in GRAD_CHECKPOINT:
-            raise ValueError(f"grad_checkpoint must be one of {'|'.join(GRAD_CHECKPOINT)}, got "
-                             f"{self.grad_checkpoint!r}")
+        check_grad_checkpoint(self.grad_checkpoint)
         if self.pred_ratio < 1.0 and self.decoder != "cross":
             # The MAE decoder's mask tokens attend to each other: dropping some would change the
             # predictions of the rest and save no compute, so the option would be misleading.
@@ -193,7 +191,7 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, c: ViTMAEConfig) -> None:
         super().__init__()
-        self.checkpointed = c.grad_checkpoint in ("encoder", "all")  # see run_block
+        self.checkpointed = checkpoints(c.grad_checkpoint, "encoder")  # see run_block
         self.patch_embed = nn.Linear(c.in_chans * c.patch_size**2, c.embed_dim)
         rates = torch.linspace(0, c.drop_path, c.depth).tolist()
         self.blocks = nn.ModuleList(
@@ -222,7 +220,7 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, c: ViTMAEConfig) -> None:
         super().__init__()
-        self.checkpointed = c.grad_checkpoint in ("decoder", "all")  # see run_block
+        self.checkpointed = checkpoints(c.grad_checkpoint, "decoder")  # see run_block
         self.embed = nn.Linear(c.embed_dim, c.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
         self.blocks = nn.ModuleList(
@@ -260,7 +258,7 @@ class CrossDecoder(nn.Module):
 
     def __init__(self, c: ViTMAEConfig) -> None:
         super().__init__()
-        self.checkpointed = c.grad_checkpoint in ("decoder", "all")  # see run_block
+        self.checkpointed = checkpoints(c.grad_checkpoint, "decoder")  # see run_block
         self.embed = nn.Linear(c.embed_dim, c.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
         self.blocks = nn.ModuleList(
