@@ -59,17 +59,21 @@ pretrain() {  # NAME MODEL SET [MODEL_OVERRIDES]
     --figure-every $((PT_STEPS / 2)) --no-progress >"runs/logs/pt_$1.log" 2>&1
   echo "pretrain $1 rc=$?"
 }
-finetune() {  # NAME SET FRACTION CHECKPOINT|- MODEL
-  local set_args ckpt_args=()
-  if [[ $2 == lucchi ]]; then set_args=("${LUCCHI[@]}"); else set_args=("${ISBI[@]}"); fi
-  if [[ $4 != - ]]; then ckpt_args=(--checkpoint "$4"); else ckpt_args=(--model "$5"); fi
-  timeout "$T_FT" python -m affmae.cli finetune "${set_args[@]}" "${ckpt_args[@]}" \
-    --label-fraction "$3" --size $SIZE --batch-size $FT_BATCH --steps $FT_STEPS \
-    --warmup-steps $((FT_STEPS / 10)) --lr 3e-4 --precision $PREC --device $DEV \
-    --num-workers $WORKERS --eval-every $EVAL --eval-batch 8 --figure-every $FT_STEPS \
-    --ckpt-every $FT_STEPS --out "runs/ft/$1" --no-progress >"runs/logs/ft_$1.log" 2>&1
-  echo "finetune $1 rc=$?"
+finetune() {  # DIR NAME SET FRACTION CHECKPOINT|- STEPS EVAL_EVERY [FLAGS...] ('-': scratch $AFF)
+  local dir=$1 name=$2 set=$3 fraction=$4 src=$5 steps=$6 eval_every=$7; shift 7
+  local set_args=("${ISBI[@]}") from=(--model $AFF)
+  [[ $set == lucchi ]] && set_args=("${LUCCHI[@]}")
+  [[ $src != - ]] && from=(--checkpoint "$src")
+  timeout "$T_FT" python -m affmae.cli finetune "${set_args[@]}" "${from[@]}" "$@" \
+    --label-fraction "$fraction" --size $SIZE --batch-size $FT_BATCH --steps "$steps" \
+    --warmup-steps $((steps / 10)) --lr 3e-4 --precision $PREC --device $DEV \
+    --num-workers $WORKERS --eval-every "$eval_every" --eval-batch 8 --figure-every "$steps" \
+    --ckpt-every "$steps" --out "runs/$dir/$name" --no-progress \
+    >"runs/logs/${dir}_$name.log" 2>&1
+  echo "finetune $dir/$name rc=$?"
 }
+short() { finetune ft "$1" "$2" "$3" "$4" $FT_STEPS $EVAL; }  # NAME SET FRACTION SRC
+long() { finetune ftlong "$1" lucchi 1.0 "$2" $LONG_STEPS $((LONG_STEPS / 6)) "${@:3}"; }
 common_step() {  # RUN... -> largest kept pretraining step every run has
   local best=""
   for s in $(ls "runs/pt/$1" | sed -n 's/^step_0*\([0-9]*\)\.pt$/\1/p' | sort -rn); do
@@ -80,17 +84,6 @@ common_step() {  # RUN... -> largest kept pretraining step every run has
   echo "$best"
 }
 ckpt() { printf 'runs/pt/%s/step_%07d.pt' "$1" "$2"; }
-long_lucchi() {  # NAME CHECKPOINT|- [FLAGS...]: a 1500-step Lucchi++ fine-tuning at 100 %
-  local name=$1 src=$2; shift 2
-  local from=(--model $AFF); [[ $src != - ]] && from=(--checkpoint "$src")
-  timeout "$T_FT" python -m affmae.cli finetune "${LUCCHI[@]}" "${from[@]}" "$@" --size $SIZE \
-    --batch-size $FT_BATCH --steps $LONG_STEPS --warmup-steps $((LONG_STEPS / 10)) --lr 3e-4 \
-    --precision $PREC --device $DEV --num-workers $WORKERS --eval-every $((LONG_STEPS / 6)) \
-    --eval-batch 8 --figure-every $LONG_STEPS --ckpt-every $LONG_STEPS --out "runs/ftlong/$name" \
-    --no-progress >"runs/logs/ftlong_$name.log" 2>&1
-  echo "finetune $name rc=$?"
-}
-
 case $PHASE in
 A)
   rm -rf runs/pt runs/ft
@@ -99,8 +92,8 @@ A)
   pretrain aff_isbi $AFF isbi &
   pretrain vit_isbi $VIT isbi &
   pretrain aff_isbi_nods $AFF isbi '{aux_weights: [0.0, 0.0]}' &
-  finetune lucchi_a_100 lucchi 1.0 - $AFF &
-  finetune isbi_a_100 isbi 1.0 - $AFF &
+  short lucchi_a_100 lucchi 1.0 - &
+  short isbi_a_100 isbi 1.0 - &
   if [[ $DEV == cuda ]]; then  # the GPU-marked tests (correctness only, so sharing is fine)
     (timeout 480 python -m pytest -q -m gpu -p no:cacheprovider tests >runs/logs/gpu_tests.log 2>&1
      echo "gpu tests rc=$?") &
@@ -114,10 +107,10 @@ B)
   [[ -n $SL && -n $SI ]] || { echo "no common pretraining checkpoint (cold machine?)"; exit 1; }
   for f in 0.05 0.25 1.0; do
     p=$(python -c "print(round($f * 100))")
-    finetune "lucchi_b_$p" lucchi $f "$(ckpt aff_lucchi "$SL")" &
-    finetune "lucchi_c_$p" lucchi $f "$(ckpt vit_lucchi "$SL")" &
-    finetune "isbi_b_$p" isbi $f "$(ckpt aff_isbi "$SI")" &
-    finetune "isbi_c_$p" isbi $f "$(ckpt vit_isbi "$SI")" &
+    short "lucchi_b_$p" lucchi $f "$(ckpt aff_lucchi "$SL")" &
+    short "lucchi_c_$p" lucchi $f "$(ckpt vit_lucchi "$SL")" &
+    short "isbi_b_$p" isbi $f "$(ckpt aff_isbi "$SI")" &
+    short "isbi_c_$p" isbi $f "$(ckpt vit_isbi "$SI")" &
   done
   for r in aff_isbi aff_isbi_nods; do
     python -m affmae.cli analyze --checkpoint "$(ckpt $r "$SI")" --data runs/unlab/isbi \
@@ -129,16 +122,16 @@ B)
 C)
   S=$(common_step aff_lucchi vit_lucchi)
   [[ -n $S ]] || { echo "no common pretraining checkpoint (cold machine?)"; exit 1; }
-  long_lucchi lucchi_a - &
-  long_lucchi lucchi_b "$(ckpt aff_lucchi "$S")" &
-  long_lucchi lucchi_c "$(ckpt vit_lucchi "$S")" &
+  long lucchi_a - &
+  long lucchi_b "$(ckpt aff_lucchi "$S")" &
+  long lucchi_c "$(ckpt vit_lucchi "$S")" &
   wait
   ;;
 D)
   T_PT=170 pretrain vit_lucchi $VIT lucchi
   S=$(common_step vit_lucchi)
   for d in 0.85 1.0; do
-    long_lucchi "lucchi_c_ld$d" "$(ckpt vit_lucchi "$S")" --layer-decay $d &
+    long "lucchi_c_ld$d" "$(ckpt vit_lucchi "$S")" --layer-decay $d &
   done
   wait
   ;;
