@@ -84,3 +84,28 @@ def test_custom_ops_counted_or_reported():
     fc = count_flops(lambda: torch.ops.affmae_test.opaque_mm(a, b))
     assert any("opaque_mm" in op for op in fc.uncounted), (
         f"a custom op without a formula must be reported, got {fc.uncounted}")
+
+
+def test_package_ops_counted_in_a_fresh_process():
+    """The package's own custom ops register their formulas on import, which is lazy; the first
+    count of a process (what ``affmae bench`` does first) once missed them all."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from affmae.bench.flops import count_flops
+def run():
+    import affmae.ops.point_gather.function  # first import happens inside the count
+    t = torch.randn(2, 5, 3, 16)
+    sel = torch.randint(0, 5, (2, 4, 3, 1, 6))
+    w = torch.rand(2, 4, 3, 1, 6)
+    torch.ops.affmae.point_gather_fwd(t.to("meta"), sel.to("meta"), w.to("meta"))
+fc = count_flops(run)
+print(fc.flops, fc.uncounted)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    flops, _, uncounted = out.stdout.strip().partition(" ")
+    assert int(flops) == 2 * (2 * 4 * 3 * 1 * 6) * 16, out.stdout  # 2 * rows * K * F
+    assert uncounted == "[]", out.stdout

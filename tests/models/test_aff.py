@@ -242,3 +242,55 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients_and_saves_less(mode):
 def test_grad_checkpoint_is_validated():
     with pytest.raises(ValueError, match=re.escape("grad_checkpoint must be one of none|encoder|")):
         create_model("aff_tiny", grad_checkpoint="decoders")
+
+
+def test_deformable_attention_is_the_per_point_form():
+    """The decoder mixes its Pt points inside one weighted gather over Pt*K (point, neighbour)
+    pairs; that must equal interpolating each point, then the softmax-weighted sum of points."""
+    from affmae.layers.decoder import DeformableAttention
+    from affmae.ops.interpolate import gather_weighted, interpolation_weights
+
+    torch.manual_seed(0)
+    B, Nq, C, H, Pt, K, gh, gw = 2, 24, 32, 2, 3, 4, 8, 8
+    att = DeformableAttention(C, H, Pt, K).double()
+    for p in att.parameters():  # non-trivial offsets, logits and temperatures
+        torch.nn.init.normal_(p, std=0.3)
+    qpos = torch.rand(B, Nq, 2, dtype=torch.float64) * 7
+    src_idx = torch.stack([torch.randperm(gh * gw)[:40] for _ in range(B)])
+    src_pos = grid_positions(src_idx, gw).double()
+    cl = balanced_clustering(src_pos, (gh, gw), 8, 4)
+    spos = pad_tokens(gather_tokens(src_pos, cl.perm), cl.n_padded)
+    table = cell_neighbours(cl, spos, (gh, gw), K, 4)
+    src = torch.randn(B, spos.shape[1], C, dtype=torch.float64)
+    xq = torch.randn(B, Nq, C, dtype=torch.float64)
+    got = att(xq, qpos, src, spos, table, (gh, gw), 1.5)
+
+    off = att.offsets(xq).view(B, Nq, H, Pt, 2) * 1.5
+    points = qpos[:, :, None, None, :] + off
+    sel = lookup_neighbours(points.view(B, Nq, H * Pt, 2), table, (gh, gw)).view(B, Nq, H, Pt, K)
+    w = interpolation_weights(points / 1.5, sel, spos / 1.5, att.log_temp.exp()).double()
+    v = gather_weighted(att.value(src).view(B, -1, H, C // H), sel, w)  # (B, Nq, H, Pt, Dh)
+    a = torch.softmax(att.attn_logits(xq).view(B, Nq, H, Pt), dim=-1)
+    want = att.proj(torch.einsum("bnhp,bnhpd->bnhd", a, v).reshape(B, Nq, C))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("C", [8, 96, 160])  # one group, one group of 96, two groups of 80
+def test_merge_sums_is_the_gathered_einsum(C):
+    from affmae.layers.merge import merge_sums
+
+    torch.manual_seed(0)
+    B, Np, k, K, J = 2, 30, 7, 16, 4
+    x = torch.randn(B, Np, C, dtype=torch.float64, requires_grad=True)
+    slots = torch.randint(0, Np, (B, k, K))
+    w = torch.randn(B, k, K, J, dtype=torch.float64, requires_grad=True)
+    got = merge_sums(x, slots, w)
+    x_n = torch.gather(x, 1, slots.reshape(B, -1, 1).expand(-1, -1, C)).view(B, k, K, C)
+    want = torch.einsum("bnkj,bnkc->bnjc", w, x_n).reshape(B, k, J * C)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    assert torch.autograd.gradcheck(lambda a, b: merge_sums(a, slots, b), (x, w), fast_mode=True)
+    ga = torch.autograd.grad(got, (x, w), g)
+    gb = torch.autograd.grad(want, (x, w), g)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)

@@ -94,6 +94,8 @@ CASES = {
     # d_table by float32 atomics.
     "atomic_f24_k3_fp32": (dict(SMALL, K=3, F=24), "fp32", "atomic"),
     "atomic_f64_k4_bf16_duplicates": (dict(SMALL, K=4, F=64, duplicates=True), "bf16", "atomic"),
+    # Token merging's shape: K = Kc * m = 64 slots, F = 96 channels, Pt = 4 weight sets.
+    "atomic_f96_k64_bf16_merge": (dict(B=1, Nq=5, Nk=20, H=1, Pt=4, K=64, F=96), "bf16", "atomic"),
 }
 
 
@@ -204,7 +206,7 @@ def test_why_not_names_the_reason(monkeypatch):
     assert "float64" in kernel.why_not(torch.zeros(1, 3, 1, 32, dtype=torch.float64), sel)
     assert "F=8" in kernel.why_not(torch.zeros(1, 3, 1, 8), sel)
     assert "F=256" in kernel.why_not(torch.zeros(1, 3, 1, 256), sel)
-    assert "K <= 16" in kernel.why_not(torch.zeros(1, 3, 1, 32), torch.zeros(1, 2, 1, 1, 17, dtype=torch.long))
+    assert "K <= 64" in kernel.why_not(torch.zeros(1, 3, 1, 32), torch.zeros(1, 2, 1, 1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="weights shape"):
         kernel.check_inputs(torch.zeros(1, 3, 1, 32), sel, torch.zeros(1, 2, 1, 1, 3))
     with pytest.raises(ValueError, match="H=1"):
@@ -278,6 +280,22 @@ def test_gpu_full_size_matches_reference(dtype, nk, dtable):
     inp = make_inputs(**dict(FULL, Nk=nk), device="cuda", duplicates=nk == 130)
     fn = lambda *a: gather_weighted_triton(*a, dtable=dtable)  # noqa: E731
     assert_three_way(three_way(inp, DTYPES[dtype], fn), f"Nk={nk} {dtype} {dtable}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("shape", ["decoder_folded", "merge_stage1", "merge_stage3"])
+def test_gpu_model_shapes_match_reference(dtype, shape):
+    """The shapes the model runs since the point mixing and token merging became gathers:
+    the decoder's Pt * K = 16 slots in one row, merging's Kc * m = 64 slots of 96/128 channels."""
+    from affmae.ops.point_gather.function import gather_weighted_triton
+
+    kw = {"decoder_folded": dict(B=16, Nq=2048, Nk=819, H=6, Pt=1, K=16, F=64),
+          "merge_stage1": dict(B=16, Nq=819, Nk=2048, H=1, Pt=4, K=64, F=96),
+          "merge_stage3": dict(B=16, Nq=131, Nk=328, H=3, Pt=4, K=64, F=128)}[shape]
+    inp = make_inputs(**kw, device="cuda")
+    assert_three_way(three_way(inp, DTYPES[dtype], gather_weighted_triton), f"{shape} {dtype}")
 
 
 @pytest.mark.gpu

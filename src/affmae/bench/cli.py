@@ -55,8 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16",
                         help="autocast dtype of the step (fp16 uses loss scaling)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile every model (dynamic=False), all alike")
+    parser.add_argument("--compile", nargs="?", const="model", default="none",
+                        choices=("none", "model", "blocks"),
+                        help="torch.compile every model alike (dynamic=False): 'model' (the "
+                             "default when given without a value) the whole model, 'blocks' "
+                             "each transformer block (affmae.models.compiled)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="capture each model's whole training step in one CUDA graph and "
                              "time its replays (no Python or launch overhead), all alike; "
@@ -74,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="profile one eager step of every model and print time per "
                              "record_function label (forward and backward)")
+    parser.add_argument("--profile-ops", type=int, default=5, metavar="N",
+                        help="with --profile, list each label's N largest ops")
     parser.add_argument("--profile-res", type=int, default=None,
                         help="resolution of the profiled step (unset: the first of --resolutions)")
 
@@ -215,7 +220,7 @@ def bench_one(spec: str, res: int, batch_cpu, args, device: torch.device) -> dic
         "step_ms": None, "step_ms_all": None, "img_s": None, "peak_mem_gib": None,
         "timer": None, "loss": None,
     }
-    if args.compile:
+    if args.compile != "none":
         torch._dynamo.reset()  # fresh static graphs: no recompile limits, no dynamic shapes
     torch.manual_seed(args.seed)
     model = create_model(name, **overrides).to(device).train()
@@ -257,6 +262,10 @@ def bench_one(spec: str, res: int, batch_cpu, args, device: torch.device) -> dic
     if failure is not None:
         row["status"] = failure
     return row
+
+
+def _compiled(mode: str) -> str:
+    return "" if mode == "none" else f", compiled ({mode})"
 
 
 def _error(spec: str, res: int, what: str, e: BaseException) -> str:
@@ -321,7 +330,7 @@ def _fmt(v: Any, spec: str, na: str = "n/a") -> str:
 def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head = (f"affmae bench: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, "
             f"{meta['dtype']}, batch {meta['batch']}, median of {meta['steps']} steps after "
-            f"{meta['warmup']} warm-up{', compiled' if meta['compile'] else ''}, "
+            f"{meta['warmup']} warm-up{_compiled(meta['compile'])}, "
             f"mask {meta['mask_kind']} {meta['mask_ratio']}")
     lines = [head,
              "GFLOPs: forward of 1 sample, multiply+add = 2 FLOPs; GMACs = GFLOPs / 2 "
@@ -424,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
     plot_path = args.plot or (args.out.with_suffix(".png") if args.out is not None else None)
     if plot_path is not None:
         title = (f"{meta['device_name']}, {args.dtype}, batch {args.batch}"
-                 f"{', compiled' if args.compile else ''}")
+                 f"{_compiled(args.compile)}")
         plot_results(rows, plot_path, title=title)
         print(f"wrote {plot_path}")
     errors = [r for r in rows if r["status"].startswith("error")]
@@ -446,7 +455,10 @@ def _profile_one(spec, res, imgs_cpu, mask_cpu, args, device) -> dict[str, Any]:
         out["wall_ms"] = wall_ms
         out["rows"] = [{"label": r.label, "calls": r.calls, "fwd_ms": r.fwd_ms,
                         "bwd_ms": r.bwd_ms, "total_ms": r.total_ms} for r in rows]
-        out["text"] = format_profile(rows, wall_ms, on_device=device.type == "cuda")
+        out["text"] = format_profile(rows, wall_ms, on_device=device.type == "cuda",
+                                     top_ops=args.profile_ops)
+        for r, d in zip(rows, out["rows"]):
+            d["ops"] = r.ops
     except Exception as e:  # noqa: BLE001
         out["status"] = "OOM" if _is_oom(e) else _error(spec, res, "profile", e)
     del trainer, model

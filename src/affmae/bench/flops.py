@@ -81,8 +81,26 @@ def _looks_heavy(op: Any) -> bool:
     return ns == "aten" and bool(_HEAVY_ATEN.search(name))
 
 
+# Modules that register FLOP formulas for the package's custom ops. ``FlopCounterMode`` copies
+# the registry when it is created, and the ops' modules are imported lazily (on the first Triton
+# call), so they are imported here first; otherwise the first count of a process missed them.
+_FORMULA_MODULES = ("affmae.ops.cluster_attention.function", "affmae.ops.point_gather.function")
+
+
+def register_custom_formulas() -> None:
+    """Import the modules that register the custom ops' FLOP formulas (no-op without Triton)."""
+    import importlib
+
+    for name in _FORMULA_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # no Triton: the ops cannot run either
+            pass
+
+
 def count_flops(fn: Callable[[], Any]) -> FlopCount:
     """Run ``fn()`` under a FLOP counter and return the count (fn's own grad mode applies)."""
+    register_custom_formulas()
     counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS)
     recorder = _OpRecorder()
     with counter, recorder:

@@ -12,9 +12,11 @@ on a CPU) is attributed to exactly one label, so the rows add up to the profiled
    accumulation) stay with "step/backward".
 3. What no label encloses is reported as "(unlabelled)".
 
-On a GPU a kernel's time belongs to the CPU op that launched it (``self_device_time_total``);
-the profiler's GPU-side copies of label ranges are skipped (they would count twice), and device
-work with no launching CPU op is reported as its own row.
+On a GPU a kernel's time belongs to the CPU op that launched it (``self_device_time_total``).
+The profiler also lists every kernel as a device-side event; those are not added again (an
+earlier version did, and its totals were twice the kernel time). Only device time that no CPU
+op accounts for (total of the device events minus what the CPU ops claim, when above 1%) is
+reported, as its own row.
 
 Labels inside ``torch.compile``d regions may be fused away, so profile the eager model.
 """
@@ -42,6 +44,7 @@ class ProfileRow:
     fwd_ms: float  # self time of ops run under this label (forward, optimiser, ...)
     bwd_ms: float  # backward of ops whose forward ran under this label
     calls: int  # how many times the label's range was entered
+    ops: dict[str, float] | None = None  # op name -> ms (forward and backward), largest first
 
     @property
     def total_ms(self) -> float:
@@ -69,13 +72,14 @@ def attribute(events, on_device: bool) -> list[ProfileRow]:
     fwd: dict[str, float] = {}
     bwd: dict[str, float] = {}
     calls: dict[str, int] = {}
+    ops: dict[str, dict[str, float]] = {}
+    device_total = 0.0  # every device-side event (kernels, copies), launched by a CPU op or not
     for evt in events:
         if evt.device_type != DeviceType.CPU:
             # Device-side events: kernels are already in their launching CPU op's device time;
             # a GPU copy of a label's range would count it twice. What is left has no CPU op.
             if not evt.is_user_annotation:
-                t = _self_us(evt, on_device)
-                fwd[UNCORRELATED] = fwd.get(UNCORRELATED, 0.0) + t
+                device_total += _self_us(evt, on_device)
             continue
         if evt.is_user_annotation:
             calls[evt.name] = calls.get(evt.name, 0) + 1
@@ -95,8 +99,18 @@ def attribute(events, on_device: bool) -> list[ProfileRow]:
             node = node.cpu_parent
         acc = bwd if is_bwd else fwd
         acc[target] = acc.get(target, 0.0) + t
+        by = ops.setdefault(target, {})
+        by[evt.name] = by.get(evt.name, 0.0) + t
+    if on_device:
+        # Device time no CPU op accounts for (the profiler lists kernels both under their
+        # launching op and as device events; only the difference is work without a CPU op).
+        rest = device_total - sum(fwd.values()) - sum(bwd.values())
+        if rest > 0.01 * device_total:
+            fwd[UNCORRELATED] = rest
     labels = sorted(set(fwd) | set(bwd), key=lambda k: -(fwd.get(k, 0.0) + bwd.get(k, 0.0)))
-    return [ProfileRow(k, fwd.get(k, 0.0) / 1000.0, bwd.get(k, 0.0) / 1000.0, calls.get(k, 0))
+    return [ProfileRow(k, fwd.get(k, 0.0) / 1000.0, bwd.get(k, 0.0) / 1000.0, calls.get(k, 0),
+                       {n: t / 1000.0 for n, t in sorted(ops.get(k, {}).items(),
+                                                          key=lambda kv: -kv[1])})
             for k in labels]
 
 
@@ -134,8 +148,10 @@ def profile_step(trainer: Trainer, warmup: int = 3) -> tuple[list[ProfileRow], f
     return attribute(prof.events(), on_device=cuda), wall_ms
 
 
-def format_profile(rows: list[ProfileRow], wall_ms: float, on_device: bool) -> str:
-    """A text table: label, calls, forward / backward / total ms, share of the profiled total."""
+def format_profile(rows: list[ProfileRow], wall_ms: float, on_device: bool,
+                   top_ops: int = 0) -> str:
+    """A text table: label, calls, forward / backward / total ms, share of the profiled total;
+    with ``top_ops`` > 0, each label's largest ops (by self time) under it."""
     total = sum(r.total_ms for r in rows) or 1.0
     clock = "GPU kernel time" if on_device else "CPU time"
     lines = [f"{clock} by label (sum {total:.2f} ms; step wall time {wall_ms:.2f} ms)",
@@ -143,4 +159,6 @@ def format_profile(rows: list[ProfileRow], wall_ms: float, on_device: bool) -> s
     for r in rows:
         lines.append(f"{r.label:<32} {r.calls:>6} {r.fwd_ms:>10.2f} {r.bwd_ms:>10.2f} "
                      f"{r.total_ms:>10.2f} {100.0 * r.total_ms / total:>6.1f}")
+        for name, ms in list((r.ops or {}).items())[:top_ops]:
+            lines.append(f"    {name[:60]:<60} {ms:>10.2f}")
     return "\n".join(lines)

@@ -44,16 +44,20 @@ class Trainer:
     """Holds what a step needs; ``step()`` runs one full training step."""
 
     def __init__(self, model: torch.nn.Module, imgs: torch.Tensor, is_masked: torch.Tensor,
-                 dtype: str = "bf16", clip: float = 5.0, compile: bool = False,
+                 dtype: str = "bf16", clip: float = 5.0, compile: bool | str = False,
                  cuda_graph: bool = False) -> None:
+        from affmae.models.compiled import apply_compile
+
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-        if cuda_graph and (not imgs.is_cuda or dtype == "fp16" or compile):
+        # compile: False / "none", True / "model" (whole model), "blocks" (compile_blocks)
+        mode = {False: "none", True: "model"}.get(compile, compile)
+        if cuda_graph and (not imgs.is_cuda or dtype == "fp16" or mode == "model"):
             raise ValueError("cuda_graph needs CUDA inputs, bf16 or fp32 (no loss scaler) and "
-                             f"no compile; got device {imgs.device}, dtype {dtype}, "
-                             f"compile={compile}")
+                             f"no whole-model compile; got device {imgs.device}, dtype {dtype}, "
+                             f"compile={mode}")
         self.model = model.train()
-        self.fn = torch.compile(model, dynamic=False) if compile else model
+        self.fn = apply_compile(model, mode)
         self.cuda_graph = cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_loss: torch.Tensor | None = None

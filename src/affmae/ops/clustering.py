@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-_CHUNK_ELEMENTS = 1 << 25  # cap on a (B, chunk, Mk) distance block
+_CHUNK_ELEMENTS = 1 << 24  # cap on a (B, chunk, Mk) distance block (its (.., 2) difference is twice that)
 
 
 def _sign(v: int) -> int:
@@ -150,7 +150,9 @@ def nearest_clusters(
     out = []
     for start in range(0, Mq, chunk):
         q = query[:, start : start + chunk].float()
-        d = torch.cdist(q, keys.float(), compute_mode="donot_use_mm_for_euclid_dist")  # (B, chunk, Mk)
+        # Squared distances, written out: same order as the distances, and for 2-D points far
+        # cheaper than torch.cdist (5 ms of a 60 ms aff_small step at 512 px on an H200).
+        d = (q[:, :, None, :] - keys.float()[:, None, :, :]).square().sum(-1)  # (B, chunk, Mk)
         if self_first:  # masked_fill, not an indexed store of a host scalar (graph-safe)
             rows = torch.arange(start, start + q.shape[1], device=q.device)
             own = rows[:, None] == torch.arange(Mk, device=q.device)  # (chunk, Mk)

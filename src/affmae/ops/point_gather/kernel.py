@@ -44,7 +44,7 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_FEAT, MAX_FEAT = 16, 128
-MAX_K = 16
+MAX_K = 64  # slots per row: the decoder uses Pt * K = 16, token merging Kc * m = 64
 _SIZES = ["R", "HP", "QHP", "Pt"]  # never specialised (see the module docstring)
 
 
