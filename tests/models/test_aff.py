@@ -294,3 +294,21 @@ def test_merge_sums_is_the_gathered_einsum(C):
     gb = torch.autograd.grad(want, (x, w), g)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b)
+
+
+def test_narrow_layer_norm_is_layer_norm():
+    from affmae.layers.merge import NarrowLayerNorm
+
+    torch.manual_seed(0)
+    ln, ref = NarrowLayerNorm(4), torch.nn.LayerNorm(4)
+    for p, q in zip(ln.parameters(), ref.parameters()):
+        torch.nn.init.normal_(p)
+        q.data.copy_(p.data)
+    x = torch.randn(50, 7, 4) * 3 + 1
+    torch.testing.assert_close(ln(x), ref(x))
+    g = torch.randn(50, 7, 4)
+    ga = torch.autograd.grad(ln(x), list(ln.parameters()), g)
+    gb = torch.autograd.grad(ref(x), list(ref.parameters()), g)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
+    assert set(ln.state_dict()) == set(ref.state_dict())

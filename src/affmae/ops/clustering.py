@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from affmae.ops.smallest_k import smallest_k
+
 _CHUNK_ELEMENTS = 1 << 24  # cap on a (B, chunk, Mk) distance block (its (.., 2) difference is twice that)
 
 
@@ -157,7 +159,7 @@ def nearest_clusters(
             rows = torch.arange(start, start + q.shape[1], device=q.device)
             own = rows[:, None] == torch.arange(Mk, device=q.device)  # (chunk, Mk)
             d = d.masked_fill(own, -1.0)
-        out.append(torch.topk(d, k, dim=-1, largest=False, sorted=True).indices)
+        out.append(smallest_k(d, k))
     return torch.cat(out, dim=1)
 
 

@@ -25,6 +25,7 @@ import torch
 
 from affmae.ops import point_gather
 from affmae.ops.clustering import Clustering, nearest_clusters
+from affmae.ops.smallest_k import smallest_k
 
 FAR = 1.0e6  # position of padding slots: never nearer than a real token
 TILE = 4  # cells per tile side in the neighbour table
@@ -64,7 +65,7 @@ def cell_neighbours(key_cl: Clustering, key_pos: torch.Tensor, grid_hw: tuple[in
         cpos = torch.gather(key_pos.float(), 1, cand.reshape(B, -1, 1).expand(-1, -1, 2))
         cells = torch.stack([cx, cy], -1).reshape(1, -1, 1, 2).float()  # (1, cells, 1, 2)
         d2 = (cpos.view(B, gh * gw, -1, 2) - cells).square().sum(-1)  # (B, cells, Kc*m)
-        idx = torch.topk(d2, min(k, d2.shape[-1]), dim=-1, largest=False).indices
+        idx = smallest_k(d2, k)  # ties -> lower candidate slot, on every device
         return torch.gather(cand, 2, idx)  # (B, cells, k)
 
 

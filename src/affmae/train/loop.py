@@ -79,6 +79,8 @@ class TrainJob:
     eval_every: int = 0
     best_metric: str | None = None
     best_mode: str = "max"
+    #: autocast's weight-cast cache (CUDA-graph capture needs it off)
+    autocast_cache: bool = True
 
     def loss(self, model: nn.Module, batch: Any, step: int, micro: int) -> dict[str, torch.Tensor]:
         """Forward one micro-batch (on the device, under autocast) -> {"loss", "loss_*"...}.
@@ -238,7 +240,7 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
     optimizer = build_adamw(job.param_groups(), cfg.lr, cfg.betas, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
     autocast = torch.autocast(ctx.device.type, dtype=AUTOCAST_DTYPES.get(cfg.precision),
-                              enabled=cfg.precision != "fp32")
+                              enabled=cfg.precision != "fp32", cache_enabled=job.autocast_cache)
 
     # 1. Fresh start or resume (model, optimizer, scaler, step, RNG, elapsed time, best metric).
     start, elapsed, best = 0, 0.0, None

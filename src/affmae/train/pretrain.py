@@ -56,6 +56,17 @@ class PretrainJob(TrainJob):
         from affmae.ops.masking import num_masked
 
         self.n_masked = num_masked(self.grid[0] * self.grid[1], cfg.mask_ratio)
+        self.graphed = None
+        if cfg.cuda_graph:
+            if ctx.device.type != "cuda":
+                raise ValueError(f"--cuda-graph needs a CUDA device, this run uses {ctx.device}")
+            if ctx.world_size > 1:
+                raise ValueError("--cuda-graph runs in one process only (DDP's gradient hooks "
+                                 f"are not captured); this run has {ctx.world_size} ranks")
+            from affmae.train.graphs import GraphedLoss
+
+            self.graphed = GraphedLoss(self.model, self.n_masked)
+            self.autocast_cache = False  # make_graphed_callables needs autocast's cache off
         # 2. Data; a resumed run keeps the statistics it was trained with.
         stats = _resumed_stats(cfg)
         self.dataset = ImageFolder(cfg.data, cfg.size, patch_size=self.patch, mode=cfg.crop,
@@ -88,7 +99,10 @@ class PretrainJob(TrainJob):
         mask = mask[self.ctx.rank * per_rank:(self.ctx.rank + 1) * per_rank]  # this rank's rows
         # The masked count is known from the ratio: the model need not read the mask back
         # (one device sync per micro-step fewer).
-        return model(batch, mask.to(batch.device, non_blocking=True), num_masked=self.n_masked)
+        mask = mask.to(batch.device, non_blocking=True)
+        if self.graphed is not None:  # one process: ``model`` is the unwrapped model
+            return self.graphed(batch, mask)
+        return model(batch, mask, num_masked=self.n_masked)
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"data_stats": dict(self.data_stats)}

@@ -1,0 +1,46 @@
+"""Indices of the k smallest values of each row: the neighbour searches' selection step.
+
+``smallest_k(d, k)``: (..., N) -> (..., k) int64, ascending by value, ties broken by the lower
+index (so the CPU and the CUDA path select the same neighbours even when distances tie, which on
+a patch grid they often do).
+
+- CUDA, N <= 1024 and k <= 32: a Triton kernel, k rounds of a row-wise argmin in registers.
+  ``torch.topk`` gives every short row its own block; the decoder's five neighbour tables
+  (65k rows of 96 candidates each at 512 px, batch 16) took 2.6 of 41 ms of an aff_small step.
+- Otherwise (CPU, longer rows): a stable ``torch.sort`` (the reference; same tie rule).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+MAX_N, MAX_K = 1024, 32
+
+
+def smallest_k_ref(d: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: stable sort, first k (ties -> lower index first)."""
+    return torch.sort(d, dim=-1, stable=True).indices[..., :k]
+
+
+def _triton_ok(d: torch.Tensor, k: int) -> bool:
+    if not (d.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    if d.shape[-1] > MAX_N or k > MAX_K or d.numel() == 0:
+        return False
+    try:
+        from affmae.ops import _smallest_k_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def smallest_k(d: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., N) float -> (..., min(k, N)) int64 indices of the smallest values (see module)."""
+    k = min(k, d.shape[-1])
+    if not _triton_ok(d, k):
+        return smallest_k_ref(d, k)
+    from affmae.ops._smallest_k_kernel import smallest_k_triton
+
+    return smallest_k_triton(d, k)
