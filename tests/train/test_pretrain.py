@@ -132,7 +132,7 @@ def test_gpu_cuda_graph_matches_eager_and_resumes(images80, tmp_path, monkeypatc
     graphed run with drop-path and a pred_ratio subset, crashed and resumed (a new capture),
     replays the uninterrupted graphed run."""
     kw = dict(device="cuda", precision="bf16", model="aff_small", size=128, batch_size=4,
-              grad_accum=2, steps=6, crop="random_crop")
+              grad_accum=2, steps=6, crop="resize")
     plain = {"drop_path": 0.0}
     eager = run_pretrain(_cfg(images80, tmp_path / "eager", model_overrides=plain, **kw))
     graph = run_pretrain(_cfg(images80, tmp_path / "graph", model_overrides=plain,
