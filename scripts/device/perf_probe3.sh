@@ -9,7 +9,7 @@ git rev-parse HEAD > "$OUT/commit.txt"
 for mode in eager graph; do
   flag=""; [ "$mode" = graph ] && flag="--cuda-graph"
   timeout 100 affmae pretrain --data data/em/isbi2012/train/images --size 512 --model aff_small \
-    --batch-size 16 --steps 80 --lr 5e-4 --warmup-steps 10 --precision bf16 --device cuda \
+    --batch-size 16 --grad-accum 1 --steps 60 --lr 5e-4 --warmup-steps 10 --precision bf16 --device cuda \
     --num-workers 8 --crop random_crop --out runs/loop_$mode --figure-every 0 --log-every 10 \
     --ckpt-every 1000 --no-progress $flag > "$OUT/pretrain_$mode.txt" 2>&1
   cp runs/loop_$mode/log.csv "$OUT/pretrain_${mode}_log.csv"

@@ -127,18 +127,51 @@ def test_cuda_graph_is_refused_off_cuda(images64, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_cuda_graph_matches_eager_and_resumes(images80, tmp_path, monkeypatch):
-    """Replayed forward/backward = eager training (no random op, so both draw nothing), and a
-    graphed run with drop-path and a pred_ratio subset, crashed and resumed (a new capture),
-    replays the uninterrupted graphed run."""
+def test_gpu_graphed_loss_gradients_match_eager():
+    """Replays of the captured forward/backward give the eager losses and gradients, for a new
+    input every replay (copied into the graph's static inputs)."""
+    from affmae import create_model
+    from affmae.ops.masking import make_mask, num_masked
+    from affmae.train.graphs import GraphedLoss
+
+    torch.manual_seed(0)
+    model = create_model("aff_small", drop_path=0.0).cuda().train()
+    n = num_masked(16 * 16, 0.5)
+    graphed = GraphedLoss(model, n)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        imgs = torch.randn(4, 1, 128, 128, generator=g).cuda()
+        mask = make_mask(4, (16, 16), 0.5, "perlin", generator=g).cuda()
+        grads = []
+        for run in ("eager", "graph"):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                out = (model(imgs, mask, num_masked=n) if run == "eager"
+                       else graphed(imgs, mask))
+            out["loss"].backward()
+            grads.append((out["loss"].item(), [p.grad.clone() for p in params]))
+        (le, ge), (lg, gg) = grads
+        assert math.isclose(le, lg, rel_tol=1e-4), f"step {step}: loss eager {le} graph {lg}"
+        for p_e, p_g in zip(ge, gg):  # bf16, float32 atomics: equal up to reduction order
+            err = (p_e - p_g).norm() / p_e.norm().clamp_min(1e-12)
+            assert err < 2e-2, f"step {step}: gradient differs by {err:.3g} (relative)"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_cuda_graph_run_matches_eager_and_resumes(images80, tmp_path, monkeypatch):
+    """A graphed run tracks the eager one (small lr: Adam's first steps turn float32-atomics
+    noise in near-zero gradients into lr-sized updates), and a graphed run with drop-path and
+    a pred_ratio subset, crashed and resumed (a new capture), tracks the uninterrupted one."""
     kw = dict(device="cuda", precision="bf16", model="aff_small", size=128, batch_size=4,
-              grad_accum=2, steps=6, crop="resize")
+              grad_accum=2, steps=6, crop="resize", lr=1e-4)
     plain = {"drop_path": 0.0}
     eager = run_pretrain(_cfg(images80, tmp_path / "eager", model_overrides=plain, **kw))
     graph = run_pretrain(_cfg(images80, tmp_path / "graph", model_overrides=plain,
                               cuda_graph=True, **kw))
     for a, b in zip(eager.losses, graph.losses):
-        assert math.isclose(a, b, rel_tol=2e-2), f"eager {eager.losses} vs graphed {graph.losses}"
+        assert math.isclose(a, b, rel_tol=1e-2), f"eager {eager.losses} vs graphed {graph.losses}"
 
     rand = {"drop_path": 0.2, "pred_ratio": 0.5}
     straight = run_pretrain(_cfg(images80, tmp_path / "a", model_overrides=rand,
@@ -156,9 +189,8 @@ def test_gpu_cuda_graph_matches_eager_and_resumes(images80, tmp_path, monkeypatc
     monkeypatch.setattr(PretrainJob, "loss", real_loss)
     resumed = run_pretrain(_cfg(images80, tmp_path / "b", model_overrides=rand, cuda_graph=True,
                                 resume="auto", **kw))
-    # bf16 with float32 atomics in the gathers' backward: equal up to reduction order.
     for a, b in zip(straight.losses[3:], resumed.losses):
-        assert math.isclose(a, b, rel_tol=2e-2), f"{straight.losses[3:]} vs {resumed.losses}"
+        assert math.isclose(a, b, rel_tol=1e-2), f"{straight.losses[3:]} vs {resumed.losses}"
 
 
 @pytest.mark.parametrize("case, match", [
