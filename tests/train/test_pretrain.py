@@ -143,15 +143,21 @@ def test_gpu_graphed_loss_gradients_match_eager():
     for step in range(3):
         imgs = torch.randn(4, 1, 128, 128, generator=g).cuda()
         mask = make_mask(4, (16, 16), 0.5, "perlin", generator=g).cuda()
-        grads = []
-        for run in ("eager", "graph"):
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                out = (model(imgs, mask, num_masked=n) if run == "eager"
-                       else graphed(imgs, mask))
-            out["loss"].backward()
-            grads.append((out["loss"].item(), [p.grad.clone() for p in params]))
-        (le, ge), (lg, gg) = grads
+        grads = {}
+        # graph first: the capture must not meet autograd nodes of an eager step still alive;
+        # two micro-steps each, accumulated (the second replay must add, not overwrite)
+        for run in ("graph", "eager"):
+            model.zero_grad(set_to_none=False)
+            losses = []
+            for _ in range(2):
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                    out = (graphed(imgs, mask) if run == "graph"
+                           else model(imgs, mask, num_masked=n))
+                out["loss"].backward()
+                losses.append(out["loss"].item())
+                del out
+            grads[run] = (losses[0], [p.grad.clone() for p in params])
+        (lg, gg), (le, ge) = grads["graph"], grads["eager"]
         assert math.isclose(le, lg, rel_tol=1e-4), f"step {step}: loss eager {le} graph {lg}"
         for p_e, p_g in zip(ge, gg):  # bf16, float32 atomics: equal up to reduction order
             err = (p_e - p_g).norm() / p_e.norm().clamp_min(1e-12)
@@ -227,3 +233,35 @@ def test_skip_bad_skips_the_corrupt_file(images64, tmp_path):
     (data / "broken.png").write_bytes(b"garbage")
     result = run_pretrain(_cfg(data, tmp_path / "out", steps=1, grad_accum=1, skip_bad=True))
     assert len(result.losses) == 1 and math.isfinite(result.losses[0])
+
+
+def test_accumulation_adds_into_own_buffers_not_static_ones():
+    """The mechanism ``GraphedLoss`` guards against, on CPU: a backward that hands out a static
+    buffer (as a CUDA-graphed backward does) is adopted as ``p.grad`` when ``p.grad`` is None,
+    so the next replay would overwrite the accumulated gradient; with a pre-allocated ``.grad``
+    (what GraphedLoss sets up, zeroed in place by the loop) accumulation adds correctly."""
+    static = torch.zeros(3)
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, p, g):
+            ctx.g = g
+            return p.sum()
+
+        @staticmethod
+        def backward(ctx, _):
+            static.copy_(ctx.g)  # the "replay" writes its static gradient output
+            return static.detach(), None
+
+    g1, g2 = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])
+    p = torch.zeros(3, requires_grad=True)
+    Replay.apply(p, g1).backward()
+    Replay.apply(p, g2).backward()
+    assert p.grad.data_ptr() == static.data_ptr()  # adopted: the bug
+    assert torch.equal(p.grad, 2 * g2)  # g1 lost
+    q = torch.zeros(3, requires_grad=True)
+    q.grad = torch.zeros(3)  # GraphedLoss's own buffer
+    Replay.apply(q, g1).backward()
+    Replay.apply(q, g2).backward()
+    assert q.grad.data_ptr() != static.data_ptr()
+    assert torch.equal(q.grad, g1 + g2)

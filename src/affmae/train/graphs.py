@@ -15,6 +15,13 @@ pretrain --cuda-graph`` refuses torchrun), autocast without its weight cache (th
 cache off for graphed jobs). Random ops (drop-path, the pred_ratio subset) replay with fresh
 random numbers: PyTorch advances the CUDA generator's offset on every replay.
 
+Gradients: the graphed backward hands out its static gradient buffers, and autograd adopts an
+incoming gradient as ``p.grad`` when ``p.grad`` is None; the next replay (the next micro-step of
+a gradient accumulation) would then overwrite the accumulated gradient. So ``GraphedLoss`` gives
+every trainable parameter a zero ``.grad`` at capture, and its users zero gradients in place
+(``zero_grad(set_to_none=False)``): accumulation then always adds into the parameter's own
+buffer.
+
 The capture runs three warm-up iterations; the CPU and CUDA RNG states are restored after it, so
 a run (and its resume, which captures again) draws the same numbers whether or not it captured.
 """
@@ -72,3 +79,6 @@ class GraphedLoss:
             self.losses, (imgs, mask), num_warmup_iters=3, allow_unused_input=True)
         torch.set_rng_state(cpu_rng)
         torch.cuda.set_rng_state(cuda_rng, imgs.device)
+        for p in self.losses.parameters():  # own buffers, never the graph's (module docstring)
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)

@@ -81,6 +81,9 @@ class TrainJob:
     best_mode: str = "max"
     #: autocast's weight-cast cache (CUDA-graph capture needs it off)
     autocast_cache: bool = True
+    #: ``zero_grad(set_to_none=...)``; a CUDA-graphed job keeps its gradients allocated (the
+    #: graph's gradient outputs are static buffers that accumulation must add into, not adopt)
+    grads_to_none: bool = True
 
     def loss(self, model: nn.Module, batch: Any, step: int, micro: int) -> dict[str, torch.Tensor]:
         """Forward one micro-batch (on the device, under autocast) -> {"loss", "loss_*"...}.
@@ -353,7 +356,7 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
                     f"{values['loss']:.4g}); stopping. Last checkpoint: {last_ckpt or 'none'}")
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=job.grads_to_none)
             done = step + 1
             dt = time.perf_counter() - t0
             losses.append(values["loss"])

@@ -67,6 +67,7 @@ class PretrainJob(TrainJob):
 
             self.graphed = GraphedLoss(self.model, self.n_masked)
             self.autocast_cache = False  # make_graphed_callables needs autocast's cache off
+            self.grads_to_none = False  # see GraphedLoss: gradients stay allocated
         # 2. Data; a resumed run keeps the statistics it was trained with.
         stats = _resumed_stats(cfg)
         self.dataset = ImageFolder(cfg.data, cfg.size, patch_size=self.patch, mode=cfg.crop,
