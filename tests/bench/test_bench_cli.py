@@ -95,3 +95,24 @@ def test_parse_spec_and_scaling_fit():
     sc = cli.scaling(rows)
     assert sc["q"]["exponent"] == pytest.approx(2.0), sc["q"]
     assert sc["l"]["local_exponents"] == pytest.approx([1.0, 1.0]), sc["l"]
+
+
+def test_compile_blocks_compiles_every_block_of_both_families():
+    """Regional compilation wraps exactly the transformer blocks (running them compiled is a
+    GPU-machine job: a CPU inductor build of aff_tiny takes minutes)."""
+    import pytest
+
+    from affmae import create_model
+    from affmae.models.compiled import apply_compile, compile_blocks
+
+    aff = create_model("aff_tiny")
+    n_aff = sum(aff.config.depths) + len(aff.config.depths)  # encoder blocks + decoder blocks
+    assert compile_blocks(aff) == n_aff
+    vit = create_model("vit_tiny")
+    n_vit = vit.config.depth + vit.config.decoder_depth
+    assert compile_blocks(vit) == n_vit
+    assert apply_compile(create_model("aff_tiny"), "none").__class__.__name__ == "AFFMAE"
+    with pytest.raises(ValueError, match="compile mode"):
+        apply_compile(aff, "everything")
+    with pytest.raises(ValueError, match="no transformer block"):
+        compile_blocks(torch.nn.Linear(2, 2))
