@@ -31,6 +31,9 @@ def test_reference_is_topk_with_ties_to_the_lower_index():
         same = vals[..., 1:] == vals[..., :-1]
         assert bool((idx[..., 1:][same] > idx[..., :-1][same]).all())
     assert smallest_k(torch.rand(2, 3), 5).shape == (2, 3)  # k clipped to N
+    long = torch.rand(2, 1500)  # beyond the kernel's row length: topk, same values
+    torch.testing.assert_close(torch.gather(long, -1, smallest_k(long, 8)),
+                               torch.topk(long, 8, largest=False).values)
 
 
 def test_interpreter_kernel_selects_what_the_reference_selects():

@@ -41,7 +41,9 @@ class NarrowLayerNorm(nn.LayerNorm):
         xc = x - mu
         y = xc * torch.rsqrt(xc.square().mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            y = y * self.weight.float() + self.bias.float()
+            y = y * self.weight.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
         return y
 
 

@@ -7,7 +7,10 @@ a patch grid they often do).
 - CUDA, N <= 1024 and k <= 32: a Triton kernel, k rounds of a row-wise argmin in registers.
   ``torch.topk`` gives every short row its own block; the decoder's five neighbour tables
   (65k rows of 96 candidates each at 512 px, batch 16) took 2.6 of 41 ms of an aff_small step.
-- Otherwise (CPU, longer rows): a stable ``torch.sort`` (the reference; same tie rule).
+- CPU, N <= 1024: a stable ``torch.sort`` (the reference; same tie rule).
+- N > 1024 (cluster searches above about 1024 px), any device: ``torch.topk``, whose order
+  among equal values is the backend's own (ties may then select differently on CPU and CUDA);
+  a sort of such rows would cost O(N log N) per row.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def _triton_ok(d: torch.Tensor, k: int) -> bool:
 def smallest_k(d: torch.Tensor, k: int) -> torch.Tensor:
     """(..., N) float -> (..., min(k, N)) int64 indices of the smallest values (see module)."""
     k = min(k, d.shape[-1])
+    if d.shape[-1] > MAX_N:
+        return torch.topk(d, k, dim=-1, largest=False, sorted=True).indices
     if not _triton_ok(d, k):
         return smallest_k_ref(d, k)
     from affmae.ops._smallest_k_kernel import smallest_k_triton
