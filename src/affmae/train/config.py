@@ -188,8 +188,9 @@ class PretrainConfig(TrainConfig):
         (2, 4, 8), "Perlin lattice scales in patches (one is drawn per image)",
         group="masking", flag_type=int, nargs="+", metavar="S")
     cuda_graph: bool = opt(False, "capture each micro-step's forward and backward in a CUDA "
-                           "graph and replay it (no Python or launch overhead; about 1.7x "
-                           "faster for aff_small at 512 px). One CUDA process, fixed size",
+                           "graph and replay it (no Python or launch overhead; the loop ran "
+                           "2x faster for aff_small at 512 px on an H200, docs/BENCHMARKS.md). "
+                           "One CUDA process, fixed size",
                            group="device")
 
     def __post_init__(self) -> None:
