@@ -8,15 +8,16 @@ from torch import nn
 from affmae.layers.attention import ClusterAttention
 from affmae.layers.common import DropPath, Mlp
 from affmae.ops.clustering import Clustering
+from affmae.ops.layer_norm import FusedLayerNorm
 
 
 class AFFBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", norm_backend: str = "torch") -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = FusedLayerNorm(dim, backend=norm_backend)
         self.attn = ClusterAttention(dim, heads, backend=backend)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = FusedLayerNorm(dim, backend=norm_backend)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 

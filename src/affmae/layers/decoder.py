@@ -27,6 +27,7 @@ from torch.profiler import record_function
 
 from affmae.layers.common import Mlp, ring_offsets, run_block, sincos_embed_2d
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
+from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.interpolate import (FAR, cell_neighbours, gather_weighted,
                                     interpolation_weights, lookup_neighbours)
 
@@ -88,14 +89,14 @@ class DecoderBlock(nn.Module):
     """Deformable self-attention, deformable cross-attention into one stage, FFN."""
 
     def __init__(self, dim: int, src_dim: int, heads: int, points: int, knn: int,
-                 mlp_ratio: float) -> None:
+                 mlp_ratio: float, norm_backend: str = "torch") -> None:
         super().__init__()
         self.src_proj = nn.Linear(src_dim, dim)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = FusedLayerNorm(dim, backend=norm_backend)
         self.self_attn = DeformableAttention(dim, heads, points, knn)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = FusedLayerNorm(dim, backend=norm_backend)
         self.cross_attn = DeformableAttention(dim, heads, points, knn)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = FusedLayerNorm(dim, backend=norm_backend)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, qpos, qpos_far, table_self, spacing_self, src, src_pos, table, spacing,
@@ -119,7 +120,7 @@ class PointDecoder(nn.Module):
     def __init__(self, stage_dims: tuple[int, ...], dim: int = 384, heads: int = 6,
                  points: int = 4, knn: int = 4, mlp_ratio: float = 4.0, blocks_per_stage: int = 1,
                  cluster_size: int = 8, nbr_clusters: int = 8,
-                 grad_checkpoint: bool = False) -> None:
+                 grad_checkpoint: bool = False, norm_backend: str = "torch") -> None:
         super().__init__()
         self.dim, self.knn = dim, knn
         self.grad_checkpoint = grad_checkpoint  # recompute each block's activations in backward
@@ -127,7 +128,7 @@ class PointDecoder(nn.Module):
         self.query_token = nn.Parameter(torch.zeros(1, 1, dim))
         # blocks[i] serves stage (S - 1 - i): coarse to fine.
         self.blocks = nn.ModuleList(
-            nn.ModuleList(DecoderBlock(dim, sd, heads, points, knn, mlp_ratio)
+            nn.ModuleList(DecoderBlock(dim, sd, heads, points, knn, mlp_ratio, norm_backend)
                           for _ in range(blocks_per_stage))
             for sd in reversed(stage_dims)
         )

@@ -22,6 +22,7 @@ from torch import nn
 
 from affmae.ops import point_gather
 from affmae.ops.clustering import Clustering
+from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.relpos import NUM_RELPOS_FEATURES, relpos_features
 
 NUM_MERGE_WEIGHTS = 4
@@ -53,7 +54,7 @@ def num_kept(n: int, rate: float) -> int:
 
 
 class TokenMerging(nn.Module):
-    def __init__(self, dim: int, dim_out: int, rate: float) -> None:
+    def __init__(self, dim: int, dim_out: int, rate: float, norm_backend: str = "torch") -> None:
         super().__init__()
         if not 0.0 < rate <= 1.0:
             raise ValueError(f"downsampling rate d_s must be in (0, 1], got {rate}")
@@ -64,7 +65,7 @@ class TokenMerging(nn.Module):
             NarrowLayerNorm(NUM_MERGE_WEIGHTS),
             nn.GELU(),
         )
-        self.norm = nn.LayerNorm(NUM_MERGE_WEIGHTS * dim)
+        self.norm = FusedLayerNorm(NUM_MERGE_WEIGHTS * dim, backend=norm_backend)
         self.reduction = nn.Linear(NUM_MERGE_WEIGHTS * dim, dim_out)
 
     def forward(

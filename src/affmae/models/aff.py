@@ -41,6 +41,9 @@ class AFFConfig:
     downsample_rate: float = 0.4  # d_s: fraction of tokens kept by each merge
     drop_path: float = 0.1  # stochastic depth, linearly increasing over blocks
     attention_backend: str = "auto"  # "auto" | "triton" | "torch"
+    # LayerNorms that feed a Linear (blocks, merges, decoder blocks): "torch" (nn.LayerNorm),
+    # "triton" / "auto" (output in the autocast dtype, affmae.ops.layer_norm; not yet measured).
+    norm_backend: str = "torch"
     # Recompute activations in the backward instead of keeping them (memory for time), per
     # transformer block: "none" | "encoder" | "decoder" (AFFMAE's decoder blocks) | "all".
     grad_checkpoint: str = "none"
@@ -63,6 +66,8 @@ class AFFConfig:
             raise ValueError(f"attention_backend must be auto|triton|torch, got "
                              f"{self.attention_backend!r}")
         check_grad_checkpoint(self.grad_checkpoint)
+        if self.norm_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"norm_backend must be auto|triton|torch, got {self.norm_backend!r}")
 
 
 @dataclass
@@ -91,13 +96,14 @@ class AFFEncoder(nn.Module):
         self.out_norms = nn.ModuleList()
         i = 0
         for s, (w, d, h) in enumerate(zip(c.widths, c.depths, c.heads)):
-            blocks = [AFFBlock(w, h, c.mlp_ratio, rates[i + j], c.attention_backend)
-                      for j in range(d)]
+            blocks = [AFFBlock(w, h, c.mlp_ratio, rates[i + j], c.attention_backend,
+                               c.norm_backend) for j in range(d)]
             i += d
             self.stages.append(nn.ModuleList(blocks))
             self.out_norms.append(nn.LayerNorm(w))
             if s + 1 < len(c.widths):
-                self.merges.append(TokenMerging(w, c.widths[s + 1], c.downsample_rate))
+                self.merges.append(TokenMerging(w, c.widths[s + 1], c.downsample_rate,
+                                                c.norm_backend))
         self.apply(init_weights)
         for mod in self.modules():
             if isinstance(mod, ClusterAttention):

@@ -75,7 +75,8 @@ class AFFMAE(nn.Module):
         self.decoder = PointDecoder(
             c.widths, c.decoder_dim, c.decoder_heads, c.decoder_points, c.decoder_knn,
             c.decoder_mlp_ratio, c.decoder_blocks_per_stage, c.cluster_size,
-            c.decoder_nbr_clusters, grad_checkpoint=checkpoints(c.grad_checkpoint, "decoder"))
+            c.decoder_nbr_clusters, grad_checkpoint=checkpoints(c.grad_checkpoint, "decoder"),
+            norm_backend=c.norm_backend)
         out = c.in_chans * c.patch_size**2
         self.head = _head(c.decoder_dim, out)
         # aux_heads["4"] reads the decoder after the stage-4 blocks, etc.; zero weight = no head.

@@ -39,6 +39,7 @@ from torch.profiler import record_function
 
 from affmae.layers.common import (DropPath, Mlp, check_grad_checkpoint, checkpoints,
                                   init_weights, run_block, sincos_embed_2d)
+from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.patches import grid_positions, patchify, unpatchify
 from affmae.models.registry import register_model, replace_config
 from affmae.ops.masking import mask_indices, sample_queries
@@ -67,6 +68,8 @@ class ViTMAEConfig:
     # Recompute block activations in the backward (memory for time), as AFF's field:
     # "none" | "encoder" | "decoder" | "all".
     grad_checkpoint: str = "none"
+    # Block LayerNorms (they feed Linears), as AFF's field: "torch" | "triton" | "auto".
+    norm_backend: str = "torch"
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "in_chans", "depth", "num_heads", "decoder_depth",
@@ -91,6 +94,8 @@ class ViTMAEConfig:
         if not 0.0 < self.pred_ratio <= 1.0:
             raise ValueError(f"pred_ratio must be in (0, 1], got {self.pred_ratio!r}")
         check_grad_checkpoint(self.grad_checkpoint)
+        if self.norm_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"norm_backend must be auto|triton|torch, got {self.norm_backend!r}")
         if self.pred_ratio < 1.0 and self.decoder != "cross":
             # The MAE decoder's mask tokens attend to each other: dropping some would change the
             # predictions of the rest and save no compute, so the option would be misleading.
@@ -156,11 +161,12 @@ class CrossAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float, label: str):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float, label: str,
+                 norm_backend: str = "torch"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = FusedLayerNorm(dim, backend=norm_backend)
         self.attn = SelfAttention(dim, heads, label)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = FusedLayerNorm(dim, backend=norm_backend)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
@@ -172,12 +178,13 @@ class Block(nn.Module):
 class CrossBlock(nn.Module):
     """CrossMAE decoder block: x + cross-attn(LN(x), LN(mem)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, label: str) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, label: str,
+                 norm_backend: str = "torch") -> None:
         super().__init__()
-        self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
+        self.norm_q = FusedLayerNorm(dim, backend=norm_backend)
+        self.norm_kv = FusedLayerNorm(dim, backend=norm_backend)
         self.attn = CrossAttention(dim, heads, label)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = FusedLayerNorm(dim, backend=norm_backend)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
@@ -195,7 +202,8 @@ class ViTEncoder(nn.Module):
         self.patch_embed = nn.Linear(c.in_chans * c.patch_size**2, c.embed_dim)
         rates = torch.linspace(0, c.drop_path, c.depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(c.embed_dim, c.num_heads, c.mlp_ratio, r, "vit/attention") for r in rates
+            Block(c.embed_dim, c.num_heads, c.mlp_ratio, r, "vit/attention", c.norm_backend)
+            for r in rates
         )
         self.norm = nn.LayerNorm(c.embed_dim)
 
@@ -224,8 +232,8 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(c.embed_dim, c.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
         self.blocks = nn.ModuleList(
-            Block(c.decoder_dim, c.decoder_heads, c.decoder_mlp_ratio, 0.0, "decoder/attention")
-            for _ in range(c.decoder_depth)
+            Block(c.decoder_dim, c.decoder_heads, c.decoder_mlp_ratio, 0.0, "decoder/attention",
+                  c.norm_backend) for _ in range(c.decoder_depth)
         )
         self.norm = nn.LayerNorm(c.decoder_dim)
         self.head = nn.Linear(c.decoder_dim, c.in_chans * c.patch_size**2)
@@ -262,8 +270,8 @@ class CrossDecoder(nn.Module):
         self.embed = nn.Linear(c.embed_dim, c.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
         self.blocks = nn.ModuleList(
-            CrossBlock(c.decoder_dim, c.decoder_heads, c.decoder_mlp_ratio, "decoder/attention")
-            for _ in range(c.decoder_depth)
+            CrossBlock(c.decoder_dim, c.decoder_heads, c.decoder_mlp_ratio, "decoder/attention",
+                       c.norm_backend) for _ in range(c.decoder_depth)
         )
         self.norm = nn.LayerNorm(c.decoder_dim)
         self.head = nn.Linear(c.decoder_dim, c.in_chans * c.patch_size**2)

@@ -1,0 +1,68 @@
+"""LayerNorm whose output comes out in the autocast dtype: one kernel, no float32 copy.
+
+Under autocast PyTorch runs ``layer_norm`` in float32 and returns float32; the Linear after it
+then casts that output to bf16 / fp16, in a separate kernel, forward and backward. In an
+aff_small step at 512 px (H200) LayerNorm forward, backward and those casts took about 10 of the
+37 ms of GPU time (docs/BENCHMARKS.md, "Fewer, larger kernels"). ``FusedLayerNorm`` computes the
+same statistics in float32 and writes its output directly in the autocast dtype (the dtype the
+next Linear would cast to, so the Linear sees the same numbers); its backward writes dx in the
+input's dtype and reduces the weight and bias gradients per 64-row block.
+
+Use it only where the output feeds a Linear (or anything that casts to the autocast dtype
+anyway): a norm whose output starts a float32 residual stream must stay ``nn.LayerNorm``.
+
+Backends: "torch" (``nn.LayerNorm``, the reference and the CPU path), "triton" (CUDA, or CPU under
+TRITON_INTERPRET=1), "auto" (Triton on CUDA tensors, else torch). The models' ``norm_backend``
+config field picks one; its default stays "torch" until the kernel is measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _triton_ok(x: torch.Tensor, n: int) -> bool:
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        from affmae.ops.layer_norm import kernel
+    except ImportError:
+        return False
+    return n <= kernel.MAX_N and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+class FusedLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and state dict) with an output in the autocast dtype
+    on the Triton backend; see the module docstring."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, backend: str = "torch") -> None:
+        super().__init__(normalized_shape, eps=eps)
+        if backend not in BACKENDS:
+            raise ValueError(f"norm backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.normalized_shape[0]
+        use = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+        if not use or not _triton_ok(x, n):
+            if self.backend == "triton" and not _triton_ok(x, n):
+                raise RuntimeError(f"norm backend 'triton' cannot run on {x.device} {x.dtype} "
+                                   f"rows of {n} features")
+            return super().forward(x)
+        from affmae.ops.layer_norm.function import layer_norm_triton
+
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            out_dtype = torch.get_autocast_dtype(dev)
+        else:
+            out_dtype = x.dtype
+        with torch.autocast(dev, enabled=False):
+            return layer_norm_triton(x, self.weight, self.bias, self.eps, out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend}"

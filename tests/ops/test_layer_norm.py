@@ -1,0 +1,167 @@
+"""``affmae.ops.layer_norm.FusedLayerNorm``: the Triton kernels (interpreter on CPU, the real
+ones on a GPU) against ``nn.LayerNorm``, forward and every gradient, and the model option."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from affmae.ops.layer_norm import FusedLayerNorm
+
+_WORKER = r"""
+import json, sys, torch
+from affmae.ops.layer_norm import FusedLayerNorm
+
+def pair(n, seed):
+    torch.manual_seed(seed)
+    ln, ref = FusedLayerNorm(n, backend="triton"), torch.nn.LayerNorm(n)
+    for p, q in zip(ln.parameters(), ref.parameters()):
+        torch.nn.init.normal_(p)
+        q.data.copy_(p.data)
+    return ln, ref
+
+out = {}
+# (rows, features, input dtype): awkward row counts, a wide merge norm, a narrow one
+for rows, n, dt in [(37, 96, torch.float32), (130, 17, torch.float32), (9, 1536, torch.float32),
+                    (70, 384, torch.bfloat16)]:
+    ln, ref = pair(n, rows)
+    x = (torch.randn(rows, n) * 3 + 1).to(dt)
+    xa = x.clone().requires_grad_()
+    xb = x.float().clone().requires_grad_()
+    y, yr = ln(xa), ref(xb)
+    g = torch.randn(rows, n)
+    y.backward(g.to(y.dtype))
+    yr.backward(g.to(y.dtype).float())  # the same (rounded) upstream gradient
+    out[f"{rows}x{n}_{dt}"] = {
+        "dtype": str(y.dtype), "dx_dtype": str(xa.grad.dtype),
+        "y": (y.float() - yr).abs().max().item(),
+        "dx": (xa.grad.float() - xb.grad).abs().max().item(),
+        "dw": (ln.weight.grad - ref.weight.grad).abs().max().item(),
+        "db": (ln.bias.grad - ref.bias.grad).abs().max().item(),
+        "scale": yr.abs().max().item(), "gscale": xb.grad.abs().max().item(),
+        "wscale": ref.weight.grad.abs().max().item()}
+# autocast: output in the autocast dtype, equal to the float32 result rounded once
+ln, ref = pair(96, 1)
+x = torch.randn(4, 5, 96)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    y = ln(x)
+want = ref(x).bfloat16().float()
+out["autocast"] = {"dtype": str(y.dtype),  # error in units of the value's own scale
+                   "err": ((y.float() - want).abs() / want.abs().clamp_min(1e-3)).max().item()}
+# the model option: aff_tiny with Triton norms = with torch norms
+from affmae import create_model
+from affmae.ops.masking import make_mask
+imgs = torch.randn(2, 1, 64, 64)
+mask = make_mask(2, (8, 8), 0.5, "uniform", generator=torch.Generator().manual_seed(0))
+losses = []
+for backend in ("torch", "triton"):
+    torch.manual_seed(0)
+    m = create_model("aff_tiny", norm_backend=backend)
+    loss = m(imgs, mask)["loss"]
+    loss.backward()
+    losses.append((loss.item(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+out["model"] = {"loss": abs(losses[0][0] - losses[1][0]),
+                "grad": max((a - b).abs().max().item() for a, b in zip(losses[0][1], losses[1][1]))}
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def interp(tmp_path_factory):
+    import json
+
+    path = tmp_path_factory.mktemp("ln") / "out.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", _WORKER, str(path)], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(path.read_text())
+
+
+def test_interpreter_matches_layer_norm(interp):
+    for name, r in interp.items():
+        if name in ("autocast", "model"):
+            continue
+        bf16 = "bfloat16" in name
+        assert r["dtype"] == r["dx_dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
+        tol = 2 ** -7 if bf16 else 1e-5  # bf16: one rounding of the output / dx
+        assert r["y"] <= tol * max(1.0, r["scale"]), (name, r)
+        assert r["dx"] <= tol * max(1.0, r["gscale"]), (name, r)
+        assert r["dw"] <= 1e-4 * max(1.0, r["wscale"]) and r["db"] <= 1e-3, (name, r)
+
+
+def test_interpreter_output_in_autocast_dtype(interp):
+    assert interp["autocast"]["dtype"] == "torch.bfloat16"
+    assert interp["autocast"]["err"] <= 2 ** -7, interp["autocast"]  # at most one bf16 ulp apart
+
+
+def test_interpreter_model_option_same_loss_and_gradients(interp):
+    assert interp["model"]["loss"] < 1e-5 and interp["model"]["grad"] < 1e-4, interp["model"]
+
+
+def test_backend_choice_and_errors():
+    ln = FusedLayerNorm(8, backend="auto")
+    x = torch.randn(3, 8)
+    assert torch.equal(ln(x), torch.nn.functional.layer_norm(x, (8,), ln.weight, ln.bias))
+    with pytest.raises(ValueError, match="norm backend"):
+        FusedLayerNorm(8, backend="apex")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="cannot run"):
+            FusedLayerNorm(8, backend="triton")(x)
+    from affmae import create_model
+
+    with pytest.raises(ValueError, match="norm_backend"):
+        create_model("aff_tiny", norm_backend="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n", [96, 384, 1536])
+def test_gpu_full_size_matches_layer_norm(n):
+    torch.manual_seed(0)
+    ln = FusedLayerNorm(n, backend="triton").cuda()
+    ref = torch.nn.LayerNorm(n).cuda()
+    for p, q in zip(ln.parameters(), ref.parameters()):
+        torch.nn.init.normal_(p)
+        q.data.copy_(p.data)
+    x = (torch.randn(16 * 2048, n, device="cuda") * 3 + 1)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, yr = ln(xa), ref(xb)
+    assert y.dtype == torch.bfloat16 and yr.dtype == torch.float32
+    torch.testing.assert_close(y, yr.bfloat16(), rtol=2 ** -7, atol=2 ** -7)
+    g = torch.randn_like(yr)
+    y.backward(g.bfloat16())
+    yr.backward(g.bfloat16().float())
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ln.weight.grad, ref.weight.grad, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(ln.bias.grad, ref.bias.grad, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_aff_small_step_same_with_triton_norms():
+    """A whole aff_small training step (bf16 autocast) with norm_backend="triton" against
+    "torch", from the same weights: the same loss and gradients up to bf16 rounding."""
+    from affmae import create_model
+    from affmae.ops.masking import make_mask
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(4, 1, 128, 128, generator=g).cuda()
+    mask = make_mask(4, (16, 16), 0.5, "perlin", generator=g).cuda()
+    res = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        m = create_model("aff_small", norm_backend=backend, drop_path=0.0).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(imgs, mask)["loss"]
+        loss.backward()
+        res[backend] = (loss.item(), [p.grad for p in m.parameters() if p.grad is not None])
+    (lt, gt), (lk, gk) = res["torch"], res["triton"]
+    assert abs(lt - lk) <= 1e-2 * abs(lt), (lt, lk)
+    for a, b in zip(gt, gk):
+        assert ((a - b).norm() / a.norm().clamp_min(1e-12)) < 5e-2
