@@ -265,3 +265,19 @@ def test_accumulation_adds_into_own_buffers_not_static_ones():
     Replay.apply(q, g2).backward()
     assert q.grad.data_ptr() != static.data_ptr()
     assert torch.equal(q.grad, g1 + g2)
+
+
+def test_resume_of_a_checkpoint_that_predates_new_config_fields(images64, tmp_path, capsys):
+    """A checkpoint written before a config field existed (here: the model's norm_backend and
+    the run's cuda_graph) resumes: a missing field counts as its default, not as a change."""
+    run_pretrain(_cfg(images64, tmp_path, steps=3, grad_accum=1))
+    path = tmp_path / "latest.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["model_config"]["norm_backend"], ckpt["config"]["cuda_graph"]
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    resumed = run_pretrain(_cfg(images64, tmp_path, steps=5, grad_accum=1, resume="auto"))
+    assert len(resumed.losses) == 2
+    err = capsys.readouterr().err
+    assert "steps (3 -> 5)" in err  # a real change is still named
+    assert "cuda_graph" not in err and "norm_backend" not in err, err

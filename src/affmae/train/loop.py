@@ -199,15 +199,32 @@ def resume_path(cfg: TrainConfig) -> Path | None:
     return path
 
 
+def _with_defaults(saved: dict, config: Any) -> dict:
+    """``saved`` (a config dict from a checkpoint) with the fields it predates filled in with
+    their defaults, in ``config_dict`` form: a field added by a later version, at its default,
+    is no change."""
+    import dataclasses
+
+    out = dict(saved)
+    for f in dataclasses.fields(config):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in out and not required:
+            value = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                     else f.default)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def _check_resume_config(ckpt: dict, cfg: TrainConfig, model: nn.Module, path: Path,
                          ctx: DistContext) -> None:
     from affmae.models.registry import config_dict
 
-    if ckpt["model_name"] != model.model_name or ckpt["model_config"] != config_dict(model):
+    saved = _with_defaults(ckpt["model_config"], model.config)
+    if ckpt["model_name"] != model.model_name or saved != config_dict(model):
         raise ValueError(f"{path} holds model {ckpt['model_name']!r} with config "
                          f"{ckpt['model_config']}, but this run builds {model.model_name!r} "
                          f"with {config_dict(model)}")
-    old, new = ckpt.get("config", {}), cfg.to_dict()
+    old, new = _with_defaults(ckpt.get("config", {}), cfg), cfg.to_dict()
     changed = [f"{k} ({old.get(k)!r} -> {v!r})" for k, v in new.items()
                if k not in _RESUME_FREE and old.get(k) != v]
     if changed:
