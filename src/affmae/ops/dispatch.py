@@ -7,9 +7,23 @@ every launch. ``plain_eager`` says when nothing is watching the dispatcher.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET``, read by
+    Triton when it is first imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_device(t: Tensor) -> bool:
+    """Whether a Triton kernel can take tensors on ``t``'s device: CUDA, or CPU when
+    interpreting."""
+    return t.is_cuda or (t.device.type == "cpu" and interpreting())
 
 
 def plain_eager(*tensors: Tensor) -> bool:

@@ -15,9 +15,9 @@ a patch grid they often do).
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from affmae.ops.dispatch import triton_device
 
 MAX_N, MAX_K = 1024, 32
 
@@ -28,7 +28,7 @@ def smallest_k_ref(d: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _triton_ok(d: torch.Tensor, k: int) -> bool:
-    if not (d.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not triton_device(d):
         return False
     if d.shape[-1] > MAX_N or k > MAX_K or d.numel() == 0:
         return False

@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from affmae.ops.dispatch import triton_device
 from affmae.ops.cluster_attention.reference import cluster_attention_ref
 
 BACKENDS = ("auto", "triton", "torch")
@@ -28,7 +29,7 @@ def why_not_triton(q: torch.Tensor) -> str | None:
         from affmae.ops.cluster_attention import kernel  # noqa: F401
     except ImportError as e:  # Triton missing or the kernel module absent
         return f"the Triton kernel is unavailable ({e})"
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_device(q):
         return f"inputs are on {q.device.type}, not CUDA (set TRITON_INTERPRET=1 to interpret on CPU)"
     return kernel.why_not(q)
 

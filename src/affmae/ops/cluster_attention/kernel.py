@@ -42,11 +42,11 @@ float32; float32 inputs use IEEE (not TF32) products. Positions get no gradient.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from affmae.ops.dispatch import interpreting
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
@@ -66,15 +66,11 @@ def why_not(q: torch.Tensor) -> str | None:
     D = q.shape[-1]
     if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
         return f"head dim D={D} is outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
-    if q.device.type == "cpu" and not _interpreting():
+    if q.device.type == "cpu" and not interpreting():
         return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)"
     if q.device.type not in ("cuda", "cpu"):
         return f"device {q.device} is not supported"
     return None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +455,7 @@ def _tiles(m: int, D: int, dtype: torch.dtype, num_warps: int | None = None) -> 
     # multiplies bfloat16 as raw integers, so there bfloat16 operands are widened to float32 first:
     # exact, since a bfloat16 x bfloat16 product fits a float32 mantissa.
     dot_t = _TL_DTYPE[dtype]
-    if dtype == torch.bfloat16 and _interpreting():
+    if dtype == torch.bfloat16 and interpreting():
         dot_t = tl.float32
     block_d = max(16, triton.next_power_of_2(D))
     return dict(

@@ -18,16 +18,16 @@ config field picks one; its default stays "torch" until the kernel is measured o
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
+
+from affmae.ops.dispatch import triton_device
 
 BACKENDS = ("auto", "triton", "torch")
 
 
 def _triton_ok(x: torch.Tensor, n: int) -> bool:
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not triton_device(x):
         return False
     try:
         from affmae.ops.layer_norm import kernel
@@ -48,9 +48,10 @@ class FusedLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.normalized_shape[0]
-        use = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
-        if not use or not _triton_ok(x, n):
-            if self.backend == "triton" and not _triton_ok(x, n):
+        if self.backend == "torch" or (self.backend == "auto" and not x.is_cuda):
+            return super().forward(x)
+        if not _triton_ok(x, n):
+            if self.backend == "triton":
                 raise RuntimeError(f"norm backend 'triton' cannot run on {x.device} {x.dtype} "
                                    f"rows of {n} features")
             return super().forward(x)

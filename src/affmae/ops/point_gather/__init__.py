@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from affmae.ops.dispatch import triton_device
 from affmae.ops.point_gather.reference import gather_weighted_ref
 
 BACKENDS = ("auto", "triton", "torch")
@@ -48,7 +49,7 @@ def why_not_triton(table: torch.Tensor, sel: torch.Tensor) -> str | None:
         from affmae.ops.point_gather import kernel
     except ImportError as e:  # Triton missing
         return f"the Triton kernel is unavailable ({e})"
-    if not table.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_device(table):
         return f"inputs are on {table.device.type}, not CUDA (set TRITON_INTERPRET=1 to interpret on CPU)"
     return kernel.why_not(table, sel)
 

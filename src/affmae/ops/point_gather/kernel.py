@@ -36,20 +36,16 @@ CUDA path asserts); callers pass slots from the decoder's neighbour tables, in r
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from affmae.ops.dispatch import interpreting
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_FEAT, MAX_FEAT = 16, 128
 MAX_K = 64  # slots per row: the decoder uses Pt * K = 16, token merging Kc * m = 64
 _SIZES = ["R", "HP", "QHP", "Pt"]  # never specialised (see the module docstring)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def why_not(table: torch.Tensor, sel: torch.Tensor) -> str | None:
@@ -62,7 +58,7 @@ def why_not(table: torch.Tensor, sel: torch.Tensor) -> str | None:
         return f"feature dim F={table.shape[-1]} is outside [{MIN_FEAT}, {MAX_FEAT}]"
     if sel.dim() != 5 or not 1 <= sel.shape[-1] <= MAX_K:
         return f"sel must be (B, Nq, H, Pt, K) with 1 <= K <= {MAX_K}, got shape {tuple(sel.shape)}"
-    if table.device.type == "cpu" and not _interpreting():
+    if table.device.type == "cpu" and not interpreting():
         return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)"
     if table.device.type not in ("cuda", "cpu"):
         return f"device {table.device} is not supported"
