@@ -168,3 +168,18 @@ def test_gpu_aff_small_step_same_with_triton_norms():
     (le, names, ge), (lt, _, gt), (lk, _, gk) = res["fp32"], res["torch"], res["triton"]
     assert abs(lk - le) <= 3 * abs(lt - le) + 1e-3 * abs(le), (le, lt, lk)
     grad_three_way(names, ge, gt, gk, "triton norms")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_auto_is_triton_on_cuda_and_torch_on_cpu():
+    """The default backend writes the autocast dtype on CUDA (the Triton kernel) and stays
+    nn.LayerNorm (float32 under autocast) on CPU."""
+    ln = FusedLayerNorm(64)
+    assert ln.backend == "auto"
+    x = torch.randn(8, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ln(x).dtype == torch.float32
+    ln, x = ln.cuda(), x.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert ln(x).dtype == torch.bfloat16

@@ -13,7 +13,7 @@ from affmae.ops.layer_norm import FusedLayerNorm
 
 class AFFBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0,
-                 backend: str = "auto", norm_backend: str = "torch") -> None:
+                 backend: str = "auto", norm_backend: str = "auto") -> None:
         super().__init__()
         self.norm1 = FusedLayerNorm(dim, backend=norm_backend)
         self.attn = ClusterAttention(dim, heads, backend=backend)

@@ -89,7 +89,7 @@ class DecoderBlock(nn.Module):
     """Deformable self-attention, deformable cross-attention into one stage, FFN."""
 
     def __init__(self, dim: int, src_dim: int, heads: int, points: int, knn: int,
-                 mlp_ratio: float, norm_backend: str = "torch") -> None:
+                 mlp_ratio: float, norm_backend: str = "auto") -> None:
         super().__init__()
         self.src_proj = nn.Linear(src_dim, dim)
         self.norm1 = FusedLayerNorm(dim, backend=norm_backend)
@@ -120,7 +120,7 @@ class PointDecoder(nn.Module):
     def __init__(self, stage_dims: tuple[int, ...], dim: int = 384, heads: int = 6,
                  points: int = 4, knn: int = 4, mlp_ratio: float = 4.0, blocks_per_stage: int = 1,
                  cluster_size: int = 8, nbr_clusters: int = 8,
-                 grad_checkpoint: bool = False, norm_backend: str = "torch") -> None:
+                 grad_checkpoint: bool = False, norm_backend: str = "auto") -> None:
         super().__init__()
         self.dim, self.knn = dim, knn
         self.grad_checkpoint = grad_checkpoint  # recompute each block's activations in backward

@@ -54,7 +54,7 @@ def num_kept(n: int, rate: float) -> int:
 
 
 class TokenMerging(nn.Module):
-    def __init__(self, dim: int, dim_out: int, rate: float, norm_backend: str = "torch") -> None:
+    def __init__(self, dim: int, dim_out: int, rate: float, norm_backend: str = "auto") -> None:
         super().__init__()
         if not 0.0 < rate <= 1.0:
             raise ValueError(f"downsampling rate d_s must be in (0, 1], got {rate}")

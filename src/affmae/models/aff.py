@@ -41,9 +41,9 @@ class AFFConfig:
     downsample_rate: float = 0.4  # d_s: fraction of tokens kept by each merge
     drop_path: float = 0.1  # stochastic depth, linearly increasing over blocks
     attention_backend: str = "auto"  # "auto" | "triton" | "torch"
-    # LayerNorms that feed a Linear (blocks, merges, decoder blocks): "torch" (nn.LayerNorm),
-    # "triton" / "auto" (output in the autocast dtype, affmae.ops.layer_norm; not yet measured).
-    norm_backend: str = "torch"
+    # LayerNorms that feed a Linear (blocks, merges, decoder blocks): "auto" (Triton on CUDA,
+    # output in the autocast dtype, affmae.ops.layer_norm), "triton", "torch" (nn.LayerNorm).
+    norm_backend: str = "auto"
     # Recompute activations in the backward instead of keeping them (memory for time), per
     # transformer block: "none" | "encoder" | "decoder" (AFFMAE's decoder blocks) | "all".
     grad_checkpoint: str = "none"

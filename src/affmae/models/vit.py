@@ -69,7 +69,7 @@ class ViTMAEConfig:
     # "none" | "encoder" | "decoder" | "all".
     grad_checkpoint: str = "none"
     # Block LayerNorms (they feed Linears), as AFF's field: "torch" | "triton" | "auto".
-    norm_backend: str = "torch"
+    norm_backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "in_chans", "depth", "num_heads", "decoder_depth",
@@ -162,7 +162,7 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float, label: str,
-                 norm_backend: str = "torch"):
+                 norm_backend: str = "auto"):
         super().__init__()
         self.norm1 = FusedLayerNorm(dim, backend=norm_backend)
         self.attn = SelfAttention(dim, heads, label)
@@ -179,7 +179,7 @@ class CrossBlock(nn.Module):
     """CrossMAE decoder block: x + cross-attn(LN(x), LN(mem)), then x + MLP(LN(x))."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, label: str,
-                 norm_backend: str = "torch") -> None:
+                 norm_backend: str = "auto") -> None:
         super().__init__()
         self.norm_q = FusedLayerNorm(dim, backend=norm_backend)
         self.norm_kv = FusedLayerNorm(dim, backend=norm_backend)
