@@ -144,8 +144,9 @@ def test_gpu_full_size_matches_layer_norm(n):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_aff_small_step_same_with_triton_norms():
-    """A whole aff_small training step (bf16 autocast) with norm_backend="triton" against
+@pytest.mark.parametrize("name", ["aff_small", "vit_small"])
+def test_gpu_small_step_same_with_triton_norms(name):
+    """A whole aff_small / vit_small training step (bf16 autocast) with norm_backend="triton" against
     "torch", from the same weights: loss and every parameter gradient within the three-way rule
     (error against a float32 step <= 3x the torch norms' bf16 error + a floor)."""
     from affmae import create_model
@@ -159,7 +160,7 @@ def test_gpu_aff_small_step_same_with_triton_norms():
     for run, backend, amp in (("fp32", "torch", False), ("torch", "torch", True),
                               ("triton", "triton", True)):
         torch.manual_seed(0)
-        m = create_model("aff_small", norm_backend=backend, drop_path=0.0).cuda()
+        m = create_model(name, norm_backend=backend, drop_path=0.0).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             loss = m(imgs, mask)["loss"]
         loss.backward()
