@@ -125,6 +125,28 @@ def test_cuda_graph_is_refused_off_cuda(images64, tmp_path):
         run_pretrain(_cfg(images64, tmp_path, cuda_graph=True))
 
 
+def test_cuda_graph_default_is_on_only_where_measured():
+    """Unset (the default): on for one CUDA process in bf16 / fp32; off elsewhere, saying why.
+    An explicit --cuda-graph is refused where it cannot run; fp16 is allowed when asked for."""
+    from affmae.train.config import PretrainConfig
+    from affmae.train.distributed import DistContext
+    from affmae.train.pretrain import cuda_graph_why_not
+
+    def ctx(device, world=1):
+        return DistContext(rank=0, local_rank=0, world_size=world, device=torch.device(device))
+
+    assert PretrainConfig(data="x").cuda_graph is None
+    auto, on = PretrainConfig(data="x"), PretrainConfig(data="x", cuda_graph=True)
+    assert cuda_graph_why_not(auto, ctx("cuda")) is None
+    assert "CUDA device" in cuda_graph_why_not(auto, ctx("cpu"))
+    assert "one process" in cuda_graph_why_not(auto, ctx("cuda", 2))
+    assert "one process" in cuda_graph_why_not(on, ctx("cuda", 2))
+    fp16 = PretrainConfig(data="x", precision="fp16")
+    assert "bf16 and fp32" in cuda_graph_why_not(fp16, ctx("cuda"))
+    assert cuda_graph_why_not(PretrainConfig(data="x", precision="fp16", cuda_graph=True),
+                              ctx("cuda")) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_graphed_loss_gradients_match_eager():

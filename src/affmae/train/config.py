@@ -187,11 +187,13 @@ class PretrainConfig(TrainConfig):
     perlin_scales: tuple[int, ...] = opt(
         (2, 4, 8), "Perlin lattice scales in patches (one is drawn per image)",
         group="masking", flag_type=int, nargs="+", metavar="S")
-    cuda_graph: bool = opt(False, "capture each micro-step's forward and backward in a CUDA "
-                           "graph and replay it (no Python or launch overhead; the loop ran "
-                           "2x faster for aff_small at 512 px on an H200, docs/BENCHMARKS.md). "
-                           "One CUDA process, fixed size",
-                           group="device")
+    cuda_graph: bool | None = opt(
+        None, "capture each micro-step's forward and backward in a CUDA graph and replay it (no "
+        "Python or launch overhead: an eager aff_small step is host-bound, 155 vs 36 ms at 512 "
+        "px on an H200, docs/BENCHMARKS.md). Unset: on for one CUDA process in bf16 or fp32, "
+        "else off (the log says why); --cuda-graph insists (an error where it cannot run); "
+        "--no-cuda-graph turns it off. Needs a fixed size (pretraining has one)",
+        group="device")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -54,7 +54,8 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Config fields that may change on resume without breaking the replay of the original run
 # (output and bookkeeping only; anything else changed gets a warning naming it).
 _RESUME_FREE = {"out", "resume", "log_every", "ckpt_every", "keep_every", "figure_every",
-                "progress", "num_workers", "device", "ddp_find_unused", "deterministic"}
+                "progress", "num_workers", "device", "ddp_find_unused", "deterministic",
+                "cuda_graph"}
 
 
 def derive_seed(*parts: Any) -> int:

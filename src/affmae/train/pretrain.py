@@ -34,6 +34,20 @@ from affmae.train.loop import TrainJob, TrainResult, derive_seed, fit, resume_pa
 FIGURE_IMAGES = 4  # rows of the reconstruction figure
 
 
+def cuda_graph_why_not(cfg: PretrainConfig, ctx: DistContext) -> str | None:
+    """Why this run cannot replay its micro-steps as a CUDA graph, or None when it can. When
+    ``cfg.cuda_graph`` is unset (the default) only the measured setting turns it on: one CUDA
+    process in bf16 or fp32."""
+    if ctx.device.type != "cuda":
+        return f"needs a CUDA device, this run uses {ctx.device}"
+    if ctx.world_size > 1:
+        return ("runs in one process only (DDP's gradient hooks are not captured); this run has "
+                f"{ctx.world_size} ranks")
+    if cfg.cuda_graph is None and cfg.precision == "fp16":
+        return "is on by default for bf16 and fp32 only (fp16's loss scaler is not measured with it)"
+    return None
+
+
 class PretrainJob(TrainJob):
     """MAE pretraining: images in, masked-patch reconstruction loss out."""
 
@@ -57,12 +71,12 @@ class PretrainJob(TrainJob):
 
         self.n_masked = num_masked(self.grid[0] * self.grid[1], cfg.mask_ratio)
         self.graphed = None
-        if cfg.cuda_graph:
-            if ctx.device.type != "cuda":
-                raise ValueError(f"--cuda-graph needs a CUDA device, this run uses {ctx.device}")
-            if ctx.world_size > 1:
-                raise ValueError("--cuda-graph runs in one process only (DDP's gradient hooks "
-                                 f"are not captured); this run has {ctx.world_size} ranks")
+        why_not = cuda_graph_why_not(cfg, ctx)
+        if cfg.cuda_graph and why_not:
+            raise ValueError(f"--cuda-graph {why_not}")
+        if cfg.cuda_graph is None and why_not and ctx.device.type == "cuda" and ctx.is_main:
+            print(f"[affmae] CUDA graph off: it {why_not}", file=sys.stderr)
+        if cfg.cuda_graph is not False and not why_not:
             from affmae.train.graphs import GraphedLoss
 
             self.graphed = GraphedLoss(self.model, self.n_masked)
@@ -138,7 +152,8 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
         print(f"[affmae] pretrain {cfg.model} ({n_params / 1e6:.2f}M params) on "
               f"{len(job.dataset)} images from {cfg.data} at {cfg.size[0]}x{cfg.size[1]} | "
               f"mean {job.data_stats['mean']:.4f} std {job.data_stats['std']:.4f} | "
-              f"{ctx.world_size} rank(s) on {ctx.device}, {cfg.precision} | batch "
+              f"{ctx.world_size} rank(s) on {ctx.device}, {cfg.precision}"
+              f"{', CUDA graph' if job.graphed is not None else ''} | batch "
               f"{cfg.batch_size} x {cfg.grad_accum} accum | {total} steps "
               f"({spe} per epoch) -> {cfg.out}", file=sys.stderr)
     init_process_group(ctx)
