@@ -155,6 +155,70 @@ def _custom_op_path_difference() -> float:
     return max((a - b).abs().max().item() for a, b in zip(direct, op))
 
 
+def _given_nbr_t() -> dict:
+    """The backward with a caller-built transposed neighbourhood (``nbr_t``: what the model
+    shares across a stage's blocks) against the backward that builds its own: through autograd,
+    through the custom op, and through the ClusterAttention layer with a cached ``Clustering``.
+    Same kernels, same indices: the differences must be exactly 0."""
+    from affmae.layers.attention import ClusterAttention
+    from affmae.ops.cluster_attention import function  # noqa: F401  (registers the ops)
+    from affmae.ops.cluster_attention import kernel
+    from affmae.ops.cluster_attention.function import cluster_attention_triton
+    from affmae.ops.clustering import balanced_clustering, gather_tokens, pad_tokens
+
+    inp = make_inputs(B=2, n_valid=37, m=8, H=2, D=16, Kc=3)
+    nbr_t = kernel.transposed_neighbourhood(inp["nbr"])
+    diffs = []
+
+    def grads(**kw):
+        leaves = [t.detach().clone().requires_grad_() for t in (inp["q"], inp["k"], inp["v"], *inp["params"])]
+        q, k, v, *p = leaves
+        out = cluster_attention_triton(q, k, v, inp["pos"], inp["nbr"], inp["n_valid"], *p, **kw)
+        return [out, *torch.autograd.grad(out, leaves, inp["do"])]
+
+    diffs += [(a - b).abs().max().item() for a, b in zip(grads(), grads(nbr_t=nbr_t))]
+    args = (inp["q"], inp["k"], inp["v"], inp["pos"], inp["nbr"], inp["n_valid"], *inp["params"], 0.25)
+    _, lse = kernel.attention_forward(*args)
+    bwd_args = (inp["do"], *args[:3], lse, *args[3:], "two_pass")
+    own = torch.ops.affmae.cluster_attention_bwd(*bwd_args)
+    given = torch.ops.affmae.cluster_attention_bwd(*bwd_args, nbr_t)
+    diffs += [(a - b).abs().max().item() for a, b in zip(own, given)]
+    try:
+        kernel.attention_backward(*bwd_args[:-1], nbr_t=nbr_t[:, 1:])
+        wrong_shape = "no error"
+    except ValueError as e:
+        wrong_shape = str(e)
+
+    # The layer: the first grad-enabled call caches the clustering's transposed neighbourhood,
+    # the second reuses it, and both equal a layer call on a fresh clustering.
+    torch.manual_seed(0)
+    layer = ClusterAttention(32, 2, backend="triton")
+    side = 8
+    cells = torch.randperm(side * side)[:45]
+    pos = torch.stack([cells % side, cells // side], -1).float()[None]  # (1, 45, 2)
+    cl = balanced_clustering(pos, (side, side), m=8, num_nbr_clusters=3)
+    x = torch.randn(1, cl.n_padded, 32)
+    pos_c = pad_tokens(gather_tokens(pos, cl.perm), cl.n_padded)
+    cached_before = cl.nbr_t is not None
+    layer(x, pos_c, cl).sum().backward()
+    cached = cl.nbr_t is not None
+    first = cl.nbr_t
+    g1 = layer.qkv.weight.grad.clone()
+    layer.zero_grad()
+    layer(x, pos_c, cl).sum().backward()
+    reused = cl.nbr_t is first
+    g2 = layer.qkv.weight.grad.clone()
+    layer.zero_grad()
+    fresh = balanced_clustering(pos, (side, side), m=8, num_nbr_clusters=3)
+    with torch.no_grad():
+        layer(x, pos_c, fresh)
+    no_grad_skips = fresh.nbr_t is None
+    layer(x, pos_c, fresh).sum().backward()
+    diffs += [(g1 - g2).abs().max().item(), (g1 - layer.qkv.weight.grad).abs().max().item()]
+    return dict(diff=max(diffs), wrong_shape=wrong_shape, cached_before=cached_before,
+                cached=cached, reused=reused, no_grad_skips=no_grad_skips)
+
+
 def _worker(path: str) -> None:
     """Run every interpreter case (TRITON_INTERPRET=1 is set by the caller) and write JSON."""
     from affmae.ops.cluster_attention.function import cluster_attention_triton
@@ -164,7 +228,8 @@ def _worker(path: str) -> None:
         return lambda: three_way(make_inputs(**kw), DTYPES[dtype], fn)
 
     jobs = {name: case(*spec) for name, spec in CASES.items()}
-    write_results(path, {**jobs, "csr": _csr_mismatches, "custom_op": _custom_op_path_difference})
+    write_results(path, {**jobs, "csr": _csr_mismatches, "custom_op": _custom_op_path_difference,
+                         "nbr_t": _given_nbr_t})
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +247,15 @@ def test_interpreter_matches_reference(interpreter_results, case):
 def test_interpreter_transposed_neighbourhood_is_exact(interpreter_results):
     bad = result(interpreter_results, "csr")
     assert bad == [], "transposed neighbourhood differs:\n" + "\n".join(bad[:10])
+
+
+def test_interpreter_given_transposed_neighbourhood_is_the_same_function(interpreter_results):
+    r = result(interpreter_results, "nbr_t")
+    assert r["diff"] == 0.0, f"outputs or gradients with a given nbr_t differ by {r['diff']}"
+    assert "nbr_t must be" in r["wrong_shape"], r["wrong_shape"]
+    assert not r["cached_before"] and r["cached"], "the layer did not cache the stage's nbr_t"
+    assert r["reused"], "the second block of a stage rebuilt the transposed neighbourhood"
+    assert r["no_grad_skips"], "a forward without gradients built the transposed neighbourhood"
 
 
 def test_interpreter_custom_ops_match_eager_path(interpreter_results):

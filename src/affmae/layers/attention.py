@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from affmae.ops.cluster_attention import cluster_attention
+from affmae.ops.cluster_attention import cluster_attention, resolve_backend
 from affmae.ops.clustering import Clustering
 from affmae.ops.relpos import NUM_RELPOS_FEATURES
 
@@ -44,10 +44,14 @@ class ClusterAttention(nn.Module):
         q, k, v = qkv.unbind(2)
         dtype = q.dtype
         with record_function("aff/attention"):
+            backend = resolve_backend(self.backend, q)
+            # The Triton backward walks the transposed neighbourhood; the blocks of a stage
+            # share one clustering, so it is built once per stage (cached on ``cl``).
+            train = backend == "triton" and torch.is_grad_enabled() and q.requires_grad
             out = cluster_attention(
                 q, k, v, pos, cl.nbr, cl.n_valid,
                 self.rel_bias.weight, self.rel_bias.bias,
                 self.blank_k.to(dtype), self.blank_v.to(dtype),
-                backend=self.backend,
+                backend=backend, nbr_t=cl.transposed() if train else None,
             )  # (B, N, H, D)
         return self.proj(out.reshape(B, N, C))

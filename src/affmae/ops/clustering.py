@@ -18,7 +18,7 @@ tokens: at 1024 px and N = 8192 that is 1M distances per image, far below the at
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -107,6 +107,8 @@ class Clustering:
         m: tokens per cluster.
         centroids: (B, M, 2) float32 mean position of each cluster's real tokens.
         nbr: (B, M, Kc) int64 neighbour clusters of each cluster, its own cluster first.
+        nbr_t: the transposed neighbourhood of ``nbr`` (see ``transposed``), built on first
+            request and shared by every attention block of the stage; None until then.
     """
 
     perm: torch.Tensor
@@ -114,6 +116,17 @@ class Clustering:
     m: int
     centroids: torch.Tensor
     nbr: torch.Tensor
+    nbr_t: torch.Tensor | None = field(default=None, repr=False)
+
+    def transposed(self) -> torch.Tensor:
+        """For each key cluster, the query clusters that list it (the Triton kernel's backward
+        needs it; ``affmae.ops.cluster_attention.kernel.transposed_neighbourhood``). Built once
+        and cached: all attention blocks of a stage share this clustering."""
+        if self.nbr_t is None:
+            from affmae.ops.cluster_attention.kernel import transposed_neighbourhood
+
+            self.nbr_t = transposed_neighbourhood(self.nbr)
+        return self.nbr_t
 
     @property
     def num_clusters(self) -> int:

@@ -70,6 +70,7 @@ def cluster_attention(
     blank_v: torch.Tensor,
     scale: float | None = None,
     backend: str = "auto",
+    nbr_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cluster attention with relative-position bias and a blank key/value.
 
@@ -78,6 +79,9 @@ def cluster_attention(
         pos: (B, N, 2) float positions. nbr: (B, M, Kc) neighbour clusters of each cluster.
         n_valid: real token count. bias_weight: (H, 5), bias_bias: (H,). blank_k, blank_v: (H, D).
         scale: logit scale (default D ** -0.5). backend: "auto" | "triton" | "torch".
+        nbr_t: optional, the Triton backward's transposed neighbourhood of ``nbr``
+            (``Clustering.transposed``: built once per stage instead of once per block); the
+            reference ignores it.
     Returns:
         (B, N, H, D) in the dtype of q.
     """
@@ -86,7 +90,8 @@ def cluster_attention(
         from affmae.ops.cluster_attention.function import cluster_attention_triton
 
         return cluster_attention_triton(
-            q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale
+            q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
+            nbr_t=nbr_t,
         )
     return cluster_attention_ref(
         q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale

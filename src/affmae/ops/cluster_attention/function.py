@@ -51,19 +51,19 @@ def _fwd_fake(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank
 def cluster_attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, pos: Tensor, nbr: Tensor,
     n_valid: int, bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
-    scale: float, dkdv: str,
+    scale: float, dkdv: str, nbr_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward: dq, dk, dv and the packed (H, 8 + 2 D) float32 parameter gradients
-    (``kernel.unpack_param_grads``)."""
+    (``kernel.unpack_param_grads``). ``nbr_t``: the transposed neighbourhood, if known."""
     return kernel.attention_backward(
         do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
-        dkdv=dkdv,
+        dkdv=dkdv, nbr_t=nbr_t,
     )
 
 
 @cluster_attention_bwd.register_fake
 def _bwd_fake(do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
-              scale, dkdv):
+              scale, dkdv, nbr_t=None):
     H, D = blank_k.shape
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
@@ -93,35 +93,36 @@ class ClusterAttentionFunction(torch.autograd.Function):
     """Autograd over the two custom ops. Positions and neighbourhoods get no gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv):
+    def forward(ctx, q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv,
+                nbr_t):
         args = (q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale)
         if plain_eager(q, k, v, pos, nbr):
             out, lse = kernel.attention_forward(*args)
         else:
             out, lse = torch.ops.affmae.cluster_attention_fwd(*args)
-        ctx.save_for_backward(q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v)
+        ctx.save_for_backward(q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v, nbr_t)
         ctx.n_valid, ctx.scale, ctx.dkdv = n_valid, scale, dkdv
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v = ctx.saved_tensors
+        q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v, nbr_t = ctx.saved_tensors
         args = (do, q, k, v, lse, pos, nbr, ctx.n_valid, bias_weight, bias_bias, blank_k, blank_v,
-                ctx.scale, ctx.dkdv)
+                ctx.scale, ctx.dkdv, nbr_t)
         if plain_eager(do, q, k, v, pos, nbr):
-            dq, dk, dv, g = kernel.attention_backward(*args)
+            dq, dk, dv, g = kernel.attention_backward(*args[:-1], nbr_t=nbr_t)
         else:
             dq, dk, dv, g = torch.ops.affmae.cluster_attention_bwd(*args)
         dw, dwb, dbk, dbv = kernel.unpack_param_grads(g, bias_weight, bias_bias, blank_k, blank_v)
         need = ctx.needs_input_grad
-        grads = (dq, dk, dv, None, None, None, dw, dwb, dbk, dbv, None, None)
+        grads = (dq, dk, dv, None, None, None, dw, dwb, dbk, dbv, None, None, None)
         return tuple(g if n else None for g, n in zip(grads, need))
 
 
 def cluster_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, pos: Tensor, nbr: Tensor, n_valid: int,
     bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
-    scale: float | None = None, dkdv: str = "two_pass",
+    scale: float | None = None, dkdv: str = "two_pass", nbr_t: Tensor | None = None,
 ) -> Tensor:
     """Cluster attention through the Triton kernels (same signature and result as the reference).
 
@@ -132,6 +133,8 @@ def cluster_attention_triton(
         scale: logit scale (default D ** -0.5).
         dkdv: how the backward forms dK / dV: "two_pass" (a key-major second kernel, default,
             measured faster) or "atomic" (float32 atomics); see docs/BENCHMARKS.md.
+        nbr_t: ``kernel.transposed_neighbourhood(nbr)`` when the caller keeps it (the backward
+            builds it otherwise); ``Clustering.transposed`` shares one per stage.
     Returns:
         (B, N, H, D) in q's dtype.
     """
@@ -139,5 +142,5 @@ def cluster_attention_triton(
         raise ValueError(f"dkdv must be one of {kernel.DKDV_MODES}, got {dkdv!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return ClusterAttentionFunction.apply(
-        q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv
+        q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv, nbr_t
     )

@@ -519,7 +519,7 @@ def transposed_neighbourhood(nbr: torch.Tensor) -> torch.Tensor:
 
 def attention_backward(
     do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
-    dkdv: str = "two_pass", num_warps: int | None = None,
+    dkdv: str = "two_pass", num_warps: int | None = None, nbr_t: torch.Tensor | None = None,
 ):
     """Backward kernels. Returns dq, dk, dv (input dtype) and g (H, 8 + 2 D) float32, the packed
     small gradients: d bias_weight = g[:, :5], d bias_bias = g[:, 5], d blank_k = g[:, 8 : 8 + D],
@@ -527,6 +527,8 @@ def attention_backward(
 
     ``dkdv``: "two_pass" (key-major second kernel) or "atomic" (float32 atomics in pass 1).
     ``num_warps`` overrides the default launch width (for ``affmae.bench.attention``).
+    ``nbr_t``: ``transposed_neighbourhood(nbr)`` if the caller has it (the blocks of a stage share
+    one neighbourhood, so the model builds it once per stage); built here otherwise.
     """
     if dkdv not in DKDV_MODES:
         raise ValueError(f"dkdv must be one of {DKDV_MODES}, got {dkdv!r}")
@@ -556,7 +558,14 @@ def attention_backward(
     if atomic:
         dk, dv = dkv32[0].to(q.dtype), dkv32[1].to(q.dtype)
     else:
-        csr = transposed_neighbourhood(nbr)
+        if nbr_t is None:
+            csr = transposed_neighbourhood(nbr)
+        else:
+            if tuple(nbr_t.shape) != (B, M * Kc + M + 1) or nbr_t.dtype != torch.int32:
+                raise ValueError(f"nbr_t must be ({B}, {M * Kc + M + 1}) int32 "
+                                 f"(transposed_neighbourhood(nbr)), got {tuple(nbr_t.shape)} "
+                                 f"{nbr_t.dtype}")
+            csr = _ensure(nbr_t)
         dk = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
         dv = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
         _bwd_kv_kernel[(M, B * H)](
