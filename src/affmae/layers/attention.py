@@ -46,8 +46,10 @@ class ClusterAttention(nn.Module):
         with record_function("aff/attention"):
             backend = resolve_backend(self.backend, q)
             # The Triton backward walks the transposed neighbourhood; the blocks of a stage
-            # share one clustering, so it is built once per stage (cached on ``cl``).
-            train = backend == "triton" and torch.is_grad_enabled() and q.requires_grad
+            # share one clustering, so it is built once per stage (cached on ``cl``). Not
+            # while torch.compile traces a block: the custom op then builds its own, as before.
+            train = (backend == "triton" and torch.is_grad_enabled() and q.requires_grad
+                     and not torch.compiler.is_compiling())
             out = cluster_attention(
                 q, k, v, pos, cl.nbr, cl.n_valid,
                 self.rel_bias.weight, self.rel_bias.bias,
