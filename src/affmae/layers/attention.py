@@ -42,7 +42,6 @@ class ClusterAttention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)  # (B, N, 3, H, D)
         q, k, v = qkv.unbind(2)
-        dtype = q.dtype
         with record_function("aff/attention"):
             backend = resolve_backend(self.backend, q)
             # The Triton backward walks the transposed neighbourhood; the blocks of a stage
@@ -53,7 +52,7 @@ class ClusterAttention(nn.Module):
             out = cluster_attention(
                 q, k, v, pos, cl.nbr, cl.n_valid,
                 self.rel_bias.weight, self.rel_bias.bias,
-                self.blank_k.to(dtype), self.blank_v.to(dtype),
+                self.blank_k, self.blank_v,  # float32: both backends read them in float32
                 backend=backend, nbr_t=cl.transposed() if train else None,
             )  # (B, N, H, D)
         return self.proj(out.reshape(B, N, C))
