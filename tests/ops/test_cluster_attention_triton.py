@@ -127,6 +127,9 @@ def _csr_mismatches() -> list[str]:
     for B, M, Kc in ((3, 11, 5), (2, 40, 8), (1, 3, 10)):  # Kc > M: repeated clusters
         nbr = torch.randint(0, M, (B, M, Kc), generator=g)
         csr = transposed_neighbourhood(nbr)
+        by_sort = transposed_neighbourhood(nbr, method="sort")
+        if not torch.equal(csr, by_sort):
+            bad.append(f"B={B} M={M} Kc={Kc}: method 'sort' differs from 'count'")
         src, off = csr[:, : M * Kc], csr[:, M * Kc :]
         for b in range(B):
             for c in range(M):
@@ -266,6 +269,21 @@ def test_interpreter_custom_ops_match_eager_path(interpreter_results):
 # ------------------------------------------------------------------------------------------------
 # In-process CPU tests (no kernel launch)
 # ------------------------------------------------------------------------------------------------
+
+
+def test_transposed_neighbourhood_by_sort_on_cpu():
+    """The "sort" build needs no Triton: on plain CPU tensors it lists, for every key cluster,
+    the query clusters that name it, in query order, repeats kept (the counting kernel's layout,
+    checked equal to it in the interpreter worker)."""
+    from affmae.ops.cluster_attention.kernel import transposed_neighbourhood
+
+    nbr = torch.tensor([[[0, 1, 1], [1, 0, 2], [2, 1, 0]]])  # (1, M=3, Kc=3), a repeat in row 0
+    csr = transposed_neighbourhood(nbr, method="sort")
+    assert csr.dtype == torch.int32
+    assert csr[0, :9].tolist() == [0, 1, 2, 0, 0, 1, 2, 1, 2]  # key 0: q 0,1,2; key 1: q 0,0,1,2; key 2: q 1,2
+    assert csr[0, 9:].tolist() == [0, 3, 7, 9]
+    with pytest.raises(ValueError, match="method must be one of"):
+        transposed_neighbourhood(nbr, method="bucket")
 
 
 def test_why_not_names_the_reason(monkeypatch):
