@@ -201,10 +201,15 @@ def balanced_clustering(
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x: (B, N, ...) , idx: (B, N') -> (B, N', ...) rows of x."""
-    shape = idx.shape + x.shape[2:]
-    flat = idx.reshape(idx.shape[0], -1, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return torch.gather(x, 1, flat).reshape(shape)
+    """x: (B, N, ...) , idx: (B, N') -> (B, N', ...) rows of x.
+
+    One ``index_select`` over the flattened (B * N, ...) rows: its backward keeps only the index
+    and x's sizes, where ``torch.gather`` keeps all of x (for an aff_small step at 512 px that
+    was 12 MiB per image in the decoder alone, docs/BENCHMARKS.md).
+    """
+    B, N = x.shape[:2]
+    rows = (idx + torch.arange(B, device=idx.device, dtype=idx.dtype).view(B, 1) * N).reshape(-1)
+    return x.reshape(B * N, *x.shape[2:]).index_select(0, rows).view(*idx.shape, *x.shape[2:])
 
 
 def pad_tokens(x: torch.Tensor, n_total: int) -> torch.Tensor:
