@@ -88,6 +88,53 @@ def lookup_neighbours(points: torch.Tensor, table: torch.Tensor,
         return torch.gather(table, 1, cell).view(B, Nq, S, -1)
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 if it already is (so checks can run in float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _distances(points: torch.Tensor, sel: torch.Tensor, key_pos: torch.Tensor):
+    """(distance (B, Nq, H, Pt, K), offset point - key (B, Nq, H, Pt, K, 2)), float32."""
+    B = points.shape[0]
+    spos = torch.gather(_f32(key_pos), 1, sel.reshape(B, -1, 1).expand(-1, -1, 2))
+    diff = _f32(points)[..., None, :] - spos.view(*sel.shape, 2)
+    return diff.square().sum(-1).add(1e-6).sqrt(), diff
+
+
+def interpolation_weights_reference(points: torch.Tensor, sel: torch.Tensor, key_pos: torch.Tensor,
+                                    temperature: torch.Tensor) -> torch.Tensor:
+    """``interpolation_weights`` written as plain autograd ops (the specification; it keeps the
+    (.., K, 2) offsets and the distances for its backward)."""
+    d, _ = _distances(points, sel, key_pos)
+    return torch.softmax(-_f32(temperature).view(1, 1, -1, 1, 1) * d, dim=-1)
+
+
+class _InterpolationWeights(torch.autograd.Function):
+    """softmax(-p d) that keeps only its inputs and output for the backward and recomputes the
+    distances there: the plain form saved three float32 (B, Nq, H, Pt, K) tensors per decoder
+    attention (18 MiB per image for aff_small at 512 px), cheap to recompute."""
+
+    @staticmethod
+    def forward(ctx, points, sel, key_pos, temperature):
+        d, _ = _distances(points, sel, key_pos)
+        w = torch.softmax(-_f32(temperature).view(1, 1, -1, 1, 1) * d, dim=-1)
+        ctx.save_for_backward(points, sel, key_pos, temperature, w)
+        return w
+
+    @staticmethod
+    def backward(ctx, gw):
+        points, sel, key_pos, temperature, w = ctx.saved_tensors
+        d, diff = _distances(points, sel, key_pos)
+        gz = w * (gw - (w * gw).sum(-1, keepdim=True))  # softmax backward, z = -p d
+        g_points = g_temp = None
+        if ctx.needs_input_grad[0]:
+            gd = gz * -_f32(temperature).view(1, 1, -1, 1, 1)
+            g_points = ((gd / d)[..., None] * diff).sum(-2).to(points.dtype)  # dd/dp = diff / d
+        if ctx.needs_input_grad[3]:
+            g_temp = -(gz * d).sum((0, 1, 3, 4)).to(temperature.dtype)
+        return g_points, None, None, g_temp
+
+
 def interpolation_weights(points: torch.Tensor, sel: torch.Tensor, key_pos: torch.Tensor,
                           temperature: torch.Tensor) -> torch.Tensor:
     """softmax(-p * distance) over the selected tokens.
@@ -96,13 +143,12 @@ def interpolation_weights(points: torch.Tensor, sel: torch.Tensor, key_pos: torc
         points: (B, Nq, H, Pt, 2). sel: (B, Nq, H, Pt, K) key slots. key_pos: (B, Nk, 2).
         temperature: (H,) positive p per head.
     Returns:
-        (B, Nq, H, Pt, K) float32 weights summing to 1.
+        (B, Nq, H, Pt, K) float32 weights summing to 1; the backward recomputes the distances
+        (``interpolation_weights_reference`` is the same function in plain autograd ops).
     """
-    B = points.shape[0]
-    spos = torch.gather(key_pos.float(), 1, sel.reshape(B, -1, 1).expand(-1, -1, 2))
-    spos = spos.view(*sel.shape, 2)
-    d = (points.float()[..., None, :] - spos).square().sum(-1).add(1e-6).sqrt()
-    return torch.softmax(-temperature.float().view(1, 1, -1, 1, 1) * d, dim=-1)
+    if key_pos.requires_grad:  # positions never take gradients in the models; stay general
+        return interpolation_weights_reference(points, sel, key_pos, temperature)
+    return _InterpolationWeights.apply(points, sel, key_pos, temperature)
 
 
 def gather_weighted(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
