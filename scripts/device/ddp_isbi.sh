@@ -12,7 +12,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 ARGS=(pretrain --data data/isbi_unlabelled --size 512 --model aff_small
       --model-overrides "{attention_backend: torch, drop_path: 0.0}" --batch-size 16 --grad-accum 1
       --steps "$STEPS" --lr 5e-4 --warmup-steps 30 --precision bf16 --device cuda
-      --num-workers 2 --figure-every 0 --log-every 10 --ckpt-every "$STEPS" --no-progress)
+      --num-workers 2 --figure-every 0 --log-every 10 --ckpt-every "$STEPS" --no-progress
+      --no-cuda-graph)  # eager on both: the 2-GPU run (DDP) cannot replay graphs
 CUDA_VISIBLE_DEVICES=0 python -m affmae.cli "${ARGS[@]}" --out runs/ddp_1gpu 2>&1 | grep -v Warn
 torchrun --standalone --nproc_per_node 2 -m affmae.cli "${ARGS[@]}" --out runs/ddp_2gpu 2>&1 | grep -v Warn
 cp runs/ddp_1gpu/log.csv "$OUT/ddp_1gpu_log.csv"; cp runs/ddp_2gpu/log.csv "$OUT/ddp_2gpu_log.csv"

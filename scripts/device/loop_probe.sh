@@ -4,7 +4,7 @@
 set -u
 OUT=${1:?OUT}
 for mode in eager graph; do
-  flag=""; [ "$mode" = graph ] && flag="--cuda-graph"
+  flag="--no-cuda-graph"; [ "$mode" = graph ] && flag="--cuda-graph"
   timeout 100 affmae pretrain --data data/em/isbi2012/train/images --size 512 --model aff_small \
     --batch-size 16 --grad-accum 1 --steps 60 --lr 5e-4 --warmup-steps 10 --precision bf16 \
     --device cuda --num-workers 8 --crop random_crop --out runs/loop_$mode --figure-every 0 \

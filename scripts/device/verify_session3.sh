@@ -14,7 +14,7 @@ timeout 150 affmae bench --models aff_small aff_small:norm_backend=triton vit_sm
   vit_small:norm_backend=triton --resolutions 512 768 --cuda-graph \
   --out "$OUT/bench_norm.json" > "$OUT/bench_norm.txt" 2>&1
 for mode in eager graph; do
-  flag=""; [ "$mode" = graph ] && flag="--cuda-graph"
+  flag="--no-cuda-graph"; [ "$mode" = graph ] && flag="--cuda-graph"
   timeout 120 affmae pretrain --data data/em/isbi2012/train/images --size 512 --model aff_small \
     --batch-size 4 --grad-accum 4 --steps 40 --lr 5e-4 --warmup-steps 10 --precision bf16 \
     --device cuda --num-workers 8 --crop random_crop --out "runs/accum_$mode" --figure-every 0 \

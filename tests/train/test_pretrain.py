@@ -135,7 +135,15 @@ def test_cuda_graph_default_is_on_only_where_measured():
     def ctx(device, world=1):
         return DistContext(rank=0, local_rank=0, world_size=world, device=torch.device(device))
 
-    assert PretrainConfig(data="x").cuda_graph is None
+    import argparse
+
+    from affmae.train.config import add_config_arguments, config_from_args
+
+    for argv, want in (([], None), (["--cuda-graph"], True), (["--no-cuda-graph"], False)):
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser, PretrainConfig)
+        got = config_from_args(PretrainConfig, parser.parse_args(["--data", "x", *argv])).cuda_graph
+        assert got is want, (argv, got)
     auto, on = PretrainConfig(data="x"), PretrainConfig(data="x", cuda_graph=True)
     assert cuda_graph_why_not(auto, ctx("cuda")) is None
     assert "CUDA device" in cuda_graph_why_not(auto, ctx("cpu"))
@@ -196,7 +204,8 @@ def test_gpu_cuda_graph_run_matches_eager_and_resumes(images80, tmp_path, monkey
     kw = dict(device="cuda", precision="bf16", model="aff_small", size=128, batch_size=4,
               grad_accum=2, steps=6, crop="resize", lr=1e-4)
     plain = {"drop_path": 0.0}
-    eager = run_pretrain(_cfg(images80, tmp_path / "eager", model_overrides=plain, **kw))
+    eager = run_pretrain(_cfg(images80, tmp_path / "eager", model_overrides=plain,
+                              cuda_graph=False, **kw))  # explicit: the default is on for CUDA
     graph = run_pretrain(_cfg(images80, tmp_path / "graph", model_overrides=plain,
                               cuda_graph=True, **kw))
     for a, b in zip(eager.losses, graph.losses):
