@@ -300,12 +300,15 @@ def test_accumulation_adds_into_own_buffers_not_static_ones():
 
 
 def test_resume_of_a_checkpoint_that_predates_new_config_fields(images64, tmp_path, capsys):
-    """A checkpoint written before a config field existed (here: the model's norm_backend and
-    the run's cuda_graph) resumes: a missing field counts as its default, not as a change."""
+    """A checkpoint written before a config field existed (here: the run's cuda_graph and the
+    model's grad_checkpoint) resumes: a missing field counts as its default, not as a change;
+    so does one written under another execution backend (norm_backend "torch", the default of
+    session 3), which changes how the model runs, not what it computes."""
     run_pretrain(_cfg(images64, tmp_path, steps=3, grad_accum=1))
     path = tmp_path / "latest.pt"
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["model_config"]["norm_backend"], ckpt["config"]["cuda_graph"]
+    del ckpt["model_config"]["grad_checkpoint"], ckpt["config"]["cuda_graph"]
+    ckpt["model_config"]["norm_backend"] = "torch"
     torch.save(ckpt, path)
     capsys.readouterr()
     resumed = run_pretrain(_cfg(images64, tmp_path, steps=5, grad_accum=1, resume="auto"))

@@ -57,6 +57,11 @@ _RESUME_FREE = {"out", "resume", "log_every", "ckpt_every", "keep_every", "figur
                 "progress", "num_workers", "device", "ddp_find_unused", "deterministic",
                 "cuda_graph"}
 
+# Model config fields that say how a model runs, not what it computes (same parameters, same
+# function): a checkpoint resumes under any of their values (e.g. one written when the norms'
+# default backend was "torch").
+_MODEL_EXECUTION_FIELDS = {"attention_backend", "norm_backend", "grad_checkpoint"}
+
 
 def derive_seed(*parts: Any) -> int:
     """A 63-bit seed from any tuple of values (stable across processes and Python runs)."""
@@ -221,10 +226,13 @@ def _check_resume_config(ckpt: dict, cfg: TrainConfig, model: nn.Module, path: P
     from affmae.models.registry import config_dict
 
     saved = _with_defaults(ckpt["model_config"], model.config)
-    if ckpt["model_name"] != model.model_name or saved != config_dict(model):
+    now = config_dict(model)
+    same = {k: v for k, v in saved.items() if k not in _MODEL_EXECUTION_FIELDS}
+    if ckpt["model_name"] != model.model_name or same != {
+            k: v for k, v in now.items() if k not in _MODEL_EXECUTION_FIELDS}:
         raise ValueError(f"{path} holds model {ckpt['model_name']!r} with config "
                          f"{ckpt['model_config']}, but this run builds {model.model_name!r} "
-                         f"with {config_dict(model)}")
+                         f"with {now}")
     old, new = _with_defaults(ckpt.get("config", {}), cfg), cfg.to_dict()
     changed = [f"{k} ({old.get(k)!r} -> {v!r})" for k, v in new.items()
                if k not in _RESUME_FREE and old.get(k) != v]
