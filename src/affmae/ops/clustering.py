@@ -204,8 +204,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x: (B, N, ...) , idx: (B, N') -> (B, N', ...) rows of x.
 
     One ``index_select`` over the flattened (B * N, ...) rows: its backward keeps only the index
-    and x's sizes, where ``torch.gather`` keeps all of x (for an aff_small step at 512 px that
-    was 12 MiB per image in the decoder alone, docs/BENCHMARKS.md).
+    and x's sizes, where ``torch.gather`` keeps all of x (for an aff_small training forward at
+    512 px, 413.5 -> 409.5 MiB saved per image, CPU count, docs/BENCHMARKS.md).
     """
     B, N = x.shape[:2]
     rows = (idx + torch.arange(B, device=idx.device, dtype=idx.dtype).view(B, 1) * N).reshape(-1)

@@ -11,7 +11,7 @@ optimizer step, clipping, the loss scaler and logging stay eager and unchanged.
 Requirements, all true for pretraining at a fixed size and mask ratio: static shapes (batch,
 resolution, masked count), no host synchronisation in forward or backward (the masked count is
 passed in, never read back), one process (DDP's gradient hooks are not captured; ``affmae
-pretrain --cuda-graph`` refuses torchrun), autocast without its weight cache (the loop turns the
+pretrain`` leaves the graph off under torchrun, and refuses an explicit ``--cuda-graph``), autocast without its weight cache (the loop turns the
 cache off for graphed jobs). Random ops (drop-path, the pred_ratio subset) replay with fresh
 random numbers: PyTorch advances the CUDA generator's offset on every replay.
 
