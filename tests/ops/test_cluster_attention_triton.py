@@ -120,16 +120,22 @@ CASES = {
 
 def _csr_mismatches() -> list[str]:
     """Transposed neighbourhoods from the kernel vs a Python count (index-only: exact)."""
-    from affmae.ops.cluster_attention.kernel import transposed_neighbourhood
+    from affmae.ops.cluster_attention.kernel import auto_transpose_method, transposed_neighbourhood
 
     g = torch.Generator().manual_seed(1)
     bad = []
-    for B, M, Kc in ((3, 11, 5), (2, 40, 8), (1, 3, 10)):  # Kc > M: repeated clusters
+    # (2, 300, 8): 2400 entries per image, where "auto" sorts; the others count.
+    for B, M, Kc in ((3, 11, 5), (2, 40, 8), (1, 3, 10), (2, 300, 8)):  # Kc > M: repeats
         nbr = torch.randint(0, M, (B, M, Kc), generator=g)
-        csr = transposed_neighbourhood(nbr)
-        by_sort = transposed_neighbourhood(nbr, method="sort")
-        if not torch.equal(csr, by_sort):
-            bad.append(f"B={B} M={M} Kc={Kc}: method 'sort' differs from 'count'")
+        csr = transposed_neighbourhood(nbr, method="count")
+        for method in ("sort", "auto"):
+            if not torch.equal(csr, transposed_neighbourhood(nbr, method=method)):
+                bad.append(f"B={B} M={M} Kc={Kc}: method {method!r} differs from 'count'")
+        want_auto = "sort" if M * Kc >= 2048 else "count"
+        if auto_transpose_method(nbr) != want_auto:
+            bad.append(f"B={B} M={M} Kc={Kc}: 'auto' chose {auto_transpose_method(nbr)!r}")
+        if M * Kc > 1000:
+            continue  # the Python count below is slow; "count" is checked on the small ones
         src, off = csr[:, : M * Kc], csr[:, M * Kc :]
         for b in range(B):
             for c in range(M):
@@ -284,6 +290,8 @@ def test_transposed_neighbourhood_by_sort_on_cpu():
     assert csr[0, 9:].tolist() == [0, 3, 7, 9]
     with pytest.raises(ValueError, match="method must be one of"):
         transposed_neighbourhood(nbr, method="bucket")
+    # Without the interpreter the counting kernel cannot run on CPU: "auto" sorts.
+    assert torch.equal(transposed_neighbourhood(nbr), csr)
 
 
 def test_why_not_names_the_reason(monkeypatch):

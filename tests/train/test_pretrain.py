@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -161,11 +162,11 @@ def test_gpu_graphed_loss_gradients_match_eager():
     """Replays of the captured forward/backward give the eager losses, and gradients within the
     three-way rule (error against a float32 eager run <= 3x the eager bf16 run's + a floor), for
     a new input every replay (copied into the graph's static inputs) and two accumulated
-    micro-steps (the second replay must add, not overwrite)."""
+    micro-steps (the second replay must add, not overwrite); and PyTorch's AccumulateGrad
+    stream warning, which ``GraphedLoss`` turns off before capturing, never shows."""
     from affmae import create_model
-    from affmae.ops.masking import make_mask, num_masked
+    from affmae.ops.masking import num_masked
     from affmae.train.graphs import GraphedLoss
-    from model_checks import grad_three_way
 
     torch.manual_seed(0)
     model = create_model("aff_small", drop_path=0.0).cuda().train()
@@ -173,6 +174,17 @@ def test_gpu_graphed_loss_gradients_match_eager():
     graphed = GraphedLoss(model, n)
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _graphed_vs_eager_steps(model, graphed, named, n, g)
+    stream = [str(w.message)[:80] for w in caught if "AccumulateGrad" in str(w.message)]
+    assert not stream, f"the graphed loss let PyTorch's stream warning through: {stream}"
+
+
+def _graphed_vs_eager_steps(model, graphed, named, n, g):
+    from affmae.ops.masking import make_mask
+    from model_checks import grad_three_way
+
     for step in range(3):
         imgs = torch.randn(4, 1, 128, 128, generator=g).cuda()
         mask = make_mask(4, (16, 16), 0.5, "perlin", generator=g).cuda()

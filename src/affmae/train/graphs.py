@@ -73,22 +73,23 @@ class GraphedLoss:
             raise ValueError(f"CUDA-graph capture needs CUDA tensors, got {imgs.device}")
         if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
             raise RuntimeError("CUDA-graph capture needs autocast with cache_enabled=False")
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(imgs.device)
-        self.fn = torch.cuda.make_graphed_callables(
-            self.losses, (imgs, mask), num_warmup_iters=3, allow_unused_input=True)
-        torch.set_rng_state(cpu_rng)
-        torch.cuda.set_rng_state(cuda_rng, imgs.device)
         # make_graphed_callables keeps the captured forward's outputs alive, and with them the
         # parameters' AccumulateGrad nodes, created on its capture stream: every replayed
         # backward accumulates there after a cross-stream wait, and PyTorch (>= 2.10) warns
         # that the streams differ. The result is correct (the engine syncs; the loss curves
         # match eager, docs/BENCHMARKS.md); what the wait costs is bounded by the loop's 377
         # img/s against the whole-step bench's 446 at 512 px. The warning would otherwise
-        # greet every default run on a GPU, so it is turned off here (process-wide).
+        # greet every default run on a GPU, so it is turned off here (process-wide), before
+        # the capture: a run on the H200 showed it already during capture.
         quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
         if quiet is not None:
             quiet(False)
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(imgs.device)
+        self.fn = torch.cuda.make_graphed_callables(
+            self.losses, (imgs, mask), num_warmup_iters=3, allow_unused_input=True)
+        torch.set_rng_state(cpu_rng)
+        torch.cuda.set_rng_state(cuda_rng, imgs.device)
         for p in self.losses.parameters():  # own buffers, never the graph's (module docstring)
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -499,19 +499,33 @@ def attention_forward(
     return out, lse
 
 
-TRANSPOSE_METHODS = ("count", "sort")
+TRANSPOSE_METHODS = ("auto", "count", "sort")
+#: "auto" sorts from this many entries (M * Kc) per image up. Measured on an H200, batch 16
+#: (docs/BENCHMARKS.md, session 5): count / sort 10.6 / 47.4 us at M Kc = 824 (512 px stage 2),
+#: 38.1 / 49.3 us at 1848 (768 px stage 2), 56.1 / 50.4 us at 2048 (512 px stage 1), 206.4 /
+#: 102.2 us at 4608 (768 px stage 1). The count grows as (M Kc)^2 / Kc, the sort's launches
+#: cost about 47 us at any of these sizes.
+SORT_FROM_ENTRIES = 2048
 
 
-def transposed_neighbourhood(nbr: torch.Tensor, method: str = "count") -> torch.Tensor:
+def auto_transpose_method(nbr: torch.Tensor) -> str:
+    """What ``transposed_neighbourhood(nbr, "auto")`` runs: "sort" for large stages (from
+    ``SORT_FROM_ENTRIES`` entries per image) or where Triton cannot run, else "count"."""
+    big = nbr.shape[1] * nbr.shape[2] >= SORT_FROM_ENTRIES
+    return "sort" if big or not (nbr.is_cuda or interpreting()) else "count"
+
+
+def transposed_neighbourhood(nbr: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """For each key cluster, the query clusters whose neighbourhood lists it (CSR, repeats kept).
 
     Args:
         nbr: (B, M, Kc) neighbour clusters of each query cluster.
-        method: "count" (default: one Triton launch, a deterministic count that is O(M x M Kc)
-            per image; docs/BENCHMARKS.md measured it at 57 us for 512 px stage 1 and 213 us for
-            768 px stage 1 on an H200) or "sort" (a stable ``torch.sort`` of the M Kc entries by
-            key cluster and a ``searchsorted`` for the offsets: a few launches, O(M Kc log) work,
-            any device; the same result exactly, prepared to be measured against "count").
+        method: "count" (one Triton launch, a deterministic count, O(M x M Kc) per image: fast
+            for small stages, 206 us at 768 px stage 1 on an H200), "sort" (a stable
+            ``torch.sort`` of the M Kc entries by key cluster and a ``searchsorted`` for the
+            offsets: a few launches, about 47 us on an H200 whatever the size, any device) or
+            "auto" (default: "sort" from ``SORT_FROM_ENTRIES`` entries per image up or on a
+            device without Triton, else "count"). All give the same result exactly.
     Returns:
         (B, M * Kc + M + 1) int32: per batch element, src (M * Kc query clusters grouped by key
         cluster, ascending within a group) then off (M + 1 offsets): the query clusters of key
@@ -519,6 +533,8 @@ def transposed_neighbourhood(nbr: torch.Tensor, method: str = "count") -> torch.
     """
     if method not in TRANSPOSE_METHODS:
         raise ValueError(f"method must be one of {TRANSPOSE_METHODS}, got {method!r}")
+    if method == "auto":
+        method = auto_transpose_method(nbr)
     B, M, Kc = nbr.shape
     if method == "sort":
         keys = nbr.reshape(B, M * Kc)
