@@ -287,7 +287,7 @@ def _bwd_q_kernel(
             tl.atomic_add(DKV32 + (tl.num_programs(1) // H).to(tl.int64) * ob + off, dv_t, mask=kv_ok)
 
     # 4. Blank gradients, dQ (input dtype), the corrected log-sum-exp and delta for pass 2, one
-    #    partial row per program: [6 bias-weight terms, 2 unused, d blank_k (D), d blank_v (D)].
+    #    partial column per program: [6 bias-weight terms, 2 unused, d blank_k (D), d blank_v (D)].
     p_b = p_b * inv_sum
     ds_b = p_b * (dp_b - delta)
     dq += ds_b[:, None] * bk[None, :]
@@ -296,17 +296,21 @@ def _bwd_q_kernel(
     # ROWS: (2, B, H, N) float32, the corrected log-sum-exp then delta.
     tl.store(ROWS + b * slb + h * slh + tq, lse + tl.log2(tl.where(q_row, p_sum, 1.0)), mask=q_row)
     tl.store(ROWS + rows_stride + b * slb + h * slh + tq, delta, mask=q_row)
-    row = GP + ((b * M + c) * H + h) * (8 + 2 * D)
-    tl.store(row, tl.sum(g0, 0))
-    tl.store(row + 1, tl.sum(g1, 0))
-    tl.store(row + 2, tl.sum(g2, 0))
-    tl.store(row + 3, tl.sum(g3, 0))
-    tl.store(row + 4, tl.sum(g4, 0))
-    tl.store(row + 5, tl.sum(g5, 0))
-    tl.store(row + 6, 0.0)  # unused columns, written so the sum holds no uninitialised memory
-    tl.store(row + 7, 0.0)
-    tl.store(row + 8 + rd, tl.sum(ds_b[:, None] * q.to(tl.float32), 0) * scale, mask=d_ok)
-    tl.store(row + 8 + D + rd, tl.sum(p_b[:, None] * do.to(tl.float32), 0), mask=d_ok)
+    # GP is (H, 8 + 2D, P) with P = B * M programs per head, program-minor: the launcher's
+    # reduction then runs over the contiguous last dim (PyTorch's column sums over dim 0 of
+    # a (P, 8 + 2D) layout took 8-20 us per call on an H200).
+    P = (tl.num_programs(1) // H) * M
+    col = GP + h * (8 + 2 * D) * P + (b * M + c)
+    tl.store(col, tl.sum(g0, 0))
+    tl.store(col + P, tl.sum(g1, 0))
+    tl.store(col + 2 * P, tl.sum(g2, 0))
+    tl.store(col + 3 * P, tl.sum(g3, 0))
+    tl.store(col + 4 * P, tl.sum(g4, 0))
+    tl.store(col + 5 * P, tl.sum(g5, 0))
+    tl.store(col + 6 * P, 0.0)  # unused rows, written so the sum holds no uninitialised memory
+    tl.store(col + 7 * P, 0.0)
+    tl.store(col + (8 + rd) * P, tl.sum(ds_b[:, None] * q.to(tl.float32), 0) * scale, mask=d_ok)
+    tl.store(col + (8 + D + rd) * P, tl.sum(p_b[:, None] * do.to(tl.float32), 0), mask=d_ok)
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -579,7 +583,7 @@ def attention_backward(
 
     dq = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
     rows = torch.empty(2, B, H, N, device=dev, dtype=torch.float32)  # corrected lse, delta
-    parts = torch.empty(B * M, H, 8 + 2 * D, device=dev, dtype=torch.float32)  # one row per program
+    parts = torch.empty(H, 8 + 2 * D, B * M, device=dev, dtype=torch.float32)  # a column per program
     # float32 dK, dV accumulators for the atomic mode (unused otherwise)
     dkv32 = torch.zeros(2, B, N, H, D, device=dev, dtype=torch.float32) if atomic else parts
     _bwd_q_kernel[(M, B * H)](
@@ -607,7 +611,7 @@ def attention_backward(
             H, M, Kc, n_valid, float(scale),
             **tiles,
         )
-    return dq, dk, dv, parts.sum(0)  # (H, 8 + 2D)
+    return dq, dk, dv, parts.sum(-1)  # (H, 8 + 2D)
 
 
 def unpack_param_grads(g: torch.Tensor, bias_weight, bias_bias, blank_k, blank_v):

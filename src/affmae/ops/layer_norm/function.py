@@ -26,15 +26,15 @@ def _fwd_fake(x, weight, bias, eps, out_dtype):
 
 @torch.library.custom_op("affmae::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
-                   rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                   rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """-> dx and the (2, N) float32 d_weight / d_bias (one tensor: a custom op's outputs may
+    not alias one another, and the kernel reduces both in one launch)."""
     return kernel.backward(dy, x, weight, mean, rstd)
 
 
 @layer_norm_bwd.register_fake
 def _bwd_fake(dy, x, weight, mean, rstd):
-    n = x.shape[-1]
-    return (torch.empty_like(x), weight.new_empty(n, dtype=torch.float32),
-            weight.new_empty(n, dtype=torch.float32))
+    return torch.empty_like(x), weight.new_empty(2, x.shape[-1], dtype=torch.float32)
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -51,10 +51,10 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         if plain_eager(dy, x, weight):
-            dx, dw, db = kernel.backward(dy, x, weight, mean, rstd)
+            dx, dwb = kernel.backward(dy, x, weight, mean, rstd)
         else:
-            dx, dw, db = torch.ops.affmae.layer_norm_bwd(dy, x, weight, mean, rstd)
-        return dx, dw.to(weight.dtype), db.to(weight.dtype), None, None
+            dx, dwb = torch.ops.affmae.layer_norm_bwd(dy, x, weight, mean, rstd)
+        return dx, dwb[0].to(weight.dtype), dwb[1].to(weight.dtype), None, None
 
 
 def layer_norm_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float,

@@ -31,9 +31,13 @@ def _fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, eps, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, M, N,
+def _bwd_kernel(DY, X, W, MEAN, RSTD, DX, PART, M, N,
                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+    # PART: (2, N, programs) float32, program-minor: d_weight then d_bias partials. The
+    # launcher reduces the contiguous last dim in one kernel (two column sums over dim 0 of a
+    # (programs, N) layout and their two zero-fills were four launches).
     pid = tl.program_id(0)
+    progs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     c_ok = cols < N
     w = tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)
@@ -55,8 +59,8 @@ def _bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, M, N,
             tl.store(DX + r64 * N + cols, dx.to(DX.dtype.element_ty), mask=c_ok)
             dw += dy * xhat
             db += dy
-    tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw, mask=c_ok)
-    tl.store(DB_PART + pid.to(tl.int64) * N + cols, db, mask=c_ok)
+    tl.store(PART + cols * progs + pid, dw, mask=c_ok)
+    tl.store(PART + (N + cols) * progs + pid, db, mask=c_ok)
 
 
 def _params(N: int) -> tuple[int, int]:
@@ -85,8 +89,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-             rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dx (x's dtype and shape), d_weight and d_bias (float32, (N,))."""
+             rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dx (x's dtype and shape) and (2, N) float32: d_weight, then d_bias."""
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     x2 = x2 if x2.is_contiguous() else x2.contiguous()
@@ -94,11 +98,11 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torc
     dy2 = dy2 if dy2.is_contiguous() else dy2.contiguous()
     M = x2.shape[0]
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    progs = max(1, triton.cdiv(M, _ROWS_BWD))
-    dw_part = torch.zeros(progs, N, dtype=torch.float32, device=x.device)
-    db_part = torch.zeros(progs, N, dtype=torch.float32, device=x.device)
-    if M:
-        block_n, warps = _params(N)
-        _bwd_kernel[(progs,)](dy2, x2, weight, mean, rstd, dx, dw_part, db_part, M, N,
-                              BLOCK_N=block_n, ROWS=_ROWS_BWD, num_warps=warps)
-    return dx.view(x.shape), dw_part.sum(0), db_part.sum(0)
+    if M == 0:
+        return dx.view(x.shape), torch.zeros(2, N, dtype=torch.float32, device=x.device)
+    progs = triton.cdiv(M, _ROWS_BWD)
+    part = torch.empty(2, N, progs, dtype=torch.float32, device=x.device)  # every slot written
+    block_n, warps = _params(N)
+    _bwd_kernel[(progs,)](dy2, x2, weight, mean, rstd, dx, part, M, N,
+                          BLOCK_N=block_n, ROWS=_ROWS_BWD, num_warps=warps)
+    return dx.view(x.shape), part.sum(-1)
