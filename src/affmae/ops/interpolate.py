@@ -25,7 +25,8 @@ import torch
 
 from affmae.ops import point_gather
 from affmae.ops.clustering import Clustering, nearest_clusters
-from affmae.ops.smallest_k import smallest_k
+from affmae.ops.dispatch import triton_device
+from affmae.ops.smallest_k import MAX_K, MAX_N, smallest_k
 
 FAR = 1.0e6  # position of padding slots: never nearer than a real token
 TILE = 4  # cells per tile side in the neighbour table
@@ -57,16 +58,41 @@ def cell_neighbours(key_cl: Clustering, key_pos: torch.Tensor, grid_hw: tuple[in
                                key_cl.centroids, num_clusters)  # (B, T, Kc)
         m = key_cl.m
         cand = (nbr[..., None] * m + torch.arange(m, device=dev)).flatten(2)  # (B, T, Kc*m)
-        # 2. Each cell ranks its tile's candidates.
-        cy, cx = torch.meshgrid(torch.arange(gh, device=dev), torch.arange(gw, device=dev),
-                                indexing="ij")
-        tile = ((cy // TILE) * tw + cx // TILE).reshape(-1)  # (cells,)
-        cand = cand[:, tile]  # (B, cells, Kc*m)
-        cpos = torch.gather(key_pos.float(), 1, cand.reshape(B, -1, 1).expand(-1, -1, 2))
-        cells = torch.stack([cx, cy], -1).reshape(1, -1, 1, 2).float()  # (1, cells, 1, 2)
-        d2 = (cpos.view(B, gh * gw, -1, 2) - cells).square().sum(-1)  # (B, cells, Kc*m)
-        idx = smallest_k(d2, k)  # ties -> lower candidate slot, on every device
-        return torch.gather(cand, 2, idx)  # (B, cells, k)
+        k = min(k, cand.shape[-1])
+        if _fused_table_ok(key_pos, cand, k):  # step 2 in one kernel, the same slots
+            from affmae.ops._cell_table_kernel import cell_table_triton
+
+            return cell_table_triton(cand, key_pos.float(), gh, gw, TILE, k)
+        return rank_cell_candidates(cand, key_pos, gh, gw, k)
+
+
+def rank_cell_candidates(cand: torch.Tensor, key_pos: torch.Tensor, gh: int, gw: int,
+                         k: int) -> torch.Tensor:
+    """Step 2 of ``cell_neighbours`` in PyTorch (the reference of the Triton kernel): each cell
+    ranks its tile's candidates (B, T, C) by squared distance to its centre -> (B, gh*gw, k)."""
+    B, dev = key_pos.shape[0], key_pos.device
+    tw = math.ceil(gw / TILE)
+    cy, cx = torch.meshgrid(torch.arange(gh, device=dev), torch.arange(gw, device=dev),
+                            indexing="ij")
+    tile = ((cy // TILE) * tw + cx // TILE).reshape(-1)  # (cells,)
+    cand = cand[:, tile]  # (B, cells, C)
+    cpos = torch.gather(key_pos.float(), 1, cand.reshape(B, -1, 1).expand(-1, -1, 2))
+    cells = torch.stack([cx, cy], -1).reshape(1, -1, 1, 2).float()  # (1, cells, 1, 2)
+    d2 = (cpos.view(B, gh * gw, -1, 2) - cells).square().sum(-1)  # (B, cells, C)
+    idx = smallest_k(d2, k)  # ties -> lower candidate slot, on every device
+    return torch.gather(cand, 2, idx)  # (B, cells, k)
+
+
+def _fused_table_ok(key_pos: torch.Tensor, cand: torch.Tensor, k: int) -> bool:
+    """Whether ``cell_neighbours`` may rank with the Triton kernel (CUDA, or the interpreter;
+    the candidate rows and k within ``smallest_k``'s kernel limits)."""
+    if not triton_device(key_pos) or cand.shape[-1] > MAX_N or k > MAX_K or cand.numel() == 0:
+        return False
+    try:
+        from affmae.ops import _cell_table_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def lookup_neighbours(points: torch.Tensor, table: torch.Tensor,
