@@ -223,3 +223,40 @@ def test_finetune_demo_hook(tmp_path, pretrained):
     assert 0.0 <= result["miou"] <= 1.0, result
     assert set(result["per_class"]) == {"cytoplasm", "membrane", "mitochondrion"}, result
     assert result["checkpoint"].is_file() and result["figure"] is not None, result
+
+
+# ---- CUDA graph -------------------------------------------------------------------------------
+
+def test_cuda_graph_choice(data, tmp_path, capsys):
+    """Unset: off on CPU, silently; asked for on CPU: an error before any training."""
+    job = FinetuneJob(_cfg(data, tmp_path / "a", model="aff_tiny"), context_from_env("cpu"))
+    assert job.graphed is None and job.autocast_cache and job.grads_to_none
+    assert "CUDA graph" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
+        FinetuneJob(_cfg(data, tmp_path / "b", model="aff_tiny", cuda_graph=True),
+                    context_from_env("cpu"))
+    assert _parse(["--data", "x", "--no-cuda-graph"]).cuda_graph is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_cuda_graph_finetune_matches_eager(data, pretrained, tmp_path, capsys):
+    """A graphed fine-tuning run (the default on one GPU) tracks the eager one step by step,
+    and says so in its header; evaluation (eager, eval mode) runs next to the graph."""
+    kw = dict(device="cuda", precision="bf16", checkpoint=str(pretrained), size=48,
+              batch_size=4, grad_accum=2, steps=6, eval_every=3, augment=False, lr=1e-4,
+              model_overrides={"drop_path": 0.0})
+    eager = run_finetune(_cfg(data, tmp_path / "eager", cuda_graph=False, **kw))
+    capsys.readouterr()
+    graph = run_finetune(_cfg(data, tmp_path / "graph", **kw))
+    assert ", CUDA graph |" in capsys.readouterr().err
+
+    def losses(run):
+        with open(run / "log.csv", newline="") as f:
+            return [float(r["loss"]) for r in csv.DictReader(f)]
+
+    le, lg = losses(tmp_path / "eager"), losses(tmp_path / "graph")
+    assert len(le) == len(lg) == 6
+    for a, b in zip(le, lg):
+        assert abs(a - b) <= 1e-2 * abs(a), f"eager {le} vs graphed {lg}"
+    assert eager.last is not None and graph.last is not None  # evaluated next to the graph

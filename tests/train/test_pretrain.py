@@ -131,7 +131,7 @@ def test_cuda_graph_default_is_on_only_where_measured():
     An explicit --cuda-graph is refused where it cannot run; fp16 is allowed when asked for."""
     from affmae.train.config import PretrainConfig
     from affmae.train.distributed import DistContext
-    from affmae.train.pretrain import cuda_graph_why_not
+    from affmae.train.graphs import cuda_graph_why_not
 
     def ctx(device, world=1):
         return DistContext(rank=0, local_rank=0, world_size=world, device=torch.device(device))

@@ -114,6 +114,13 @@ class TrainConfig:
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms: bitwise repeatable "
                               "GPU runs (slower; an op without a deterministic kernel raises). "
                               "CPU runs are repeatable without it", group="device")
+    cuda_graph: bool | None = opt(
+        None, "capture each micro-step's forward and backward (with the loss) in a CUDA graph "
+        "and replay it: no Python or launch overhead (an eager aff_small pretraining step is "
+        "host-bound, 155 vs 36 ms at 512 px on an H200, docs/BENCHMARKS.md). Unset: on for "
+        "one CUDA process in bf16 or fp32, else off (the log says why); --cuda-graph insists "
+        "(an error where it cannot run); --no-cuda-graph turns it off. Needs fixed batch "
+        "shapes (every micro-batch has the same size)", group="device")
 
     # --- output, logging, checkpoints ------------------------------------------------------
     out: str = opt("runs/pretrain", "output folder: log.csv, figures/, latest.pt, "
@@ -187,13 +194,6 @@ class PretrainConfig(TrainConfig):
     perlin_scales: tuple[int, ...] = opt(
         (2, 4, 8), "Perlin lattice scales in patches (one is drawn per image)",
         group="masking", flag_type=int, nargs="+", metavar="S")
-    cuda_graph: bool | None = opt(
-        None, "capture each micro-step's forward and backward in a CUDA graph and replay it (no "
-        "Python or launch overhead: an eager aff_small step is host-bound, 155 vs 36 ms at 512 "
-        "px on an H200, docs/BENCHMARKS.md). Unset: on for one CUDA process in bf16 or fp32, "
-        "else off (the log says why); --cuda-graph insists (an error where it cannot run); "
-        "--no-cuda-graph turns it off. Needs a fixed size (pretraining has one)",
-        group="device")
 
     def __post_init__(self) -> None:
         super().__post_init__()

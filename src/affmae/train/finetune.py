@@ -58,6 +58,7 @@ from torch.utils.data import Dataset
 from affmae.train.config import TrainConfig, add_config_arguments, config_from_args, opt
 from affmae.train.distributed import (DistContext, context_from_env, destroy_process_group,
                                       init_process_group)
+from affmae.train.graphs import setup_cuda_graph
 from affmae.train.loop import TrainJob, TrainResult, fit, resume_path, steps_per_epoch
 from affmae.train.metrics import (IGNORE_INDEX, LOSSES, IoUMeter, class_keys, json_safe,
                                   segmentation_loss)
@@ -299,6 +300,8 @@ class FinetuneJob(TrainJob):
         self.class_weights = (torch.tensor(cfg.class_weights, device=ctx.device)
                               if cfg.class_weights is not None else None)
         self.focal_gamma = cfg.focal_gamma if cfg.focal_gamma is not None else DEFAULT_FOCAL_GAMMA
+        # 5. Forward + loss replayed as a CUDA graph where it can run (augmentation stays eager).
+        self.graphed = setup_cuda_graph(self, self._forward_loss)
         self.history: list[dict[str, float]] = []
 
     # ---- loop hooks -------------------------------------------------------------------------
@@ -317,6 +320,12 @@ class FinetuneJob(TrainJob):
             # Geometry and intensities in fp32 whatever the autocast dtype.
             with torch.autocast(imgs.device.type, enabled=False):
                 imgs, targets = self.augment(imgs, targets)
+        if self.graphed is not None:  # one process: ``model`` is the unwrapped model
+            return self.graphed(imgs, targets)
+        return self._forward_loss(model, imgs, targets)
+
+    def _forward_loss(self, model: nn.Module, imgs: torch.Tensor,
+                      targets: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = model(imgs)  # (B, C, H, W)
         return segmentation_loss(logits, targets, class_weights=self.class_weights,
                                  kind=self.cfg.loss, focal_gamma=self.focal_gamma,
@@ -478,7 +487,8 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
               f"{cfg.size[0]}x{cfg.size[1]}, {evaluation} | mean {job.data_stats['mean']:.4f} "
               f"std {job.data_stats['std']:.4f} | layer decay {job.layer_decay:g} over "
               f"{job.model.num_layers} layers | {ctx.world_size} rank(s) on {ctx.device}, "
-              f"{cfg.precision} | {total} steps ({spe} per epoch) -> {cfg.out}", file=sys.stderr)
+              f"{cfg.precision}{', CUDA graph' if job.graphed is not None else ''} | {total} "
+              f"steps ({spe} per epoch) -> {cfg.out}", file=sys.stderr)
     init_process_group(ctx)
     try:
         result = fit(job, ctx)

@@ -29,23 +29,10 @@ from affmae.train.config import PretrainConfig, add_config_arguments, config_fro
 from affmae.train.distributed import (DistContext, context_from_env, destroy_process_group,
                                       init_process_group)
 from affmae.train.figures import save_reconstruction_figure
+from affmae.train.graphs import mae_loss, setup_cuda_graph
 from affmae.train.loop import TrainJob, TrainResult, derive_seed, fit, resume_path
 
 FIGURE_IMAGES = 4  # rows of the reconstruction figure
-
-
-def cuda_graph_why_not(cfg: PretrainConfig, ctx: DistContext) -> str | None:
-    """Why this run cannot replay its micro-steps as a CUDA graph, or None when it can. When
-    ``cfg.cuda_graph`` is unset (the default) only the measured setting turns it on: one CUDA
-    process in bf16 or fp32."""
-    if ctx.device.type != "cuda":
-        return f"needs a CUDA device, this run uses {ctx.device}"
-    if ctx.world_size > 1:
-        return ("runs in one process only (DDP's gradient hooks are not captured); this run has "
-                f"{ctx.world_size} ranks")
-    if cfg.cuda_graph is None and cfg.precision == "fp16":
-        return "is on by default for bf16 and fp32 only (fp16's loss scaler is not measured with it)"
-    return None
 
 
 class PretrainJob(TrainJob):
@@ -70,18 +57,7 @@ class PretrainJob(TrainJob):
         from affmae.ops.masking import num_masked
 
         self.n_masked = num_masked(self.grid[0] * self.grid[1], cfg.mask_ratio)
-        self.graphed = None
-        why_not = cuda_graph_why_not(cfg, ctx)
-        if cfg.cuda_graph and why_not:
-            raise ValueError(f"--cuda-graph {why_not}")
-        if cfg.cuda_graph is None and why_not and ctx.device.type == "cuda" and ctx.is_main:
-            print(f"[affmae] CUDA graph off: it {why_not}", file=sys.stderr)
-        if cfg.cuda_graph is not False and not why_not:
-            from affmae.train.graphs import GraphedLoss
-
-            self.graphed = GraphedLoss(self.model, self.n_masked)
-            self.autocast_cache = False  # make_graphed_callables needs autocast's cache off
-            self.grads_to_none = False  # see GraphedLoss: gradients stay allocated
+        self.graphed = setup_cuda_graph(self, mae_loss(self.n_masked))
         # 2. Data; a resumed run keeps the statistics it was trained with.
         stats = _resumed_stats(cfg)
         self.dataset = ImageFolder(cfg.data, cfg.size, patch_size=self.patch, mode=cfg.crop,
