@@ -190,7 +190,7 @@ def _graphed_vs_eager_steps(model, graphed, named, n, g):
         mask = make_mask(4, (16, 16), 0.5, "perlin", generator=g).cuda()
         grads = {}
         # graph first: the capture must not meet autograd nodes of an eager step still alive
-        for run in ("graph", "eager", "fp32"):
+        for run in ("graph", "eager", "eager_again", "fp32"):
             model.zero_grad(set_to_none=False)
             losses = []
             for _ in range(2):
@@ -204,7 +204,11 @@ def _graphed_vs_eager_steps(model, graphed, named, n, g):
             grads[run] = (losses[0], [p.grad.clone() for _, p in named])
         (lg, gg), (le, ge), (_, gf) = grads["graph"], grads["eager"], grads["fp32"]
         assert math.isclose(le, lg, rel_tol=1e-4), f"step {step}: loss eager {le} graph {lg}"
-        grad_three_way([k for k, _ in named], gf, ge, gg, f"step {step} graph")
+        # Eager bf16 is not deterministic (float32 atomics in the gathers' backward); on an
+        # H200 the merges' score biases (near-cancelling sums) failed the plain rule in 2 of 4
+        # runs, so the bound also takes eager's own run-to-run spread.
+        grad_three_way([k for k, _ in named], gf, ge, gg, f"step {step} graph",
+                       same_again=grads["eager_again"][1])
 
 
 @pytest.mark.gpu
