@@ -148,7 +148,8 @@ def test_gpu_full_size_matches_layer_norm(n):
 def test_gpu_small_step_same_with_triton_norms(name):
     """A whole aff_small / vit_small training step (bf16 autocast) with norm_backend="triton" against
     "torch", from the same weights: loss and every parameter gradient within the three-way rule
-    (error against a float32 step <= 3x the torch norms' bf16 error + a floor)."""
+    (error against a float32 step <= 3x the torch norms' bf16 error or run-to-run spread, + a
+    floor)."""
     from affmae import create_model
     from affmae.ops.masking import make_mask
     from model_checks import grad_three_way
@@ -158,7 +159,7 @@ def test_gpu_small_step_same_with_triton_norms(name):
     mask = make_mask(4, (16, 16), 0.5, "perlin", generator=g).cuda()
     res = {}
     for run, backend, amp in (("fp32", "torch", False), ("torch", "torch", True),
-                              ("triton", "triton", True)):
+                              ("torch_again", "torch", True), ("triton", "triton", True)):
         torch.manual_seed(0)
         m = create_model(name, norm_backend=backend, drop_path=0.0).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -168,7 +169,9 @@ def test_gpu_small_step_same_with_triton_norms(name):
         res[run] = (loss.item(), [n for n, _ in named], [gr for _, gr in named])
     (le, names, ge), (lt, _, gt), (lk, _, gk) = res["fp32"], res["torch"], res["triton"]
     assert abs(lk - le) <= 3 * abs(lt - le) + 1e-3 * abs(le), (le, lt, lk)
-    grad_three_way(names, ge, gt, gk, "triton norms")
+    # the bf16 steps are not deterministic (float32 atomics in AFF's gathers): the bound also
+    # takes the torch-norm step's run-to-run spread (tests/model_checks.py)
+    grad_three_way(names, ge, gt, gk, "triton norms", same_again=res["torch_again"][2])
 
 
 @pytest.mark.gpu
