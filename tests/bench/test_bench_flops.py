@@ -86,6 +86,22 @@ def test_custom_ops_counted_or_reported():
         f"a custom op without a formula must be reported, got {fc.uncounted}")
 
 
+def test_selection_and_norm_ops_count_zero_by_convention():
+    """The package's selection (smallest_k, cell_table) and LayerNorm ops count zero, as aten's
+    sort, topk and native_layer_norm do, and are not reported as uncounted; only they are
+    exempt."""
+    from affmae.bench.flops import _ZERO_BY_CONVENTION, _looks_heavy
+    from affmae.ops import _cell_table_kernel, _smallest_k_kernel  # noqa: F401 (register ops)
+    from affmae.ops.layer_norm import function  # noqa: F401
+
+    ops = torch.ops.affmae
+    for op in (ops.smallest_k.default, ops.cell_table.default, ops.layer_norm_fwd.default,
+               ops.layer_norm_bwd.default):
+        assert not _looks_heavy(op), op
+    assert _looks_heavy(torch.ops.affmae_test.opaque_mm.default)
+    assert {ns for ns, _ in _ZERO_BY_CONVENTION} == {"affmae"}
+
+
 def test_package_ops_counted_in_a_fresh_process():
     """The package's own custom ops register their formulas on import, which is lazy; the first
     count of a process (what ``affmae bench`` does first) once missed them all."""

@@ -73,9 +73,19 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# The package's own custom ops that count zero by the convention above (normalisation,
+# selection by comparison), like their aten counterparts (native_layer_norm, sort, topk): not
+# reported as uncounted.
+_ZERO_BY_CONVENTION = {("affmae", "layer_norm_fwd"), ("affmae", "layer_norm_bwd"),
+                       ("affmae", "smallest_k"), ("affmae", "cell_table")}
+
+
 def _looks_heavy(op: Any) -> bool:
     ns = getattr(op, "namespace", "aten")
     name = getattr(op, "__name__", str(op))
+    packet = getattr(getattr(op, "_overloadpacket", None), "__name__", name)
+    if (ns, packet) in _ZERO_BY_CONVENTION:
+        return False
     if ns not in _NO_COMPUTE_NAMESPACES:
         return True
     return ns == "aten" and bool(_HEAVY_ATEN.search(name))
