@@ -8,7 +8,9 @@ Nearest-token search, never a scan of every token for every point (DESIGN 2.5):
    every cell centre of the patch grid. Cells are grouped in 4 x 4 tiles; a tile's candidates
    are the tokens of the Kc clusters nearest to the tile centre, so the table costs
    cells x Kc*m distances (at 512 px: 4096 x 96 per image), independent of the number of
-   sampling points, and the four decoder blocks' self-attention share one table.
+   sampling points, and the four decoder blocks' self-attention share one table. On CUDA one
+   Triton kernel ranks the candidates (``affmae::cell_table``: distances in registers, the
+   same slots as ``rank_cell_candidates``, the PyTorch reference and CPU path).
 2. ``lookup_neighbours``: a sampling point takes the table row of the cell it falls in
    (clamped to the grid). The rows are exact K-nearest sets for cell centres (tested against
    a brute-force scan); for a point elsewhere in the cell they are the neighbours of its cell
