@@ -71,6 +71,10 @@ def test_cell_neighbours_uses_the_kernel_only_where_triton_runs(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert interpolate._fused_table_ok(torch.zeros(1, 8, 2), cand, 4)
     assert not interpolate._fused_table_ok(torch.zeros(1, 8, 2), cand, 64)  # k beyond the kernel
+    from affmae.ops._cell_table_kernel import cell_table_triton
+
+    with pytest.raises(ValueError, match="k=17 must be in"):  # more than the 16 candidates
+        cell_table_triton(cand, torch.zeros(1, 8, 2), 4, 4, 4, 17)
 
 
 @pytest.mark.gpu

@@ -51,6 +51,8 @@ def cell_table_triton(cand: torch.Tensor, key_pos: torch.Tensor, gh: int, gw: in
     raster order), key_pos (B, Nk, 2) float32 -> (B, gh * gw, k) int64: the k nearest
     candidates of every cell centre, nearest first, ties to the lower candidate slot."""
     B, T, C = cand.shape
+    if not 1 <= k <= C:
+        raise ValueError(f"k={k} must be in [1, C={C}] (the candidates per tile)")
     cand = cand.contiguous()
     key_pos = key_pos.contiguous()
     cells = gh * gw
