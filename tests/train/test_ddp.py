@@ -21,11 +21,15 @@ ARGS = ["--size", "64", "--model", "aff_tiny", "--batch-size", "4", "--grad-accu
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_matches_one_process(images64, tmp_path):
+@pytest.mark.parametrize("sync", ["ddp", "allreduce"])
+def test_two_process_gloo_run_matches_one_process(images64, tmp_path, sync):
+    """Both ways to average gradients (DDP, or one bucketed all_reduce per step: what a graphed
+    step under torchrun uses) give the 1-process losses at equal global batch."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "affmae.cli", "pretrain", "--data", str(images64), "--out", str(out), *ARGS]
+           "-m", "affmae.cli", "pretrain", "--data", str(images64), "--out", str(out), *ARGS,
+           "--grad-sync", sync]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
 
@@ -78,3 +82,27 @@ def test_two_process_finetune_matches_one_process(tmp_path):
             f"{key}: 2 ranks {ddp_eval[0][key]} vs 1 rank {value}")
     ckpt = torch.load(tmp_path / "ddp" / "latest.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 3, (ckpt["world_size"], ckpt["step"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_gpu_two_gpus_cuda_graph_matches_one_gpu(images64, tmp_path):
+    """torchrun on 2 GPUs with --cuda-graph (each rank replays its captured loss; gradients
+    averaged by one all_reduce per step) tracks one graphed GPU at equal global batch."""
+    common = ["pretrain", "--data", str(images64), "--size", "64", "--model", "aff_tiny",
+              "--model-overrides", "{drop_path: 0.0}", "--batch-size", "8", "--grad-accum", "2",
+              "--steps", "6", "--lr", "1e-4", "--warmup-steps", "1", "--precision", "bf16",
+              "--device", "cuda", "--num-workers", "0", "--log-every", "1", "--ckpt-every", "6",
+              "--figure-every", "0", "--no-progress", "--cuda-graph"]
+    runs = {}
+    for name, launcher in (("two", ["-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node", "2", "-m", "affmae.cli"]),
+                           ("one", ["-m", "affmae.cli"])):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, *launcher, *common, "--out", str(out)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        assert ", CUDA graph |" in proc.stderr, proc.stderr[-2000:]
+        runs[name] = [r["loss"] for r in read_log(out / "log.csv")]
+    assert len(runs["two"]) == 6
+    assert runs["two"] == pytest.approx(runs["one"], rel=1e-2), runs

@@ -114,13 +114,19 @@ class TrainConfig:
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms: bitwise repeatable "
                               "GPU runs (slower; an op without a deterministic kernel raises). "
                               "CPU runs are repeatable without it", group="device")
+    grad_sync: Literal["ddp", "allreduce"] = opt(
+        "ddp", "how ranks average gradients under torchrun: ddp (DistributedDataParallel, "
+        "the all-reduce overlapped with the backward) or allreduce (one bucketed all_reduce of "
+        "every gradient after the last micro-step's backward; what a CUDA-graphed step under "
+        "torchrun uses, whatever this says)", group="device")
     cuda_graph: bool | None = opt(
         None, "capture each micro-step's forward and backward (with the loss) in a CUDA graph "
         "and replay it: no Python or launch overhead (an eager aff_small pretraining step is "
         "host-bound, 155 vs 36 ms at 512 px on an H200, docs/BENCHMARKS.md). Unset: on for "
         "one CUDA process in bf16 or fp32, else off (the log says why); --cuda-graph insists "
-        "(an error where it cannot run); --no-cuda-graph turns it off. Needs fixed batch "
-        "shapes (every micro-batch has the same size)", group="device")
+        "(an error where it cannot run; under torchrun it then synchronises gradients with one "
+        "all_reduce per step, not yet run on GPUs); --no-cuda-graph turns it off. Needs fixed "
+        "batch shapes (every micro-batch has the same size)", group="device")
 
     # --- output, logging, checkpoints ------------------------------------------------------
     out: str = opt("runs/pretrain", "output folder: log.csv, figures/, latest.pt, "

@@ -88,6 +88,46 @@ def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t
 
 
+def broadcast_module(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does when it wraps a model)."""
+    if ctx.distributed:
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, src=0)
+
+
+def all_reduce_gradients(params: list[torch.Tensor], ctx: DistContext,
+                         bucket_bytes: int = 64 * 2**20) -> None:
+    """Average the gradients of ``params`` over ranks, in place: flattened buckets of one dtype
+    (at most ``bucket_bytes`` each), one ``all_reduce`` per bucket. A parameter without a
+    gradient gets zeros (every rank then sends the same layout). The same mean as DDP's, with
+    the communication after the backward instead of overlapped with it."""
+    if not ctx.distributed:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    buckets: list[list[torch.Tensor]] = []
+    size, dtype = 0, None
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if not buckets or g.dtype != dtype or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size, dtype = 0, g.dtype
+        buckets[-1].append(g)
+        size += nbytes
+    for bucket in buckets:
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= ctx.world_size
+        for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            g.copy_(synced)
+
+
 def all_gather_objects(obj: object, ctx: DistContext) -> list:
     """Every rank's ``obj`` in rank order (``[obj]`` for one process)."""
     if not ctx.distributed:

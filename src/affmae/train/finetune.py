@@ -320,7 +320,7 @@ class FinetuneJob(TrainJob):
             # Geometry and intensities in fp32 whatever the autocast dtype.
             with torch.autocast(imgs.device.type, enabled=False):
                 imgs, targets = self.augment(imgs, targets)
-        if self.graphed is not None:  # one process: ``model`` is the unwrapped model
+        if self.graphed is not None:  # the loop never wraps a graphed job's model in DDP
             return self.graphed(imgs, targets)
         return self._forward_loss(model, imgs, targets)
 

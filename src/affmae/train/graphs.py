@@ -12,9 +12,11 @@ eager and unchanged.
 
 Requirements, all true for pretraining and fine-tuning at a fixed size: static shapes (batch,
 resolution, masked count), no host synchronisation in forward or backward (the masked count is
-passed in, never read back), one process (DDP's gradient hooks are not captured; the jobs leave
-the graph off under torchrun, and refuse an explicit ``--cuda-graph``), autocast without its
-weight cache (the loop turns the cache off for graphed jobs). Random ops (drop-path, the
+passed in, never read back), autocast without its weight cache (the loop turns the cache off for
+graphed jobs). DDP's gradient hooks are not captured: under torchrun the graph is off unless
+``--cuda-graph`` asks for it, and then the loop replaces DDP by one bucketed ``all_reduce`` of
+the gradients per optimizer step (``grad_sync="allreduce"``, tested with gloo on CPU; the
+graphed multi-GPU run itself has not been run yet). Random ops (drop-path, the
 pred_ratio subset) replay with fresh random numbers: PyTorch advances the CUDA generator's
 offset on every replay.
 
@@ -44,9 +46,10 @@ def cuda_graph_why_not(cfg, ctx) -> str | None:
     default) only the measured setting turns it on: one CUDA process in bf16 or fp32."""
     if ctx.device.type != "cuda":
         return f"needs a CUDA device, this run uses {ctx.device}"
-    if ctx.world_size > 1:
-        return ("runs in one process only (DDP's gradient hooks are not captured); this run has "
-                f"{ctx.world_size} ranks")
+    if ctx.world_size > 1 and not cfg.cuda_graph:
+        return (f"is off by default under torchrun ({ctx.world_size} ranks here; not yet run on "
+                "several GPUs); --cuda-graph turns it on, with the gradients averaged by one "
+                "all_reduce per step instead of DDP, whose hooks a graph does not capture")
     if cfg.cuda_graph is None and cfg.precision == "fp16":
         return "is on by default for bf16 and fp32 only (fp16's loss scaler is not measured with it)"
     return None

@@ -5,7 +5,9 @@ loop owns everything else, in this order per optimizer step:
 
 1. lr for this step from the schedule (a pure function of the step), times each group's lr_scale;
 2. ``grad_accum`` micro-steps: forward under autocast (bf16/fp16), backward of loss/grad_accum
-   (scaled for fp16), DDP gradient sync only on the last micro-step (``no_sync`` before);
+   (scaled for fp16), DDP gradient sync only on the last micro-step (``no_sync`` before), or
+   with ``grad_sync="allreduce"`` (and always for a CUDA-graphed loss) one bucketed
+   ``all_reduce`` of every gradient after the last micro-step;
 3. unscale (fp16), clip the global grad norm, optimizer step, scaler update;
 4. losses averaged over micro-steps and ranks; a non-finite loss (or, outside fp16 where the
    scaler skips such steps, a non-finite grad norm) stops the run with an error naming the step;
@@ -44,7 +46,8 @@ from tqdm.auto import tqdm
 
 from affmae.train.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from affmae.train.config import TrainConfig, save_yaml
-from affmae.train.distributed import DistContext, all_gather_objects, all_reduce_mean, barrier
+from affmae.train.distributed import (DistContext, all_gather_objects, all_reduce_gradients,
+                                      all_reduce_mean, barrier, broadcast_module)
 from affmae.train.logger import CsvLogger
 from affmae.train.optim import build_adamw, param_groups
 from affmae.train.schedule import lr_at, set_lr
@@ -55,7 +58,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # (output and bookkeeping only; anything else changed gets a warning naming it).
 _RESUME_FREE = {"out", "resume", "log_every", "ckpt_every", "keep_every", "figure_every",
                 "progress", "num_workers", "device", "ddp_find_unused", "deterministic",
-                "cuda_graph"}
+                "cuda_graph", "grad_sync"}
 
 # Model config fields that say how a model runs, not what it computes (same parameters, same
 # function): a checkpoint resumes under any of their values (e.g. one written when the norms'
@@ -304,7 +307,13 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
         logger = CsvLogger(out / "log.csv", resume_step=start if ckpt_file else None)
         eval_logger = CsvLogger(out / "eval.csv", resume_step=start if ckpt_file else None)
     net = model
-    if ctx.distributed:
+    # Gradient sync under torchrun: DDP, or one bucketed all_reduce after the last micro-step
+    # (asked for, or forced by a CUDA-graphed loss: DDP's hooks are not captured).
+    allreduce = ctx.distributed and (cfg.grad_sync == "allreduce"
+                                     or getattr(job, "graphed", None) is not None)
+    if allreduce:
+        broadcast_module(model, ctx)  # what DDP does when it wraps the model
+    elif ctx.distributed:
         net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                   find_unused_parameters=cfg.ddp_find_unused)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -353,7 +362,8 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
             for micro in range(cfg.grad_accum):
                 batch = _to_device(next(batches), ctx.device)
                 last = micro == cfg.grad_accum - 1
-                sync = contextlib.nullcontext() if last or not ctx.distributed else net.no_sync()
+                sync = (contextlib.nullcontext() if last or net is model
+                        else net.no_sync())
                 with sync:
                     with autocast:
                         outputs = job.loss(net, batch, step, micro)
@@ -363,7 +373,9 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
                                              if k.startswith("loss_") and outputs[k].ndim == 0)
                 vals = torch.stack([outputs[k].detach().float() for k in keys])
                 sums = vals if sums is None else sums + vals
-            # 3. Unscale, clip, step.
+            # 3. (all_reduce sync), unscale, clip, step.
+            if allreduce:
+                all_reduce_gradients(params, ctx)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))

@@ -91,7 +91,7 @@ class PretrainJob(TrainJob):
         # The masked count is known from the ratio: the model need not read the mask back
         # (one device sync per micro-step fewer).
         mask = mask.to(batch.device, non_blocking=True)
-        if self.graphed is not None:  # one process: ``model`` is the unwrapped model
+        if self.graphed is not None:  # the loop never wraps a graphed job's model in DDP
             return self.graphed(batch, mask)
         return model(batch, mask, num_masked=self.n_masked)
 
