@@ -236,6 +236,13 @@ def test_cuda_graph_choice(data, tmp_path, capsys):
         FinetuneJob(_cfg(data, tmp_path / "b", model="aff_tiny", cuda_graph=True),
                     context_from_env("cpu"))
     assert _parse(["--data", "x", "--no-cuda-graph"]).cuda_graph is False
+    # Under torchrun never, even when asked: the loss all-reduces its Dice sums in the forward.
+    from affmae.train.distributed import DistContext
+    from affmae.train.graphs import cuda_graph_why_not
+
+    two = DistContext(rank=0, local_rank=0, world_size=2, device=torch.device("cuda"))
+    asked = _cfg(data, tmp_path / "c", cuda_graph=True)
+    assert "one process only" in cuda_graph_why_not(asked, two, ranks_ok=False)
 
 
 @pytest.mark.gpu

@@ -300,8 +300,9 @@ class FinetuneJob(TrainJob):
         self.class_weights = (torch.tensor(cfg.class_weights, device=ctx.device)
                               if cfg.class_weights is not None else None)
         self.focal_gamma = cfg.focal_gamma if cfg.focal_gamma is not None else DEFAULT_FOCAL_GAMMA
-        # 5. Forward + loss replayed as a CUDA graph where it can run (augmentation stays eager).
-        self.graphed = setup_cuda_graph(self, self._forward_loss)
+        # 5. Forward + loss replayed as a CUDA graph where it can run (augmentation stays
+        #    eager); one process only: the loss all-reduces its Dice sums over the ranks.
+        self.graphed = setup_cuda_graph(self, self._forward_loss, ranks_ok=False)
         self.history: list[dict[str, float]] = []
 
     # ---- loop hooks -------------------------------------------------------------------------

@@ -40,12 +40,17 @@ import torch
 from torch import nn
 
 
-def cuda_graph_why_not(cfg, ctx) -> str | None:
+def cuda_graph_why_not(cfg, ctx, ranks_ok: bool = True) -> str | None:
     """Why a training run (``TrainConfig`` ``cfg`` on ``DistContext`` ``ctx``) cannot replay its
     micro-steps as a CUDA graph, or None when it can. When ``cfg.cuda_graph`` is unset (the
-    default) only the measured setting turns it on: one CUDA process in bf16 or fp32."""
+    default) only the measured setting turns it on: one CUDA process in bf16 or fp32.
+    ``ranks_ok=False``: the job's loss talks to other ranks (fine-tuning's global Dice sums), so
+    it cannot be captured under torchrun at all."""
     if ctx.device.type != "cuda":
         return f"needs a CUDA device, this run uses {ctx.device}"
+    if ctx.world_size > 1 and not ranks_ok:
+        return ("runs in one process only for this job: its loss all-reduces over the ranks "
+                f"inside the forward, which a graph would capture ({ctx.world_size} ranks here)")
     if ctx.world_size > 1 and not cfg.cuda_graph:
         return (f"is off by default under torchrun ({ctx.world_size} ranks here; not yet run on "
                 "several GPUs); --cuda-graph turns it on, with the gradients averaged by one "
@@ -55,13 +60,13 @@ def cuda_graph_why_not(cfg, ctx) -> str | None:
     return None
 
 
-def setup_cuda_graph(job, fn: Callable[..., dict]) -> "GraphedLoss | None":
+def setup_cuda_graph(job, fn: Callable[..., dict], ranks_ok: bool = True) -> "GraphedLoss | None":
     """The ``GraphedLoss`` of ``job.model`` and ``fn`` when ``job.cfg.cuda_graph`` and the run
     allow it (``cuda_graph_why_not``), else None. An explicit ``cuda_graph=True`` that cannot
     run is an error; an unset one that stays off says why on a GPU. A graphed job keeps
     autocast's weight cache off and its gradients allocated (see ``GraphedLoss``)."""
     cfg, ctx = job.cfg, job.ctx
-    why_not = cuda_graph_why_not(cfg, ctx)
+    why_not = cuda_graph_why_not(cfg, ctx, ranks_ok)
     if cfg.cuda_graph and why_not:
         raise ValueError(f"--cuda-graph {why_not}")
     if cfg.cuda_graph is None and why_not and ctx.device.type == "cuda" and ctx.is_main:
