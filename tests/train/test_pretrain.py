@@ -149,7 +149,7 @@ def test_cuda_graph_default_is_on_only_where_measured():
     auto, on = PretrainConfig(data="x"), PretrainConfig(data="x", cuda_graph=True)
     assert cuda_graph_why_not(auto, ctx("cuda")) is None
     assert "CUDA device" in cuda_graph_why_not(auto, ctx("cpu"))
-    assert "off by default under torchrun" in cuda_graph_why_not(auto, ctx("cuda", 2))
+    assert "off by default under torchrun" in cuda_graph_why_not(auto, ctx("cuda", 2))  # "stays off ..."
     assert cuda_graph_why_not(on, ctx("cuda", 2)) is None  # asked for: all_reduce sync
     fp16 = PretrainConfig(data="x", precision="fp16")
     assert "bf16 and fp32" in cuda_graph_why_not(fp16, ctx("cuda"))

@@ -52,7 +52,7 @@ def cuda_graph_why_not(cfg, ctx, ranks_ok: bool = True) -> str | None:
         return ("runs in one process only for this job: its loss all-reduces over the ranks "
                 f"inside the forward, which a graph would capture ({ctx.world_size} ranks here)")
     if ctx.world_size > 1 and not cfg.cuda_graph:
-        return (f"is off by default under torchrun ({ctx.world_size} ranks here; not yet run on "
+        return (f"stays off by default under torchrun ({ctx.world_size} ranks here; not yet run on "
                 "several GPUs); --cuda-graph turns it on, with the gradients averaged by one "
                 "all_reduce per step instead of DDP, whose hooks a graph does not capture")
     if cfg.cuda_graph is None and cfg.precision == "fp16":
