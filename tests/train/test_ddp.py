@@ -106,3 +106,33 @@ def test_gpu_two_gpus_cuda_graph_matches_one_gpu(images64, tmp_path):
         runs[name] = [r["loss"] for r in read_log(out / "log.csv")]
     assert len(runs["two"]) == 6
     assert runs["two"] == pytest.approx(runs["one"], rel=1e-2), runs
+
+
+def _sync_worker(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    from affmae.train.distributed import DistContext, all_reduce_gradients
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ctx = DistContext(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
+        a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+        a.grad = torch.full((3,), 1.0 + 2 * rank)  # rank 0: 1, rank 1: 3
+        if rank == 1:
+            b.grad = torch.full((3,), 2.0)  # only rank 1 has one
+        all_reduce_gradients([a, b, c], ctx, bucket_bytes=16)  # 16 bytes: one tensor a bucket
+        results[rank] = (a.grad.tolist(), b.grad.tolist(), c.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_gradients_averages_and_keeps_unused_parameters_gradient_free(tmp_path):
+    """The mean over ranks, zeros standing in for a gradient one rank lacks, and no gradient
+    where no rank has one (so AdamW skips it, as in one process)."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_sync_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        a, b, c = results[rank]
+        assert a == [2.0] * 3 and b == [1.0] * 3 and c is None, (rank, a, b, c)

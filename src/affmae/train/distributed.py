@@ -100,14 +100,21 @@ def all_reduce_gradients(params: list[torch.Tensor], ctx: DistContext,
                          bucket_bytes: int = 64 * 2**20) -> None:
     """Average the gradients of ``params`` over ranks, in place: flattened buckets of one dtype
     (at most ``bucket_bytes`` each), one ``all_reduce`` per bucket. A parameter without a
-    gradient gets zeros (every rank then sends the same layout). The same mean as DDP's, with
-    the communication after the backward instead of overlapped with it."""
+    gradient on this rank gets zeros if another rank has one (every rank then sends the same
+    layout) and stays without one if no rank has one (the optimizer then skips it, as in a
+    single process). The same mean as DDP's, with the communication after the backward
+    instead of overlapped with it."""
     if not ctx.distributed:
         return
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
+                       device=params[0].device if params else ctx.device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
     grads = []
-    for p in params:
+    for p, anywhere in zip(params, has.tolist()):
+        if not anywhere:
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
