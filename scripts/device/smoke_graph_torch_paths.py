@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 from affmae import create_model  # noqa: E402
 from affmae.ops.masking import make_mask, num_masked  # noqa: E402
-from affmae.train.graphs import GraphedLoss  # noqa: E402
+from affmae.train.graphs import GraphedLoss, mae_loss  # noqa: E402
 
 t0 = time.time()
 torch.manual_seed(0)
@@ -28,7 +28,7 @@ le.backward()
 ge = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone()
 print(f"eager step ok: loss {le.item():.5f}, finite grads {bool(torch.isfinite(ge).all())}, {time.time() - t0:.1f} s", flush=True)
 model.zero_grad(set_to_none=False)
-graphed = GraphedLoss(model, n)
+graphed = GraphedLoss(model, mae_loss(n))
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     for i in range(2):

@@ -167,12 +167,12 @@ def test_gpu_graphed_loss_gradients_match_eager():
     stream warning, which ``GraphedLoss`` turns off before capturing, never shows."""
     from affmae import create_model
     from affmae.ops.masking import num_masked
-    from affmae.train.graphs import GraphedLoss
+    from affmae.train.graphs import GraphedLoss, mae_loss
 
     torch.manual_seed(0)
     model = create_model("aff_small", drop_path=0.0).cuda().train()
     n = num_masked(16 * 16, 0.5)
-    graphed = GraphedLoss(model, n)
+    graphed = GraphedLoss(model, mae_loss(n))
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(1)
     with warnings.catch_warnings(record=True) as caught:

@@ -107,9 +107,7 @@ class GraphedLoss:
     ``mae_loss(n)`` for pretraining. Inputs must keep their shapes, dtypes and device; they are
     copied into the graph's static inputs."""
 
-    def __init__(self, model: nn.Module, fn: Callable[..., dict] | int) -> None:
-        if isinstance(fn, int):  # the masked count: the pretraining loss
-            fn = mae_loss(fn)
+    def __init__(self, model: nn.Module, fn: Callable[..., dict]) -> None:
         self.losses = _Losses(model, fn)
         self.fn = None
         self.shapes: tuple | None = None

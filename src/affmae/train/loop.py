@@ -88,6 +88,8 @@ class TrainJob:
     eval_every: int = 0
     best_metric: str | None = None
     best_mode: str = "max"
+    #: the job's ``GraphedLoss`` when it replays its loss as a CUDA graph (``setup_cuda_graph``)
+    graphed: Any = None
     #: autocast's weight-cast cache (CUDA-graph capture needs it off)
     autocast_cache: bool = True
     #: ``zero_grad(set_to_none=...)``; a CUDA-graphed job keeps its gradients allocated (the
@@ -309,8 +311,7 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
     net = model
     # Gradient sync under torchrun: DDP, or one bucketed all_reduce after the last micro-step
     # (asked for, or forced by a CUDA-graphed loss: DDP's hooks are not captured).
-    allreduce = ctx.distributed and (cfg.grad_sync == "allreduce"
-                                     or getattr(job, "graphed", None) is not None)
+    allreduce = ctx.distributed and (cfg.grad_sync == "allreduce" or job.graphed is not None)
     if allreduce:
         broadcast_module(model, ctx)  # what DDP does when it wraps the model
     elif ctx.distributed:

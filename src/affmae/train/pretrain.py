@@ -57,7 +57,8 @@ class PretrainJob(TrainJob):
         from affmae.ops.masking import num_masked
 
         self.n_masked = num_masked(self.grid[0] * self.grid[1], cfg.mask_ratio)
-        self.graphed = setup_cuda_graph(self, mae_loss(self.n_masked))
+        self.loss_fn = mae_loss(self.n_masked)
+        self.graphed = setup_cuda_graph(self, self.loss_fn)
         # 2. Data; a resumed run keeps the statistics it was trained with.
         stats = _resumed_stats(cfg)
         self.dataset = ImageFolder(cfg.data, cfg.size, patch_size=self.patch, mode=cfg.crop,
@@ -93,7 +94,7 @@ class PretrainJob(TrainJob):
         mask = mask.to(batch.device, non_blocking=True)
         if self.graphed is not None:  # the loop never wraps a graphed job's model in DDP
             return self.graphed(batch, mask)
-        return model(batch, mask, num_masked=self.n_masked)
+        return self.loss_fn(model, batch, mask)
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"data_stats": dict(self.data_stats)}
