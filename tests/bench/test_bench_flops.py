@@ -87,16 +87,18 @@ def test_custom_ops_counted_or_reported():
 
 
 def test_selection_and_norm_ops_count_zero_by_convention():
-    """The package's selection (smallest_k, cell_table) and LayerNorm ops count zero, as aten's
-    sort, topk and native_layer_norm do, and are not reported as uncounted; only they are
-    exempt."""
+    """The package's selection (smallest_k, cell_table), LayerNorm and interpolation-weight
+    ops count zero, as aten's sort, topk, native_layer_norm and softmax do, and are not reported
+    as uncounted; only they are exempt."""
     from affmae.bench.flops import _ZERO_BY_CONVENTION, _looks_heavy
-    from affmae.ops import _cell_table_kernel, _smallest_k_kernel  # noqa: F401 (register ops)
+    from affmae.ops import (_cell_table_kernel, _interp_weights_kernel,  # noqa: F401 (register ops)
+                            _smallest_k_kernel)
     from affmae.ops.layer_norm import function  # noqa: F401
 
     ops = torch.ops.affmae
     for op in (ops.smallest_k.default, ops.cell_table.default, ops.layer_norm_fwd.default,
-               ops.layer_norm_bwd.default):
+               ops.layer_norm_bwd.default, ops.interp_weights_fwd.default,
+               ops.interp_weights_bwd.default):
         assert not _looks_heavy(op), op
     assert _looks_heavy(torch.ops.affmae_test.opaque_mm.default)
     assert {ns for ns, _ in _ZERO_BY_CONVENTION} == {"affmae"}

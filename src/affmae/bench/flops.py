@@ -74,10 +74,11 @@ class _OpRecorder(TorchDispatchMode):
 
 
 # The package's own custom ops that count zero by the convention above (normalisation,
-# selection by comparison), like their aten counterparts (native_layer_norm, sort, topk): not
-# reported as uncounted.
+# selection by comparison, element-wise softmax weights), like their aten counterparts
+# (native_layer_norm, sort, topk, softmax): not reported as uncounted.
 _ZERO_BY_CONVENTION = {("affmae", "layer_norm_fwd"), ("affmae", "layer_norm_bwd"),
-                       ("affmae", "smallest_k"), ("affmae", "cell_table")}
+                       ("affmae", "smallest_k"), ("affmae", "cell_table"),
+                       ("affmae", "interp_weights_fwd"), ("affmae", "interp_weights_bwd")}
 
 
 def _looks_heavy(op: Any) -> bool:

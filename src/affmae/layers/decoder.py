@@ -72,13 +72,15 @@ class DeformableAttention(nn.Module):
         with record_function("decoder/knn"):
             sel = lookup_neighbours(points.view(B, Nq, H * Pt, 2), table, grid_hw)
             sel = sel.view(B, Nq, H, Pt, -1)  # (B, Nq, H, Pt, K)
-        w = interpolation_weights(points / spacing, sel, src_pos / spacing, self.log_temp.exp())
         attn = torch.softmax(self.attn_logits(xq).view(B, Nq, H, Pt).float(), dim=-1)
         # sum_p attn_p sum_k w_pk v[sel_pk] is one weighted gather over the Pt*K (point,
         # neighbour) pairs: no (B, Nq, H, Pt, Dh) per-point values, no batched 1 x Pt matmul
         # (which took 11 of 60 ms of an aff_small step at 512 px), float32 accumulation.
+        with record_function("decoder/weights"):  # attn_p * w_pk, one kernel each way on CUDA
+            w = interpolation_weights(points / spacing, sel, src_pos / spacing,
+                                      self.log_temp.exp(), attn)
         K = sel.shape[-1]
-        w = (attn[..., None] * w).view(B, Nq, H, 1, Pt * K)
+        w = w.view(B, Nq, H, 1, Pt * K)
         table = self.value(src).view(B, src.shape[1], H, Dh)  # (B, Nk, H, Dh)
         with record_function("decoder/interpolate"):
             out = gather_weighted(table, sel.view(B, Nq, H, 1, Pt * K), w)  # (B, Nq, H, 1, Dh)

@@ -22,12 +22,13 @@ offsets and the temperature.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from affmae.ops import point_gather
 from affmae.ops.clustering import Clustering, nearest_clusters
-from affmae.ops.dispatch import triton_device
+from affmae.ops.dispatch import plain_eager, triton_device
 from affmae.ops.smallest_k import MAX_K, MAX_N, smallest_k
 
 FAR = 1.0e6  # position of padding slots: never nearer than a real token
@@ -124,58 +125,120 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 def _distances(points: torch.Tensor, sel: torch.Tensor, key_pos: torch.Tensor):
     """(distance (B, Nq, H, Pt, K), offset point - key (B, Nq, H, Pt, K, 2)), float32."""
     B = points.shape[0]
-    spos = torch.gather(_f32(key_pos), 1, sel.reshape(B, -1, 1).expand(-1, -1, 2))
+    spos = torch.gather(_f32(key_pos), 1, sel.reshape(B, -1, 1).long().expand(-1, -1, 2))
     diff = _f32(points)[..., None, :] - spos.view(*sel.shape, 2)
     return diff.square().sum(-1).add(1e-6).sqrt(), diff
 
 
 def interpolation_weights_reference(points: torch.Tensor, sel: torch.Tensor, key_pos: torch.Tensor,
-                                    temperature: torch.Tensor) -> torch.Tensor:
+                                    temperature: torch.Tensor,
+                                    attn: torch.Tensor | None = None) -> torch.Tensor:
     """``interpolation_weights`` written as plain autograd ops (the specification; it keeps the
     (.., K, 2) offsets and the distances for its backward)."""
     d, _ = _distances(points, sel, key_pos)
-    return torch.softmax(-_f32(temperature).view(1, 1, -1, 1, 1) * d, dim=-1)
+    w = torch.softmax(-_f32(temperature).view(1, 1, -1, 1, 1) * d, dim=-1)
+    return w if attn is None else attn[..., None] * w
+
+
+def _weights_kernel_why_not(points, sel, key_pos, temperature, attn) -> str | None:
+    """Reason the Triton kernels cannot compute these weights, or None when they can."""
+    if not triton_device(points):
+        return f"inputs are on {points.device.type}, not CUDA"
+    if any(t is not None and t.dtype != torch.float32 for t in (points, key_pos, temperature, attn)):
+        return "the kernels take float32 points, positions, temperatures and attention weights"
+    if not 1 <= sel.shape[-1] <= _WEIGHTS_MAX_K:
+        return f"K={sel.shape[-1]} selected tokens is outside [1, {_WEIGHTS_MAX_K}]"
+    try:
+        from affmae.ops import _interp_weights_kernel  # noqa: F401
+    except ImportError as e:
+        return f"the Triton kernels are unavailable ({e})"
+    return None
+
+
+_WEIGHTS_MAX_K = 64
 
 
 class _InterpolationWeights(torch.autograd.Function):
-    """softmax(-p d) that keeps only its inputs and output for the backward and recomputes the
+    """attn * softmax(-p d) that keeps only its inputs for the backward and recomputes the
     distances there: the plain form saved three float32 (B, Nq, H, Pt, K) tensors per decoder
-    attention (18 MiB per image for aff_small at 512 px), cheap to recompute."""
+    attention (18 MiB per image for aff_small at 512 px), cheap to recompute. With ``kernel``
+    the forward and backward are one Triton kernel each (``_interp_weights_kernel``);
+    otherwise the same arithmetic in PyTorch ops."""
 
     @staticmethod
-    def forward(ctx, points, sel, key_pos, temperature):
-        w = interpolation_weights_reference(points, sel, key_pos, temperature)  # no graph here
-        ctx.save_for_backward(points, sel, key_pos, temperature, w)
-        return w
+    def forward(ctx, points, sel, key_pos, temperature, attn, kernel):
+        ctx.kernel = kernel
+        ctx.save_for_backward(points, sel, key_pos, temperature, attn)
+        if kernel:
+            from affmae.ops import _interp_weights_kernel as K
+
+            a = attn if attn is not None else points.new_ones(sel.shape[:-1])
+            if plain_eager(points, sel, key_pos, temperature, a):
+                return K.interp_weights_fwd(points, sel, key_pos, temperature, a)
+            return torch.ops.affmae.interp_weights_fwd(points, sel, key_pos, temperature, a)
+        return interpolation_weights_reference(points, sel, key_pos, temperature, attn)
 
     @staticmethod
     def backward(ctx, gw):
-        points, sel, key_pos, temperature, w = ctx.saved_tensors
-        d, diff = _distances(points, sel, key_pos)
-        gz = w * (gw - (w * gw).sum(-1, keepdim=True))  # softmax backward, z = -p d
-        g_points = g_temp = None
-        if ctx.needs_input_grad[0]:
+        points, sel, key_pos, temperature, attn = ctx.saved_tensors
+        need_p, _, _, need_t, need_a, _ = ctx.needs_input_grad
+        if ctx.kernel:
+            from affmae.ops import _interp_weights_kernel as K
+
+            a = attn if attn is not None else points.new_ones(sel.shape[:-1])
+            args = (gw, points, sel, key_pos, temperature, a)
+            if plain_eager(*args):
+                g_points, g_temp, g_attn = K.interp_weights_bwd(*args)
+            else:
+                g_points, g_temp, g_attn = torch.ops.affmae.interp_weights_bwd(*args)
+        else:
+            d, diff = _distances(points, sel, key_pos)
+            w = torch.softmax(-_f32(temperature).view(1, 1, -1, 1, 1) * d, dim=-1)
+            g_attn = None
+            if attn is not None:
+                g_attn = (gw * w).sum(-1)
+                gw = gw * attn[..., None]
+            gz = w * (gw - (w * gw).sum(-1, keepdim=True))  # softmax backward, z = -p d
             gd = gz * -_f32(temperature).view(1, 1, -1, 1, 1)
-            g_points = ((gd / d)[..., None] * diff).sum(-2).to(points.dtype)  # dd/dp = diff / d
-        if ctx.needs_input_grad[3]:
-            g_temp = -(gz * d).sum((0, 1, 3, 4)).to(temperature.dtype)
-        return g_points, None, None, g_temp
+            g_points = ((gd / d)[..., None] * diff).sum(-2)  # dd/dp = diff / d
+            g_temp = -(gz * d).sum((0, 1, 3, 4))
+        return (g_points.to(points.dtype) if need_p else None, None, None,
+                g_temp.to(temperature.dtype) if need_t else None,
+                g_attn.to(attn.dtype) if need_a else None, None)
 
 
 def interpolation_weights(points: torch.Tensor, sel: torch.Tensor, key_pos: torch.Tensor,
-                          temperature: torch.Tensor) -> torch.Tensor:
-    """softmax(-p * distance) over the selected tokens.
+                          temperature: torch.Tensor, attn: torch.Tensor | None = None,
+                          backend: str = "auto") -> torch.Tensor:
+    """attn * softmax(-p * distance) over the selected tokens.
 
     Args:
         points: (B, Nq, H, Pt, 2). sel: (B, Nq, H, Pt, K) key slots. key_pos: (B, Nk, 2).
-        temperature: (H,) positive p per head.
+        temperature: (H,) positive p per head. attn: optional (B, Nq, H, Pt) weights of the
+            points (the decoder's softmax over its Pt points), multiplied in.
+        backend: "auto" (Triton kernels on CUDA float32 inputs, PyTorch ops otherwise),
+            "triton" or "torch".
     Returns:
-        (B, Nq, H, Pt, K) float32 weights summing to 1; the backward recomputes the distances
-        (``interpolation_weights_reference`` is the same function in plain autograd ops).
+        (B, Nq, H, Pt, K) float32 weights (summing to attn per point); the backward recomputes
+        the distances (``interpolation_weights_reference`` is the same function in plain
+        autograd ops).
     """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if key_pos.requires_grad:  # positions never take gradients in the models; stay general
-        return interpolation_weights_reference(points, sel, key_pos, temperature)
-    return _InterpolationWeights.apply(points, sel, key_pos, temperature)
+        if backend == "triton":
+            raise RuntimeError("backend='triton' requested but key positions require gradients")
+        return interpolation_weights_reference(points, sel, key_pos, temperature, attn)
+    kernel = False
+    if backend != "torch":
+        reason = _weights_kernel_why_not(points, sel, key_pos, temperature, attn)
+        if reason and backend == "triton":
+            raise RuntimeError(f"backend='triton' requested but {reason}")
+        if reason and points.is_cuda:
+            warnings.warn(f"interpolation_weights: backend 'auto' uses 'torch' because {reason}",
+                          stacklevel=2)
+        kernel = reason is None
+    return _InterpolationWeights.apply(points, sel, key_pos, temperature, attn, kernel)
 
 
 def gather_weighted(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
