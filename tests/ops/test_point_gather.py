@@ -34,15 +34,16 @@ NAMES = ("out", "d_table", "d_weights")
 
 
 def make_inputs(B, Nq, Nk, H, Pt, K, F, seed=0, device="cpu", duplicates=False, strided=False,
-                sel_dtype=torch.int64):
+                sel_dtype=torch.int64, shared=False):
     """float32 table, int slots and softmax weights (as the decoder makes them), and a dO.
 
     duplicates: slot 1 of every row repeats slot 0 (besides the random repeats of a small Nk).
     strided: the table is a view of a wider (B, Nk, H, 2F) tensor (non-contiguous head stride).
+    shared: sel is (B, Nq, H, 1, K), one slot list for the Pt weight sets (token merging).
     """
     g = torch.Generator().manual_seed(seed)
     table = torch.randn(B, Nk, H, 2 * F if strided else F, generator=g)[..., :F]
-    sel = torch.randint(0, Nk, (B, Nq, H, Pt, K), generator=g)
+    sel = torch.randint(0, Nk, (B, Nq, H, 1 if shared else Pt, K), generator=g)
     if duplicates:
         sel[..., 1] = sel[..., 0]
     weights = torch.softmax(2 * torch.randn(B, Nq, H, Pt, K, generator=g), dim=-1)
@@ -96,6 +97,12 @@ CASES = {
     "atomic_f64_k4_bf16_duplicates": (dict(SMALL, K=4, F=64, duplicates=True), "bf16", "atomic"),
     # Token merging's shape: K = Kc * m = 64 slots, F = 96 channels, Pt = 4 weight sets.
     "atomic_f96_k64_bf16_merge": (dict(B=1, Nq=5, Nk=20, H=1, Pt=4, K=64, F=96), "bf16", "atomic"),
+    # Shared slots (merging's form since session 6: sel (.., 1, K), J weight sets per row).
+    "shared_atomic_f96_k64_bf16_merge": (dict(B=2, Nq=5, Nk=20, H=2, Pt=4, K=64, F=96,
+                                              shared=True), "bf16", "atomic"),
+    "shared_atomic_f24_k3_fp32_j3": (dict(SMALL, Pt=3, K=3, F=24, shared=True), "fp32", "atomic"),
+    "shared_sorted_f32_k4_fp16_duplicates": (dict(SMALL, K=4, F=32, shared=True, duplicates=True),
+                                             "fp16", "sorted"),
 }
 
 
@@ -185,6 +192,11 @@ def test_reference_matches_explicit_gather():
     assert got.dtype == torch.float64, f"float64 table gave {got.dtype}"
     err = (got - want).abs().max().item()
     assert err < 1e-12, f"reference differs from the explicit gather by {err:.3e}"
+    # one slot list shared by the Pt weight sets: the same as that list repeated per point
+    shared = sel[:, :, :, :1]
+    err = (gather_weighted_ref(table, shared, w)
+           - gather_weighted_ref(table, shared.expand(sel.shape).contiguous(), w)).abs().max()
+    assert err == 0, f"shared slots differ from the expanded slots by {err:.3e}"
 
 
 def test_interpolate_delegates_with_same_result():
@@ -292,8 +304,8 @@ def test_gpu_model_shapes_match_reference(dtype, shape):
     from affmae.ops.point_gather.function import gather_weighted_triton
 
     kw = {"decoder_folded": dict(B=16, Nq=2048, Nk=819, H=6, Pt=1, K=16, F=64),
-          "merge_stage1": dict(B=16, Nq=819, Nk=2048, H=1, Pt=4, K=64, F=96),
-          "merge_stage3": dict(B=16, Nq=131, Nk=328, H=3, Pt=4, K=64, F=128)}[shape]
+          "merge_stage1": dict(B=16, Nq=819, Nk=2048, H=1, Pt=4, K=64, F=96, shared=True),
+          "merge_stage3": dict(B=16, Nq=131, Nk=328, H=3, Pt=4, K=64, F=128, shared=True)}[shape]
     inp = make_inputs(**kw, device="cuda")
     assert_three_way(three_way(inp, DTYPES[dtype], gather_weighted_triton), f"{shape} {dtype}")
 

@@ -123,7 +123,7 @@ def merge_sums(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor) -> torch.T
     B, Np, C = x.shape
     k, K, J = w.shape[1], w.shape[2], w.shape[3]
     G = next(g for g in range(1, C + 1) if C % g == 0 and C // g <= 128)
-    sel = slots[:, :, None, None, :].expand(B, k, G, J, K)
+    sel = slots[:, :, None, None, :].expand(B, k, G, 1, K)  # the J weight sets share slots
     wt = w.transpose(2, 3)[:, :, None].expand(B, k, G, J, K)  # (B, k, G, J, K)
     out = point_gather.gather_weighted(x.view(B, Np, G, C // G), sel, wt)  # (B, k, G, J, C/G)
     return out.transpose(2, 3).reshape(B, k, J * C)

@@ -84,7 +84,9 @@ def gather_weighted(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tenso
     """sum_k weights[..., k] * table[b, sel[..., k], h] without materialising the gathered rows.
 
     Args:
-        table: (B, Nk, H, F) per-head features. sel: (B, Nq, H, Pt, K) int slots in [0, Nk).
+        table: (B, Nk, H, F) per-head features. sel: (B, Nq, H, Pt, K) int slots in [0, Nk),
+            or (B, Nq, H, 1, K) shared by the Pt weight sets of each row (fewer gathers and
+            atomics in the kernels).
         weights: (B, Nq, H, Pt, K) interpolation weights (float32; they carry gradient).
         backend: "auto" | "triton" | "torch".
     Returns:

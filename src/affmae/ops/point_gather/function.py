@@ -38,7 +38,7 @@ def point_gather_fwd(table: Tensor, sel: Tensor, weights: Tensor) -> Tensor:
 
 @point_gather_fwd.register_fake
 def _fwd_fake(table, sel, weights):
-    B, Nq, H, Pt, _ = sel.shape
+    B, Nq, H, Pt, _ = weights.shape
     return table.new_empty(B, Nq, H, Pt, table.shape[-1])
 
 
@@ -57,18 +57,18 @@ def _bwd_fake(do, table, sel, weights, need_table, need_weights, dtable):
     return d_table, d_weights
 
 
-def _rows_times_kf(table_shape, sel_shape) -> int:
-    return math.prod(sel_shape) * table_shape[-1]  # rows * K * F
+def _rows_times_kf(table_shape, weights_shape) -> int:
+    return math.prod(weights_shape) * table_shape[-1]  # rows * K * F (shared slots: same count)
 
 
 @register_flop_formula(torch.ops.affmae.point_gather_fwd)
 def _fwd_flop(table_shape, sel_shape, weights_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _rows_times_kf(table_shape, sel_shape)
+    return 2 * _rows_times_kf(table_shape, weights_shape)
 
 
 @register_flop_formula(torch.ops.affmae.point_gather_bwd)
 def _bwd_flop(do_shape, table_shape, sel_shape, weights_shape, *args, out_shape=None, **kwargs) -> int:
-    return 4 * _rows_times_kf(table_shape, sel_shape)
+    return 4 * _rows_times_kf(table_shape, weights_shape)
 
 
 class PointGatherFunction(torch.autograd.Function):
@@ -103,7 +103,8 @@ def gather_weighted_triton(table: Tensor, sel: Tensor, weights: Tensor, dtable: 
     ``gather_weighted_ref``).
 
     Args:
-        table: (B, Nk, H, F) float32 / bfloat16 / float16. sel: (B, Nq, H, Pt, K) int slots.
+        table: (B, Nk, H, F) float32 / bfloat16 / float16. sel: (B, Nq, H, Pt, K) int slots, or
+            (B, Nq, H, 1, K) shared by the Pt weight sets (token merging).
         weights: (B, Nq, H, Pt, K) (float32 in the model).
         dtable: how the backward forms d_table: "atomic" (float32 atomics, default, measured
             faster) or "sorted" (stable sort + segment sums, deterministic); docs/BENCHMARKS.md.

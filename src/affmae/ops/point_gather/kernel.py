@@ -20,10 +20,15 @@ How it is computed (rows r are the flattened (B, Nq, H, Pt) index, row-major):
    w * dO over them in float32 and writes the row once. Deterministic (fixed summation order);
    the sort, bincount and cumsum launches cost more than the atomics save.
    Duplicate slots (in a row or across rows) add up in both, as in the reference.
+4. Shared slots (token merging: ``sel`` with Pt = 1, ``weights`` with Pt = J > 1, every weight
+   set of a row over the same K slots): ``_fwd_shared_kernel`` gathers each table row once for
+   the J outputs, and ``_bwd_shared_kernel`` sums the J contributions before its one atomic add
+   per (row, slot, feature): J times fewer gathers and atomics than J separate rows. "sorted"
+   d_table expands ``sel`` to the J points and runs step 3.
 
 Supported: table float32, bfloat16 or float16 (output and d_table in that dtype), weights any
 float dtype (read as float32; d_weights returned in the weights' dtype), sel int64 or int32,
-feature dim F in 16..128 (any, masked to a power of two), K <= 16. B, Nq, Nk, H, Pt are runtime
+feature dim F in 16..128 (any, masked to a power of two), K <= 64. B, Nq, Nk, H, Pt are runtime
 arguments that are never specialised (``do_not_specialize``), so a new batch size or resolution
 does not recompile; F, K and the dtypes are compile-time. With TRITON_INTERPRET=1 the same kernels
 run on CPU tensors through Triton's interpreter (tests).
@@ -130,6 +135,62 @@ def _bwd_kernel(
                           mask=m2, sem="relaxed")
 
 
+@triton.jit(do_not_specialize=_SIZES)
+def _fwd_shared_kernel(
+    T, SEL, W, O, R, HP, QHP, Pt, stb, stn, sth,
+    F: tl.constexpr, K: tl.constexpr, J: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    # Rows r = (b, q, h) whose J weight sets share one list of K slots (token merging): each
+    # gathered table row serves all J outputs of its row.
+    r, r_ok, b, h, base = _rows(tl.program_id(0), R, HP, QHP, Pt, stb, sth, BLOCK_R)
+    rj = tl.arange(0, BLOCK_J)
+    rf = tl.arange(0, BLOCK_F)
+    rf_ok = rf < F
+    r64 = r.to(tl.int64)
+    rowj = r64[:, None] * J + rj[None, :]  # (BLOCK_R, BLOCK_J) output row of weight set j
+    mrj = r_ok[:, None] & (rj < J)[None, :]
+    m2 = r_ok[:, None] & rf_ok[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_J, BLOCK_F], tl.float32)
+    for k in tl.static_range(K):
+        s = tl.load(SEL + r64 * K + k, mask=r_ok, other=0).to(tl.int64)
+        w = tl.load(W + rowj * K + k, mask=mrj, other=0.0).to(tl.float32)
+        t = tl.load(T + (base + s * stn)[:, None] + rf[None, :], mask=m2, other=0.0)
+        acc += w[:, :, None] * t.to(tl.float32)[:, None, :]
+    tl.store(O + (rowj * F)[:, :, None] + rf[None, None, :], acc.to(O.dtype.element_ty),
+             mask=mrj[:, :, None] & rf_ok[None, None, :])
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _bwd_shared_kernel(
+    T, SEL, W, DO, DT32, DW, R, HP, QHP, Pt, stb, stn, sth, sdb, sdn, sdh,
+    F: tl.constexpr, K: tl.constexpr, J: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr, NEED_DT: tl.constexpr, NEED_DW: tl.constexpr,
+):
+    # As _bwd_kernel, with the J weight sets of a row summed before the atomic add: one float32
+    # atomic per (row, slot, feature) instead of J.
+    r, r_ok, b, h, base = _rows(tl.program_id(0), R, HP, QHP, Pt, stb, sth, BLOCK_R)
+    rj = tl.arange(0, BLOCK_J)
+    rf = tl.arange(0, BLOCK_F)
+    rf_ok = rf < F
+    r64 = r.to(tl.int64)
+    rowj = r64[:, None] * J + rj[None, :]
+    mrj = r_ok[:, None] & (rj < J)[None, :]
+    m2 = r_ok[:, None] & rf_ok[None, :]
+    do = tl.load(DO + (rowj * F)[:, :, None] + rf[None, None, :],
+                 mask=mrj[:, :, None] & rf_ok[None, None, :], other=0.0).to(tl.float32)
+    dbase = b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+    for k in tl.static_range(K):
+        s = tl.load(SEL + r64 * K + k, mask=r_ok, other=0).to(tl.int64)
+        if NEED_DW:
+            t = tl.load(T + (base + s * stn)[:, None] + rf[None, :], mask=m2, other=0.0)
+            tl.store(DW + rowj * K + k, tl.sum(do * t.to(tl.float32)[:, None, :], 2), mask=mrj)
+        if NEED_DT:
+            w = tl.load(W + rowj * K + k, mask=mrj, other=0.0).to(tl.float32)
+            tl.atomic_add(DT32 + (dbase + s * sdn)[:, None] + rf[None, :],
+                          tl.sum(w[:, :, None] * do, 1), mask=m2, sem="relaxed")
+
+
 @triton.jit
 def _dtable_sorted_kernel(
     PERM, OFF, W, DO, DT, K,
@@ -170,8 +231,10 @@ def check_inputs(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor) 
         raise ValueError(f"sel must be (B={B}, Nq, H={H}, Pt, K), got {tuple(sel.shape)}")
     if sel.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"sel must be int64 or int32, got {sel.dtype}")
-    if weights.shape != sel.shape:
-        raise ValueError(f"weights shape {tuple(weights.shape)} != sel shape {tuple(sel.shape)}")
+    if weights.dim() != 5 or (weights.shape[:3] != sel.shape[:3] or weights.shape[4] != sel.shape[4]
+                              or sel.shape[3] not in (1, weights.shape[3])):
+        raise ValueError(f"weights shape {tuple(weights.shape)} does not match sel shape "
+                         f"{tuple(sel.shape)} (equal, or sel's Pt = 1 shared by every point)")
     if not weights.is_floating_point():
         raise ValueError(f"weights must be floating point, got {weights.dtype}")
     if sel[..., 0].numel() >= 2**31:
@@ -185,6 +248,20 @@ def _launch_params(F: int, K: int, block_rows: int | None, num_warps: int | None
     # tiles 32 / 64 / 128 x 2 / 4 / 8 warps measured on an H100 (docs/BENCHMARKS.md).
     block_r = block_rows or max(16, min(128, 2048 // block_f))
     return dict(F=F, K=K, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps or 4)
+
+
+def _shared(sel: torch.Tensor, weights: torch.Tensor) -> int:
+    """J weight sets per slot list when sel's Pt is 1 and the weights' is J > 1, else 0."""
+    return weights.shape[3] if sel.shape[3] == 1 and weights.shape[3] > 1 else 0
+
+
+def _shared_params(F: int, K: int, J: int, block_rows: int | None, num_warps: int | None) -> dict:
+    """Tile of the shared-slot kernels: about 4096 float32 accumulators (8 rows x 4 sets x 128)."""
+    block_f = max(16, triton.next_power_of_2(F))
+    block_j = triton.next_power_of_2(J)
+    block_r = block_rows or max(4, min(64, 4096 // (block_f * block_j)))
+    return dict(F=F, K=K, J=J, BLOCK_R=block_r, BLOCK_J=block_j, BLOCK_F=block_f,
+                num_warps=num_warps or 4)
 
 
 def _table_view(table: torch.Tensor) -> torch.Tensor:
@@ -205,8 +282,16 @@ def gather_forward(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor
     B, Nk, H, F = table.shape
     Nq, Pt, K = sel.shape[1], sel.shape[3], sel.shape[4]
     R = B * Nq * H * Pt
-    out = torch.empty(B, Nq, H, Pt, F, device=table.device, dtype=table.dtype)
+    J = _shared(sel, weights)
+    out = torch.empty(B, Nq, H, max(Pt, J), F, device=table.device, dtype=table.dtype)
     if R == 0:
+        return out
+    if J:
+        p = _shared_params(F, K, J, block_rows, num_warps)
+        _fwd_shared_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
+            table, sel, weights, out, R, H, Nq * H, 1,
+            table.stride(0), table.stride(1), table.stride(2), **p,
+        )
         return out
     p = _launch_params(F, K, block_rows, num_warps)
     _fwd_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
@@ -235,14 +320,28 @@ def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, we
     table, sel, weights = _table_view(table), _contig(sel), _contig(weights)
     B, Nk, H, F = table.shape
     Nq, Pt, K = sel.shape[1], sel.shape[3], sel.shape[4]
-    if tuple(do.shape) != (B, Nq, H, Pt, F):
-        raise ValueError(f"d_out must be {(B, Nq, H, Pt, F)}, got {tuple(do.shape)}")
+    J = _shared(sel, weights)
+    if tuple(do.shape) != (B, Nq, H, max(Pt, J), F):
+        raise ValueError(f"d_out must be {(B, Nq, H, max(Pt, J), F)}, got {tuple(do.shape)}")
     do = _contig(do)
     R = B * Nq * H * Pt
     dev = table.device
     atomic = need_table and dtable == "atomic"
     dt32 = torch.zeros(B, Nk, H, F, device=dev, dtype=torch.float32) if atomic else None
-    dw = torch.empty(sel.shape, device=dev, dtype=torch.float32) if need_weights else None
+    dw = torch.empty(weights.shape, device=dev, dtype=torch.float32) if need_weights else None
+    if J:
+        p = _shared_params(F, K, J, block_rows, num_warps)
+        if R > 0 and (atomic or need_weights):
+            placeholder = do
+            _bwd_shared_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
+                table, sel, weights, do, placeholder if dt32 is None else dt32,
+                placeholder if dw is None else dw, R, H, Nq * H, 1,
+                table.stride(0), table.stride(1), table.stride(2), Nk * H * F, H * F, F,
+                NEED_DT=atomic, NEED_DW=need_weights, **p,
+            )
+        sel_full = sel.expand(weights.shape).contiguous() if need_table and not atomic else sel
+        return _finish(do, table, sel_full, weights, dt32, dw, need_table, need_weights, atomic,
+                       B, Nk, H, F, p["BLOCK_F"])
     p = _launch_params(F, K, block_rows, num_warps)
     if R > 0 and (atomic or need_weights):
         placeholder = do  # pointer argument for a disabled output (never written)
@@ -252,12 +351,20 @@ def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, we
             table.stride(0), table.stride(1), table.stride(2), Nk * H * F, H * F, F,
             NEED_DT=atomic, NEED_DW=need_weights, **p,
         )
+    return _finish(do, table, sel, weights, dt32, dw, need_table, need_weights, atomic,
+                   B, Nk, H, F, p["BLOCK_F"])
+
+
+def _finish(do, table, sel, weights, dt32, dw, need_table, need_weights, atomic, B, Nk, H, F,
+            block_f):
+    """d_table (cast from the atomics' float32 buffer, or by the sorted segment sums; ``sel``
+    as many points as ``weights`` there) and d_weights in the weights' dtype."""
     if not need_table:
         d_table = table.new_empty(0)
     elif atomic:
         d_table = dt32.to(table.dtype)
     else:
-        d_table = _dtable_sorted(do, sel, weights, B, Nk, H, F, table.dtype, p["BLOCK_F"])
+        d_table = _dtable_sorted(do, sel, weights, B, Nk, H, F, table.dtype, block_f)
     d_weights = dw.to(weights.dtype) if need_weights else weights.new_empty(0)
     return d_table, d_weights
 

@@ -23,11 +23,13 @@ def gather_weighted_ref(table: torch.Tensor, sel: torch.Tensor, weights: torch.T
     """sum_k weights[..., k] * table[b, sel[..., k], h] (see the module docstring).
 
     Args:
-        table: (B, Nk, H, F) per-head features. sel: (B, Nq, H, Pt, K) integer slots in [0, Nk).
+        table: (B, Nk, H, F) per-head features. sel: (B, Nq, H, Pt, K) integer slots in [0, Nk),
+            or (B, Nq, H, 1, K) shared by the Pt weight sets of each row.
         weights: (B, Nq, H, Pt, K) interpolation weights (float32 in the model).
     Returns:
         (B, Nq, H, Pt, F) in table's dtype.
     """
+    sel = sel.expand(weights.shape)
     B, Nk, H, Fd = table.shape
     Nq, Pt, K = sel.shape[1], sel.shape[3], sel.shape[4]
     acc = torch.promote_types(table.dtype, torch.float32)
