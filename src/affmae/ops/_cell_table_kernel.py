@@ -48,7 +48,7 @@ def _cell_table_kernel(CAND, POS, OUT, cells, gw, tw, T, C, Nk, K: tl.constexpr,
 def cell_table_triton(cand: torch.Tensor, key_pos: torch.Tensor, gh: int, gw: int, tile: int,
                       k: int) -> torch.Tensor:
     """cand (B, T, C) int64 candidate key slots per tile (tiles of ``tile`` x ``tile`` cells,
-    raster order), key_pos (B, Nk, 2) float32 -> (B, gh * gw, k) int64: the k nearest
+    raster order), key_pos (B, Nk, 2) float32 -> (B, gh * gw, k) int32: the k nearest
     candidates of every cell centre, nearest first, ties to the lower candidate slot."""
     B, T, C = cand.shape
     if not 1 <= k <= C:
@@ -56,7 +56,7 @@ def cell_table_triton(cand: torch.Tensor, key_pos: torch.Tensor, gh: int, gw: in
     cand = cand.contiguous()
     key_pos = key_pos.contiguous()
     cells = gh * gw
-    out = torch.empty(B, cells, k, dtype=torch.int64, device=cand.device)
+    out = torch.empty(B, cells, k, dtype=torch.int32, device=cand.device)
     block_n = max(16, triton.next_power_of_2(C))
     block_r = max(1, min(64, 2048 // block_n))
     tw = triton.cdiv(gw, tile)
@@ -68,4 +68,4 @@ def cell_table_triton(cand: torch.Tensor, key_pos: torch.Tensor, gh: int, gw: in
 
 @cell_table_triton.register_fake
 def _fake(cand, key_pos, gh, gw, tile, k):
-    return cand.new_empty(cand.shape[0], gh * gw, k)
+    return cand.new_empty(cand.shape[0], gh * gw, k, dtype=torch.int32)

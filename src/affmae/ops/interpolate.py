@@ -44,7 +44,8 @@ def cell_neighbours(key_cl: Clustering, key_pos: torch.Tensor, grid_hw: tuple[in
             padding slots at FAR.
         grid_hw: (gh, gw) patch grid. k: neighbours per cell. num_clusters: Kc searched per tile.
     Returns:
-        (B, gh*gw, min(k, Kc*m)) int64 key slots, nearest first, raster order of cells.
+        (B, gh*gw, min(k, Kc*m)) int32 key slots, nearest first, raster order of cells (int32:
+        the decoder's attentions keep the looked-up slots for their backward).
     """
     B = key_pos.shape[0]
     gh, gw = grid_hw
@@ -72,7 +73,8 @@ def cell_neighbours(key_cl: Clustering, key_pos: torch.Tensor, grid_hw: tuple[in
 def rank_cell_candidates(cand: torch.Tensor, key_pos: torch.Tensor, gh: int, gw: int,
                          k: int) -> torch.Tensor:
     """Step 2 of ``cell_neighbours`` in PyTorch (the reference of the Triton kernel): each cell
-    ranks its tile's candidates (B, T, C) by squared distance to its centre -> (B, gh*gw, k)."""
+    ranks its tile's candidates (B, T, C) by squared distance to its centre -> (B, gh*gw, k)
+    int32."""
     B, dev = key_pos.shape[0], key_pos.device
     tw = math.ceil(gw / TILE)
     cy, cx = torch.meshgrid(torch.arange(gh, device=dev), torch.arange(gw, device=dev),
@@ -83,7 +85,7 @@ def rank_cell_candidates(cand: torch.Tensor, key_pos: torch.Tensor, gh: int, gw:
     cells = torch.stack([cx, cy], -1).reshape(1, -1, 1, 2).float()  # (1, cells, 1, 2)
     d2 = (cpos.view(B, gh * gw, -1, 2) - cells).square().sum(-1)  # (B, cells, C)
     idx = smallest_k(d2, k)  # ties -> lower candidate slot, on every device
-    return torch.gather(cand, 2, idx)  # (B, cells, k)
+    return torch.gather(cand, 2, idx).to(torch.int32)  # (B, cells, k)
 
 
 def _fused_table_ok(key_pos: torch.Tensor, cand: torch.Tensor, k: int) -> bool:
@@ -106,7 +108,7 @@ def lookup_neighbours(points: torch.Tensor, table: torch.Tensor,
         points: (B, Nq, S, 2) sampling points (x, y) in patch units.
         table: (B, gh*gw, K) from ``cell_neighbours``.
     Returns:
-        (B, Nq, S, K) int64 key slots.
+        (B, Nq, S, K) key slots in the table's dtype.
     """
     B, Nq, S, _ = points.shape
     gh, gw = grid_hw
