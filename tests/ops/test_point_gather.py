@@ -95,6 +95,8 @@ CASES = {
     # d_table by float32 atomics.
     "atomic_f24_k3_fp32": (dict(SMALL, K=3, F=24), "fp32", "atomic"),
     "atomic_f64_k4_bf16_duplicates": (dict(SMALL, K=4, F=64, duplicates=True), "bf16", "atomic"),
+    # The decoder's folded rows: 16 slots over 5 table rows, so most slots repeat in a row.
+    "atomic_f16_k16_fp32_repeats": (dict(B=1, Nq=11, Nk=5, H=2, Pt=1, K=16, F=16), "fp32", "atomic"),
     # Token merging's shape: K = Kc * m = 64 slots, F = 96 channels, Pt = 4 weight sets.
     "atomic_f96_k64_bf16_merge": (dict(B=1, Nq=5, Nk=20, H=1, Pt=4, K=64, F=96), "bf16", "atomic"),
     # Shared slots (merging's form since session 6: sel (.., 1, K), J weight sets per row).
