@@ -95,7 +95,8 @@ def _looks_heavy(op: Any) -> bool:
 # Modules that register FLOP formulas for the package's custom ops. ``FlopCounterMode`` copies
 # the registry when it is created, and the ops' modules are imported lazily (on the first Triton
 # call), so they are imported here first; otherwise the first count of a process missed them.
-_FORMULA_MODULES = ("affmae.ops.cluster_attention.function", "affmae.ops.point_gather.function")
+_FORMULA_MODULES = ("affmae.ops.cluster_attention.function", "affmae.ops.point_gather.function",
+                    "affmae.ops._merge_weights_kernel")
 
 
 def register_custom_formulas() -> None:

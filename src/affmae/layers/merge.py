@@ -22,6 +22,7 @@ from torch import nn
 
 from affmae.ops import point_gather
 from affmae.ops.clustering import Clustering
+from affmae.ops.dispatch import plain_eager, triton_device
 from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.relpos import NUM_RELPOS_FEATURES, relpos_features
 
@@ -67,6 +68,27 @@ class TokenMerging(nn.Module):
         )
         self.norm = FusedLayerNorm(NUM_MERGE_WEIGHTS * dim, backend=norm_backend)
         self.reduction = nn.Linear(NUM_MERGE_WEIGHTS * dim, dim_out)
+        # "auto": the weights' Triton kernels where they run (CUDA, or the interpreter), the
+        # modules above elsewhere; "torch": always the modules.
+        self.weights_backend = "auto"
+
+    def neighbour_weights(self, pos: torch.Tensor, pos_k: torch.Tensor, slots: torch.Tensor,
+                          imp_n: torch.Tensor) -> torch.Tensor:
+        """w = GELU(LN(Linear(relpos(pos[slots] - pos_k)))) * imp_n: (B, k, K, 4) float32.
+
+        pos (B, Np, 2) token positions; slots (B, k, K) neighbour slots; pos_k (B, k, 2) kept
+        positions; imp_n (B, k, K) neighbour importance. On CUDA (or the interpreter) one
+        Triton kernel each way (``_merge_weights_kernel``); elsewhere the modules below.
+        """
+        lin, norm = self.weight_net[0], self.weight_net[1]
+        params = (lin.weight, lin.bias, norm.weight, norm.bias)
+        if self.weights_backend != "torch" and _weights_kernel_ok(pos, pos_k, imp_n, *params):
+            return _MergeWeights.apply(pos.float(), pos_k.float(), slots, imp_n, *params, norm.eps)
+        B, k, K = slots.shape
+        pos_n = torch.gather(pos, 1, slots.reshape(B, k * K, 1).expand(-1, -1, 2)).view(B, k, K, 2)
+        rel = relpos_features(pos_n - pos_k[:, :, None])  # (B, k, K, 5)
+        w = self.weight_net(rel.to(self.reduction.weight.dtype))  # (B, k, K, 4)
+        return w.float() * imp_n[..., None]  # (B, k, K, 4)
 
     def forward(
         self, x: torch.Tensor, pos: torch.Tensor, cl: Clustering
@@ -95,17 +117,56 @@ class TokenMerging(nn.Module):
         nbr_c = torch.gather(cl.nbr, 1, cluster[..., None].expand(-1, -1, Kc))  # (B, k, Kc)
         slots = (nbr_c[..., None] * m + torch.arange(m, device=x.device)).flatten(2)  # (B, k, K)
         K = slots.shape[-1]
-        flat = slots.reshape(B, k * K)
-        pos_n = torch.gather(pos, 1, flat[..., None].expand(-1, -1, 2)).view(B, k, K, 2)
-        imp_n = torch.gather(importance, 1, flat).view(B, k, K)  # padding has importance 0
+        imp_n = torch.gather(importance, 1, slots.reshape(B, k * K)).view(B, k, K)  # padding: 0
         pos_k = torch.gather(pos, 1, kept[..., None].expand(-1, -1, 2))  # (B, k, 2)
 
-        rel = relpos_features(pos_n - pos_k[:, :, None])  # (B, k, K, 5)
-        w = self.weight_net(rel.to(self.reduction.weight.dtype))  # (B, k, K, 4)
-        w = w.float() * imp_n[..., None]  # (B, k, K, 4)
+        w = self.neighbour_weights(pos, pos_k, slots, imp_n)  # (B, k, K, 4)
         merged = merge_sums(x, slots, w)  # (B, k, 4 * C)
         x_new = self.reduction(self.norm(merged))  # (B, k, C_out)
         return x_new, pos_k, kept, importance
+
+
+def _weights_kernel_ok(pos, pos_k, imp_n, *params) -> bool:
+    """Whether the merge-weight kernels can run: a Triton device, float32 importance and
+    parameters (the kernels' precision rules), positions that need no gradient."""
+    if not triton_device(pos) or pos.requires_grad or pos_k.requires_grad:
+        return False
+    if any(t.dtype != torch.float32 for t in (imp_n, *params)):
+        return False
+    try:
+        from affmae.ops import _merge_weights_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _MergeWeights(torch.autograd.Function):
+    """``TokenMerging.neighbour_weights`` through the Triton kernels (``_merge_weights_kernel``):
+    one launch each way instead of about 65 element-wise kernels; float32 throughout (under
+    autocast the modules run their Linear in half precision)."""
+
+    @staticmethod
+    def forward(ctx, pos, pos_k, slots, imp, lin_w, lin_b, norm_w, norm_b, eps):
+        from affmae.ops import _merge_weights_kernel as K
+
+        args = (pos, pos_k, slots, imp, lin_w, lin_b, norm_w, norm_b)
+        ctx.save_for_backward(*args)
+        ctx.eps = eps
+        if plain_eager(*args):
+            return K.merge_weights_fwd(*args, eps)
+        return torch.ops.affmae.merge_weights_fwd(*args, eps)
+
+    @staticmethod
+    def backward(ctx, gw):
+        from affmae.ops import _merge_weights_kernel as K
+
+        args = (gw, *ctx.saved_tensors, ctx.eps)
+        if plain_eager(*args[:-1]):
+            d_imp, part = K.merge_weights_bwd(*args)
+        else:
+            d_imp, part = torch.ops.affmae.merge_weights_bwd(*args)
+        return (None, None, None, d_imp, part[:, :5].contiguous(), part[:, 5].contiguous(),
+                part[:, 6].contiguous(), part[:, 7].contiguous(), None)
 
 
 def merge_sums(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
