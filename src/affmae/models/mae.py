@@ -24,6 +24,7 @@ from affmae.layers.decoder import PointDecoder
 from affmae.models.aff import AFFConfig, AFFEncoder, TokenSet
 from affmae.models.registry import register_model, replace_config
 from affmae.ops.clustering import gather_tokens
+from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.masking import mask_indices, sample_queries
 from affmae.ops.patches import grid_positions, patchify, unpatchify
 
@@ -61,8 +62,9 @@ class AFFMAEConfig(AFFConfig):
         return AFFConfig(**{n: getattr(self, n) for n in names})
 
 
-def _head(dim: int, out: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, out))
+def _head(dim: int, out: int, norm_backend: str = "auto") -> nn.Sequential:
+    # The norm feeds only the Linear: the fused norm (output in the autocast dtype) applies.
+    return nn.Sequential(FusedLayerNorm(dim, backend=norm_backend), nn.Linear(dim, out))
 
 
 class AFFMAE(nn.Module):
@@ -78,11 +80,12 @@ class AFFMAE(nn.Module):
             c.decoder_nbr_clusters, grad_checkpoint=checkpoints(c.grad_checkpoint, "decoder"),
             norm_backend=c.norm_backend)
         out = c.in_chans * c.patch_size**2
-        self.head = _head(c.decoder_dim, out)
+        self.head = _head(c.decoder_dim, out, c.norm_backend)
         # aux_heads["4"] reads the decoder after the stage-4 blocks, etc.; zero weight = no head.
         S = len(c.widths)
         self.aux_heads = nn.ModuleDict({
-            str(S - i): _head(c.decoder_dim, out) for i, w in enumerate(c.aux_weights) if w > 0
+            str(S - i): _head(c.decoder_dim, out, c.norm_backend)
+            for i, w in enumerate(c.aux_weights) if w > 0
         })
         self.decoder.apply(init_weights)
         self.head.apply(init_weights)

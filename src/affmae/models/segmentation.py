@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from affmae.layers.common import init_weights
+from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.patches import unpatchify
 from affmae.models.registry import create_model, read_checkpoint, register_model, replace_config
 
@@ -49,7 +50,7 @@ class Segmenter(nn.Module):
         self.backbone = backbone
         self.patch_size = int(backbone.patch_size)
         dim = backbone.config.decoder_dim
-        self.head = nn.Sequential(nn.LayerNorm(dim),
+        self.head = nn.Sequential(FusedLayerNorm(dim, backend=backbone.config.norm_backend),
                                   nn.Linear(dim, self.patch_size**2 * config.num_classes))
         self.head.apply(init_weights)
 

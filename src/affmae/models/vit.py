@@ -235,7 +235,7 @@ class MAEDecoder(nn.Module):
             Block(c.decoder_dim, c.decoder_heads, c.decoder_mlp_ratio, 0.0, "decoder/attention",
                   c.norm_backend) for _ in range(c.decoder_depth)
         )
-        self.norm = nn.LayerNorm(c.decoder_dim)
+        self.norm = FusedLayerNorm(c.decoder_dim, backend=c.norm_backend)  # feeds the head
         self.head = nn.Linear(c.decoder_dim, c.in_chans * c.patch_size**2)
 
     def forward(self, x: torch.Tensor, visible_idx: torch.Tensor, query_idx: torch.Tensor,
@@ -273,7 +273,7 @@ class CrossDecoder(nn.Module):
             CrossBlock(c.decoder_dim, c.decoder_heads, c.decoder_mlp_ratio, "decoder/attention",
                        c.norm_backend) for _ in range(c.decoder_depth)
         )
-        self.norm = nn.LayerNorm(c.decoder_dim)
+        self.norm = FusedLayerNorm(c.decoder_dim, backend=c.norm_backend)  # feeds the head
         self.head = nn.Linear(c.decoder_dim, c.in_chans * c.patch_size**2)
 
     def forward(self, x: torch.Tensor, visible_idx: torch.Tensor, query_idx: torch.Tensor,
