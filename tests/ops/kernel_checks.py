@@ -38,14 +38,34 @@ def error_rows(names, exact, same, kern) -> dict[str, tuple[float, float, float,
     return rows
 
 
-def assert_three_way(rows, label: str) -> None:
+def three_way_failures(rows, label: str) -> list[str]:
+    """One message per output/gradient of ``error_rows`` that breaks the three-way rule."""
+    bad = []
     for name, (err_k, err_ref, scale, finite) in rows.items():
-        assert finite, f"{label} {name}: kernel produced NaN/Inf"
         bound = FACTOR * err_ref + FLOOR * scale
-        assert err_k <= bound, (
-            f"{label} {name}: kernel error {err_k:.3e} > {FACTOR} x reference error {err_ref:.3e} "
-            f"+ floor {FLOOR * scale:.3e} (max |value| {scale:.3e})"
-        )
+        if not finite:
+            bad.append(f"{label} {name}: kernel produced NaN/Inf")
+        elif err_k > bound:
+            bad.append(f"{label} {name}: kernel error {err_k:.3e} > {FACTOR} x reference error "
+                       f"{err_ref:.3e} + floor {FLOOR * scale:.3e} (max |value| {scale:.3e})")
+    return bad
+
+
+def assert_three_way(rows, label: str) -> None:
+    bad = three_way_failures(rows, label)
+    assert not bad, "\n".join(bad)
+
+
+def interpret(code: str, timeout: int = 300) -> str:
+    """Run a Python snippet under TRITON_INTERPRET=1 in a fresh process (Triton reads the
+    variable when first imported) and return its stdout; the snippet can import this module."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    here = str(Path(__file__).parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
 
 
 def write_results(path: str, jobs: dict[str, Callable[[], Any]]) -> None:

@@ -2,13 +2,11 @@
 Triton kernels on CUDA and in the interpreter) against the plain autograd form
 (``interpolation_weights_reference``)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from kernel_checks import interpret
 
 from affmae.ops.interpolate import interpolation_weights, interpolation_weights_reference
 
@@ -59,6 +57,7 @@ def test_keeps_no_distance_tensors_for_the_backward():
 # kernel's error may be at most 3x the float32 PyTorch form's error plus a small floor.
 _CASES = textwrap.dedent("""
     import torch
+    from kernel_checks import error_rows, three_way_failures
     from affmae.ops.interpolate import interpolation_weights, interpolation_weights_reference
 
     def cases(device, full=False):
@@ -91,24 +90,15 @@ _CASES = textwrap.dedent("""
             same = run(interpolation_weights_reference, *case, torch.float32)
             kern = run(lambda *a: interpolation_weights(*a, backend="triton"), *case,
                        torch.float32)
-            for name, e, s, k in zip(("w", "d_points", "d_temperature", "d_attn"),
-                                     exact, same, kern):
-                err_k = (k.double() - e).abs().max().item()
-                err_s = (s.double() - e).abs().max().item()
-                if not (torch.isfinite(k).all() and err_k <= 3 * err_s + 1e-5 * e.abs().max()):
-                    bad.append(f"{tuple(case[1].shape)} {name}: kernel error {err_k:.3e}, "
-                               f"float32 PyTorch error {err_s:.3e}")
+            rows = error_rows(("w", "d_points", "d_temperature", "d_attn"), exact, same, kern)
+            bad += three_way_failures(rows, str(tuple(case[1].shape)))
         return bad
 """)
 
 
 def test_interpreter_kernels_match_the_reference():
-    code = _CASES + "\nprint(errors('cpu') or 'ok')\n"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "ok", out.stdout[-3000:]
+    out = interpret(_CASES + "\nprint(errors('cpu') or 'ok')\n")
+    assert out == "ok", out[-3000:]
 
 
 def test_backend_choice():

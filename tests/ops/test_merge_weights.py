@@ -1,22 +1,22 @@
 """Token merging's neighbour weights: the Triton kernels (``affmae.ops._merge_weights_kernel``,
 through ``TokenMerging.neighbour_weights``) against the modules they replace, by the three-way
-rule (tests/ops/kernel_checks.py): against a float64 run of the modules, the kernel's error is
-at most 3x the error of the modules in float32, and with bfloat16 autocast (where the modules'
-Linear runs in bfloat16 and the kernels stay float32) plus a small floor. CPU: Triton's interpreter in a subprocess; GPU: full size."""
+rule (tests/ops/kernel_checks.py): against a float64 run of the modules, the kernel's error is at
+most 3x the modules' error, plus a small floor, in float32 and under bfloat16 autocast (where
+the modules' Linear runs in bfloat16 and the kernels stay float32). CPU: Triton's interpreter in
+a subprocess; GPU: full size."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from kernel_checks import interpret
 
 _CASES = textwrap.dedent("""
     import copy
     import torch
+    from kernel_checks import error_rows, three_way_failures
     from affmae.layers.merge import TokenMerging
 
     NAMES = ("w", "d_imp", "lin.weight", "lin.bias", "norm.weight", "norm.bias")
@@ -55,12 +55,8 @@ _CASES = textwrap.dedent("""
             for autocast in (False, True):
                 same = run(mod, *args, torch.float32, "torch", autocast)
                 kern = run(mod, *args, torch.float32, "auto", autocast)
-                for name, e, s, k in zip(NAMES, exact, same, kern):
-                    err_k = (k.double() - e).abs().max().item()
-                    err_s = (s.double() - e).abs().max().item()
-                    if not (torch.isfinite(k).all() and err_k <= 3 * err_s + 1e-5 * e.abs().max()):
-                        bad.append(f"{tuple(args[2].shape)} autocast={autocast} {name}: kernel "
-                                   f"error {err_k:.3e}, PyTorch error {err_s:.3e}")
+                rows = error_rows(NAMES, exact, same, kern)
+                bad += three_way_failures(rows, f"{tuple(args[2].shape)} autocast={autocast}")
         return bad
 
     def uses_kernel(device):
@@ -77,18 +73,9 @@ _CASES = textwrap.dedent("""
 """)
 
 
-def _interpret(expr: str) -> str:
-    code = _CASES + f"\nprint({expr})\n"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout.strip()
-
-
 def test_interpreter_kernels_match_the_modules():
-    assert _interpret("uses_kernel('cpu')") == "True", "the kernel path was not taken"
-    assert _interpret("errors('cpu') or 'ok'") == "ok"
+    out = interpret(_CASES + "\nprint(uses_kernel('cpu'))\nprint(errors('cpu') or 'ok')\n")
+    assert out == "True\nok", out[-3000:]
 
 
 def test_cpu_without_interpreter_uses_the_modules(monkeypatch):

@@ -51,25 +51,31 @@ def _recompute(P, SEL, KP, TEMP, r, r_ok, cols, R, HP, QHP, Pt, Nk,
     return ok, r64, dx, dy, d, t, sm
 
 
-@triton.jit(do_not_specialize=_SIZES)
-def _fwd_kernel(P, SEL, KP, TEMP, A, W, R, HP, QHP, Pt, Nk,
-                K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit
+def _rows(P, SEL, KP, TEMP, A, R, HP, QHP, Pt, Nk, K: tl.constexpr, BLOCK_R: tl.constexpr,
+          BLOCK_K: tl.constexpr):
+    """This program's rows, their recomputed softmax and their point weights."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < R
     cols = tl.arange(0, BLOCK_K)
     ok, r64, dx, dy, d, t, sm = _recompute(P, SEL, KP, TEMP, r, r_ok, cols, R, HP, QHP, Pt, Nk, K)
     a = tl.load(A + r64, mask=r_ok, other=0.0)
+    return r_ok, cols, ok, r64, dx, dy, d, t, sm, a
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _fwd_kernel(P, SEL, KP, TEMP, A, W, R, HP, QHP, Pt, Nk,
+                K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    r_ok, cols, ok, r64, dx, dy, d, t, sm, a = _rows(P, SEL, KP, TEMP, A, R, HP, QHP, Pt, Nk, K,
+                                                     BLOCK_R, BLOCK_K)
     tl.store(W + r64[:, None] * K + cols[None, :], a[:, None] * sm, mask=ok)
 
 
 @triton.jit(do_not_specialize=_SIZES)
 def _bwd_kernel(GW, P, SEL, KP, TEMP, A, GP, GT, GA, R, HP, QHP, Pt, Nk,
                 K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < R
-    cols = tl.arange(0, BLOCK_K)
-    ok, r64, dx, dy, d, t, sm = _recompute(P, SEL, KP, TEMP, r, r_ok, cols, R, HP, QHP, Pt, Nk, K)
-    a = tl.load(A + r64, mask=r_ok, other=0.0)
+    r_ok, cols, ok, r64, dx, dy, d, t, sm, a = _rows(P, SEL, KP, TEMP, A, R, HP, QHP, Pt, Nk, K,
+                                                     BLOCK_R, BLOCK_K)
     gw = tl.load(GW + r64[:, None] * K + cols[None, :], mask=ok, other=0.0)
     tl.store(GA + r64, tl.sum(gw * sm, 1), mask=r_ok)  # d attn = sum_k gw * softmax
     gs = gw * a[:, None]  # gradient of the softmax
