@@ -131,8 +131,8 @@ def _weights_kernel_ok(pos, pos_k, imp_n, *params) -> bool:
     parameters (the kernels' precision rules), positions that need no gradient."""
     if not triton_device(pos) or pos.requires_grad or pos_k.requires_grad:
         return False
-    if any(t.dtype != torch.float32 for t in (imp_n, *params)):
-        return False
+    if any(t.dtype != torch.float32 for t in (imp_n, *params)) or imp_n.numel() >= 2**31:
+        return False  # the kernels' float32 rules; their int32 entry index
     try:
         from affmae.ops import _merge_weights_kernel  # noqa: F401
     except ImportError:

@@ -150,6 +150,8 @@ def _weights_kernel_why_not(points, sel, key_pos, temperature, attn) -> str | No
         return "the kernels take float32 points, positions, temperatures and attention weights"
     if not 1 <= sel.shape[-1] <= _WEIGHTS_MAX_K:
         return f"K={sel.shape[-1]} selected tokens is outside [1, {_WEIGHTS_MAX_K}]"
+    if sel[..., 0].numel() >= 2**31:
+        return f"{sel[..., 0].numel()} sampling points exceed the kernels' int32 row index"
     try:
         from affmae.ops import _interp_weights_kernel  # noqa: F401
     except ImportError as e:
