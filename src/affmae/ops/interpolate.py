@@ -17,6 +17,12 @@ Nearest-token search, never a scan of every token for every point (DESIGN 2.5):
    centre, at most half a cell away, and the weights use the point's true distances.
 The selection is not differentiable; the distances are, so gradients reach the sampling
 offsets and the temperature.
+
+Weights: ``interpolation_weights`` (times the decoder's per-point weights) is one Triton kernel
+each way on CUDA (``affmae::interp_weights_fwd`` / ``_bwd``: distances and softmax in registers,
+recomputed in the backward); ``interpolation_weights_reference`` is the PyTorch specification,
+and the CPU path runs the same arithmetic in PyTorch ops. The weighted sum of the selected
+tokens is ``gather_weighted`` (``affmae.ops.point_gather``).
 """
 
 from __future__ import annotations
