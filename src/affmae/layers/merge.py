@@ -22,7 +22,7 @@ from torch import nn
 
 from affmae.ops import point_gather
 from affmae.ops.clustering import Clustering
-from affmae.ops.dispatch import plain_eager, triton_device
+from affmae.ops.dispatch import package_kernels, plain_eager, triton_device
 from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.relpos import NUM_RELPOS_FEATURES, relpos_features
 
@@ -82,7 +82,8 @@ class TokenMerging(nn.Module):
         """
         lin, norm = self.weight_net[0], self.weight_net[1]
         params = (lin.weight, lin.bias, norm.weight, norm.bias)
-        if self.weights_backend != "torch" and _weights_kernel_ok(pos, pos_k, imp_n, *params):
+        if (self.weights_backend == "auto" and package_kernels()
+                and _weights_kernel_ok(pos, pos_k, imp_n, *params)):
             return _MergeWeights.apply(pos.float(), pos_k.float(), slots, imp_n, *params, norm.eps)
         B, k, K = slots.shape
         pos_n = torch.gather(pos, 1, slots.reshape(B, k * K, 1).expand(-1, -1, 2)).view(B, k, K, 2)

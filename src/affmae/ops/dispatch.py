@@ -20,6 +20,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+KERNELS_ENV = "AFFMAE_KERNELS"
+
+
+def package_kernels() -> bool:
+    """Whether "auto" choices may use the package's Triton kernels: False when the environment
+    sets ``AFFMAE_KERNELS=torch``, which puts every op whose backend is "auto" on its PyTorch
+    reference path (the same function; for cross-checking and debugging)."""
+    mode = os.environ.get(KERNELS_ENV, "auto").lower()
+    if mode not in ("auto", "torch"):
+        raise ValueError(f"{KERNELS_ENV} must be 'auto' or 'torch', got {mode!r}")
+    return mode == "auto"
+
+
 def triton_device(t: Tensor) -> bool:
     """Whether a Triton kernel can take tensors on ``t``'s device: CUDA, or CPU when
     interpreting."""

@@ -34,7 +34,7 @@ import torch
 
 from affmae.ops import point_gather
 from affmae.ops.clustering import Clustering, nearest_clusters
-from affmae.ops.dispatch import plain_eager, triton_device
+from affmae.ops.dispatch import package_kernels, plain_eager, triton_device
 from affmae.ops.smallest_k import MAX_K, MAX_N, smallest_k
 
 FAR = 1.0e6  # position of padding slots: never nearer than a real token
@@ -97,7 +97,9 @@ def rank_cell_candidates(cand: torch.Tensor, key_pos: torch.Tensor, gh: int, gw:
 def _fused_table_ok(key_pos: torch.Tensor, cand: torch.Tensor, k: int) -> bool:
     """Whether ``cell_neighbours`` may rank with the Triton kernel (CUDA, or the interpreter;
     the candidate rows and k within ``smallest_k``'s kernel limits)."""
-    if not triton_device(key_pos) or cand.shape[-1] > MAX_N or k > MAX_K or cand.numel() == 0:
+    if not triton_device(key_pos) or not package_kernels():
+        return False
+    if cand.shape[-1] > MAX_N or k > MAX_K or cand.numel() == 0:
         return False
     try:
         from affmae.ops import _cell_table_kernel  # noqa: F401
@@ -240,7 +242,7 @@ def interpolation_weights(points: torch.Tensor, sel: torch.Tensor, key_pos: torc
             raise RuntimeError("backend='triton' requested but key positions require gradients")
         return interpolation_weights_reference(points, sel, key_pos, temperature, attn)
     kernel = False
-    if backend != "torch":
+    if backend == "triton" or (backend == "auto" and package_kernels()):
         reason = _weights_kernel_why_not(points, sel, key_pos, temperature, attn)
         if reason and backend == "triton":
             raise RuntimeError(f"backend='triton' requested but {reason}")

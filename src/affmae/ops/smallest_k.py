@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from affmae.ops.dispatch import triton_device
+from affmae.ops.dispatch import package_kernels, triton_device
 
 MAX_N, MAX_K = 1024, 32
 
@@ -28,7 +28,7 @@ def smallest_k_ref(d: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _triton_ok(d: torch.Tensor, k: int) -> bool:
-    if not triton_device(d):
+    if not triton_device(d) or not package_kernels():
         return False
     if d.shape[-1] > MAX_N or k > MAX_K or d.numel() == 0:
         return False

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from affmae.ops.dispatch import triton_device
+from affmae.ops.dispatch import package_kernels, triton_device
 from affmae.ops.cluster_attention.reference import cluster_attention_ref
 
 BACKENDS = ("auto", "triton", "torch")
@@ -43,7 +43,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"AFFMAE_ATTENTION_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if not q.is_cuda:
+        if not q.is_cuda or not package_kernels():
             return "torch"
         reason = why_not_triton(q)
         if reason:

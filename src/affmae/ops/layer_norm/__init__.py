@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from affmae.ops.dispatch import triton_device
+from affmae.ops.dispatch import package_kernels, triton_device
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -52,7 +52,8 @@ class FusedLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.normalized_shape[0]
         if self.backend == "torch" or (
-                self.backend == "auto" and (not x.is_cuda or torch.compiler.is_compiling())):
+                self.backend == "auto" and (not x.is_cuda or torch.compiler.is_compiling()
+                                            or not package_kernels())):
             return super().forward(x)
         if not _triton_ok(x, n):
             if self.backend == "triton":

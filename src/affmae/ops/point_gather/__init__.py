@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from affmae.ops.dispatch import triton_device
+from affmae.ops.dispatch import package_kernels, triton_device
 from affmae.ops.point_gather.reference import gather_weighted_ref
 
 BACKENDS = ("auto", "triton", "torch")
@@ -63,7 +63,7 @@ def resolve_backend(backend: str, table: torch.Tensor, sel: torch.Tensor) -> str
         if backend not in BACKENDS:
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if not table.is_cuda:
+        if not table.is_cuda or not package_kernels():
             return "torch"
         if torch.are_deterministic_algorithms_enabled() and dtable_mode() == "atomic":
             return "torch"  # documented above: atomic d_table is not bitwise repeatable
