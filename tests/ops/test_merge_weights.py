@@ -15,6 +15,7 @@ from kernel_checks import interpret
 
 _CASES = textwrap.dedent("""
     import copy
+    import os
     import torch
     from kernel_checks import error_rows, three_way_failures
     from affmae.layers.merge import TokenMerging
@@ -39,14 +40,22 @@ _CASES = textwrap.dedent("""
 
     def run(mod, pos, pos_k, slots, imp, gw, dtype, backend, autocast=False):
         mod = copy.deepcopy(mod).to(dtype)
-        mod.weights_backend = backend
         imp = imp.to(dtype).requires_grad_()
         params = [mod.weight_net[0].weight, mod.weight_net[0].bias, mod.weight_net[1].weight,
                   mod.weight_net[1].bias]
-        with torch.autocast(pos.device.type, dtype=torch.bfloat16, enabled=autocast):
-            w = mod.neighbour_weights(pos.to(dtype), pos_k.to(dtype), slots, imp)
+        before = os.environ.get("AFFMAE_KERNELS")
+        os.environ["AFFMAE_KERNELS"] = backend  # "torch": the modules; "auto": the kernels
+        try:
+            with torch.autocast(pos.device.type, dtype=torch.bfloat16, enabled=autocast):
+                w = mod.neighbour_weights(pos.to(dtype), pos_k.to(dtype), slots, imp)
+            grads = torch.autograd.grad(w, [imp] + params, gw.to(dtype))
+        finally:
+            if before is None:
+                del os.environ["AFFMAE_KERNELS"]
+            else:
+                os.environ["AFFMAE_KERNELS"] = before
         assert w.dtype == dtype, w.dtype
-        return [w.detach()] + list(torch.autograd.grad(w, [imp] + params, gw.to(dtype)))
+        return [w.detach()] + list(grads)
 
     def errors(device, full=False):
         bad = []

@@ -150,6 +150,9 @@ def interpolation_weights_reference(points: torch.Tensor, sel: torch.Tensor, key
     return w if attn is None else attn[..., None] * w
 
 
+_WEIGHTS_MAX_K = 64  # selected tokens per sampling point the weight kernels take
+
+
 def _weights_kernel_why_not(points, sel, key_pos, temperature, attn) -> str | None:
     """Reason the Triton kernels cannot compute these weights, or None when they can."""
     if not triton_device(points):
@@ -166,8 +169,6 @@ def _weights_kernel_why_not(points, sel, key_pos, temperature, attn) -> str | No
         return f"the Triton kernels are unavailable ({e})"
     return None
 
-
-_WEIGHTS_MAX_K = 64
 
 
 class _InterpolationWeights(torch.autograd.Function):
