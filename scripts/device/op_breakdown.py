@@ -25,7 +25,8 @@ p.add_argument("--model", default="aff_small")
 p.add_argument("--batch", type=int, default=16)
 p.add_argument("--top", type=int, default=40)
 p.add_argument("--ops", nargs="+", default=["aten::sum", "aten::copy_", "aten::mul", "aten::add",
-                                             "aten::mm", "aten::addmm"])
+                                             "aten::mm", "aten::addmm"],
+               help="aten op names, or 'all' for every op that ran a kernel")
 a = p.parse_args()
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 imgs, mask = make_batch(a.res, a.batch, 0.5, "perlin", 0, 8)
@@ -56,7 +57,7 @@ on_dev = dev.type == "cuda"
 groups: dict[tuple, list] = defaultdict(lambda: [0.0, 0])
 total: dict[str, float] = defaultdict(float)
 for e in prof.events():
-    if e.device_type != DeviceType.CPU or e.name not in a.ops:
+    if e.device_type != DeviceType.CPU or (a.ops != ["all"] and e.name not in a.ops):
         continue
     t = float(e.self_device_time_total if on_dev else e.self_cpu_time_total)
     if t <= 0:

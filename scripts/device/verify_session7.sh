@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# For the next session's first GPU call (.whl carried): the one change of session 6 made after
-# its last GPU call (the interpolation-weight kernels' shared row prologue, `_rows` in
-# src/affmae/ops/_interp_weights_kernel.py), then the graphed-loss whole-model check, with
-# limits that allow a fresh machine's first compiles (session 6 saw 60 s and 130 s limits hit
-# while compiling). On a machine with two GPUs it also runs the never-run 2-GPU CUDA-graph test.
+# Session 7, first GPU call (.whl carried): GPU tests of session 6's commits made after its last
+# GPU call (interpolation-weight `_rows` prologue, int32 row guards, AFFMAE_KERNELS, merge-weight
+# dispatch), the whole aff_small step Triton vs reference; then where the block code's time goes:
+# kernels per step and device time by op and owner, aff_small and vit_small at 512 px.
 # Usage: bash scripts/device/verify_session7.sh OUT
 set -u
 OUT=${1:?OUT}
@@ -13,9 +12,11 @@ pack() { tar czf "$OUT/all.tgz" -C "$OUT" r; }
 t() { local lim=$1; shift; echo "== $*" >> "$R/gpu_tests.txt"
   timeout "$lim" python -m pytest -q -m gpu -p no:cacheprovider --tb=short "$@" >> "$R/gpu_tests.txt" 2>&1
   echo "rc=$?" >> "$R/gpu_tests.txt"; pack; }
-t 120 tests/ops/test_interpolate_weights.py
-t 200 tests/train/test_pretrain.py -k graphed_loss_gradients
-if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-  t 240 tests/train/test_ddp.py
-fi
+t 150 tests/ops/test_interpolate_weights.py tests/ops/test_merge_weights.py tests/ops/test_layer_norm.py
+t 120 tests/ops/test_cluster_attention_triton.py -k "training_step_matches or auto_backend"
 grep -E "^==|passed|failed|rc=|Error" "$R/gpu_tests.txt"
+timeout 90 python scripts/device/count_kernels.py --models aff_small vit_small --res 512 > "$R/kernels.txt" 2>&1; cat "$R/kernels.txt" | tail -5; pack
+for m in aff_small vit_small; do
+  timeout 90 python scripts/device/op_breakdown.py --model $m --res 512 --ops all --top 70 > "$R/ops_$m.txt" 2>&1; pack
+done
+head -3 "$R/ops_aff_small.txt" "$R/ops_vit_small.txt"

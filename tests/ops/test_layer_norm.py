@@ -14,7 +14,7 @@ from affmae.ops.layer_norm import FusedLayerNorm
 
 _WORKER = r"""
 import json, sys, torch
-from affmae.ops.layer_norm import FusedLayerNorm
+from affmae.ops.layer_norm import FusedLayerNorm, kernel
 
 def pair(n, seed):
     torch.manual_seed(seed)
@@ -27,7 +27,10 @@ def pair(n, seed):
 out = {}
 # (rows, features, input dtype): awkward row counts, a wide merge norm, a narrow one
 for rows, n, dt in [(37, 96, torch.float32), (130, 17, torch.float32), (9, 1536, torch.float32),
-                    (70, 384, torch.bfloat16)]:
+                    (70, 384, torch.bfloat16), (1001, 96, torch.float32)]:
+    # the last case with 3 backward programs: each loops over several row tiles, the last
+    # program's final tile partly past the end
+    kernel._PROGS_BWD = 3 if rows == 1001 else 1024
     ln, ref = pair(n, rows)
     x = (torch.randn(rows, n) * 3 + 1).to(dt)
     xa = x.clone().requires_grad_()
@@ -44,6 +47,7 @@ for rows, n, dt in [(37, 96, torch.float32), (130, 17, torch.float32), (9, 1536,
         "db": (ln.bias.grad - ref.bias.grad).abs().max().item(),
         "scale": yr.abs().max().item(), "gscale": xb.grad.abs().max().item(),
         "wscale": ref.weight.grad.abs().max().item()}
+kernel._PROGS_BWD = 1024
 # autocast: output in the autocast dtype, equal to the float32 result rounded once
 ln, ref = pair(96, 1)
 x = torch.randn(4, 5, 96)
