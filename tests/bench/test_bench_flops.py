@@ -97,7 +97,8 @@ def test_selection_and_norm_ops_count_zero_by_convention():
 
     ops = torch.ops.affmae
     for op in (ops.smallest_k.default, ops.cell_table.default, ops.layer_norm_fwd.default,
-               ops.layer_norm_bwd.default, ops.interp_weights_fwd.default,
+               ops.layer_norm_bwd.default, ops.add_layer_norm_fwd.default,
+               ops.add_layer_norm_bwd.default, ops.interp_weights_fwd.default,
                ops.interp_weights_bwd.default):
         assert not _looks_heavy(op), op
     assert _looks_heavy(torch.ops.affmae_test.opaque_mm.default)

@@ -77,6 +77,7 @@ class _OpRecorder(TorchDispatchMode):
 # selection by comparison, element-wise softmax weights), like their aten counterparts
 # (native_layer_norm, sort, topk, softmax): not reported as uncounted.
 _ZERO_BY_CONVENTION = {("affmae", "layer_norm_fwd"), ("affmae", "layer_norm_bwd"),
+                       ("affmae", "add_layer_norm_fwd"), ("affmae", "add_layer_norm_bwd"),
                        ("affmae", "smallest_k"), ("affmae", "cell_table"),
                        ("affmae", "interp_weights_fwd"), ("affmae", "interp_weights_bwd")}
 

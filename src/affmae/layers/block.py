@@ -22,5 +22,5 @@ class AFFBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cl: Clustering) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), pos, cl))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x, h = self.norm2.residual(x, self.attn(self.norm1(x), pos, cl), self.drop_path)
+        return x + self.drop_path(self.mlp(h))

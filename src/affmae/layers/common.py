@@ -31,11 +31,20 @@ class DropPath(nn.Module):
             raise ValueError(f"drop path probability must be in [0, 1), got {p}")
         self.p = p
 
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= self.p
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= self.p
-        return x * keep.to(x.dtype) / (1.0 - self.p)
+        return x * self._keep(x).to(x.dtype) / (1.0 - self.p)
+
+    def factors(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The per-sample factors forward would apply, (B,) float32 (0 or 1 / (1 - p)), drawn
+        from the same random numbers; None when inactive (p = 0 or evaluation)."""
+        if self.p == 0.0 or not self.training:
+            return None
+        return self._keep(x).view(-1).float() / (1.0 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

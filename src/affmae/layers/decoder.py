@@ -113,9 +113,11 @@ class DecoderBlock(nn.Module):
                 grid_hw):
         """-> (block output, features right after the cross-attention) both (B, Nq, C)."""
         h = self.norm1(x)
-        x = x + self.self_attn(h, qpos, h, qpos_far, table_self, grid_hw, spacing_self)
-        cross = x + self.cross_attn(self.norm2(x), qpos, src, src_pos, table, grid_hw, spacing)
-        return cross + self.mlp(self.norm3(cross)), cross
+        x, h = self.norm2.residual(
+            x, self.self_attn(h, qpos, h, qpos_far, table_self, grid_hw, spacing_self))
+        cross, h = self.norm3.residual(
+            x, self.cross_attn(h, qpos, src, src_pos, table, grid_hw, spacing))
+        return cross + self.mlp(h), cross
 
 
 def far_padding(pos: torch.Tensor, n_valid: int) -> torch.Tensor:

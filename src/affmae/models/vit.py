@@ -176,8 +176,8 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x, h = self.norm2.residual(x, self.attn(self.norm1(x)), self.drop_path)
+        return x + self.drop_path(self.mlp(h))
 
 
 class CrossBlock(nn.Module):
@@ -193,8 +193,8 @@ class CrossBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm_q(x), self.norm_kv(mem))
-        return x + self.mlp(self.norm2(x))
+        x, h = self.norm2.residual(x, self.attn(self.norm_q(x), self.norm_kv(mem)))
+        return x + self.mlp(h)
 
 
 class ViTEncoder(nn.Module):

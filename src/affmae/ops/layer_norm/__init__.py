@@ -49,26 +49,56 @@ class FusedLayerNorm(nn.LayerNorm):
             raise ValueError(f"norm backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _triton(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the Triton kernels (raises if backend "triton" cannot)."""
         n = self.normalized_shape[0]
         if self.backend == "torch" or (
                 self.backend == "auto" and (not x.is_cuda or torch.compiler.is_compiling()
                                             or not package_kernels())):
-            return super().forward(x)
+            return False
         if not _triton_ok(x, n):
             if self.backend == "triton":
                 raise RuntimeError(f"norm backend 'triton' cannot run on {x.device} {x.dtype} "
                                    f"rows of {n} features")
+            return False
+        return True
+
+    def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
+        dev = x.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._triton(x):
             return super().forward(x)
         from affmae.ops.layer_norm.function import layer_norm_triton
 
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            out_dtype = torch.get_autocast_dtype(dev)
-        else:
-            out_dtype = x.dtype
-        with torch.autocast(dev, enabled=False):
+        out_dtype = self._out_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
             return layer_norm_triton(x, self.weight, self.bias, self.eps, out_dtype)
+
+    def residual(self, x: torch.Tensor, branch: torch.Tensor, drop_path: nn.Module | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A residual step and this norm: ``s = x + drop_path(branch)``, returns ``(s, norm(s))``.
+
+        On the Triton backend one kernel each way: the add, the drop-path factor and the norm
+        forward; the norm backward plus the gradient s gets from the residual stream, written
+        as x's and (times the factor) the branch's gradients. That removes an add, a cast, a
+        gradient sum and, with drop path, two multiplies per residual step. The PyTorch path is
+        the plain code; the two differ only in rounding with drop path (the kernel applies the
+        factor in float32, ``DropPath`` in the branch's dtype).
+        """
+        if (not self._triton(x) or branch.shape != x.shape or x.dim() < 2
+                or not _triton_ok(branch, self.normalized_shape[0])
+                or (drop_path is not None and not hasattr(drop_path, "factors"))):
+            s = x + (drop_path(branch) if drop_path is not None else branch)
+            return s, self(s)
+        from affmae.ops.layer_norm.function import add_layer_norm_triton
+
+        scale = drop_path.factors(branch) if drop_path is not None else None
+        out_dtype = self._out_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return add_layer_norm_triton(x, branch, scale, self.weight, self.bias, self.eps,
+                                         out_dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}"

@@ -12,8 +12,10 @@ _PROGS_BWD = 1024  # backward programs to aim for (a few per SM; each writes one
 
 
 @triton.jit
-def _fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, eps, BLOCK_N: tl.constexpr,
-                ROWS: tl.constexpr):
+def _fwd_kernel(X, BR, SCALE, S, W, B, Y, MEAN, RSTD, M, N, RPS, eps, BLOCK_N: tl.constexpr,
+                ROWS: tl.constexpr, HAS_BR: tl.constexpr, HAS_SCALE: tl.constexpr):
+    # HAS_BR: the row is s = x + branch (times SCALE[row // RPS], the sample's drop-path
+    # factor, with HAS_SCALE), stored to S in S's dtype and normalised as stored.
     cols = tl.arange(0, BLOCK_N)
     c_ok = cols < N
     w = tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)
@@ -23,6 +25,13 @@ def _fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, eps, BLOCK_N: tl.constexpr,
         if row < M:
             r64 = row.to(tl.int64)
             x = tl.load(X + r64 * N + cols, mask=c_ok, other=0.0).to(tl.float32)
+            if HAS_BR:
+                br = tl.load(BR + r64 * N + cols, mask=c_ok, other=0.0).to(tl.float32)
+                if HAS_SCALE:
+                    br = br * tl.load(SCALE + row // RPS)
+                x = (x + br).to(S.dtype.element_ty)
+                tl.store(S + r64 * N + cols, x, mask=c_ok)
+                x = x.to(tl.float32)
             mean = tl.sum(x, 0) / N
             xc = tl.where(c_ok, x - mean, 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / N + eps)
@@ -32,12 +41,15 @@ def _fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, eps, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _bwd_kernel(DY, X, W, MEAN, RSTD, DX, PART, M, N, ROWS,
-                BLOCK_N: tl.constexpr, TILE_M: tl.constexpr):
+def _bwd_kernel(DY, X, W, MEAN, RSTD, DS, SCALE, DX, DBR, PART, M, N, ROWS, RPS,
+                BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, HAS_DS: tl.constexpr,
+                HAS_SCALE: tl.constexpr, HAS_DBR: tl.constexpr):
     # Each program takes ROWS rows (a multiple of TILE_M) in (TILE_M, BLOCK_N) tiles: several
     # rows' loads in flight at once, where one row at a time left the kernel latency-bound
     # (45-50 us for any row count up to 5k on an H200). PART: (2, N, programs) float32,
     # program-minor: d_weight then d_bias partials, reduced by the launcher in one kernel.
+    # For s = x + branch * SCALE: DS is the gradient s gets from elsewhere (the residual
+    # stream), added to the norm's; DX is then the gradient of x and DBR that of the branch.
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -59,7 +71,14 @@ def _bwd_kernel(DY, X, W, MEAN, RSTD, DX, PART, M, N, ROWS,
         c1 = tl.sum(g * xhat, 1) / N
         c2 = tl.sum(g, 1) / N
         dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
+        if HAS_DBR:
+            dbr = dx.to(DX.dtype.element_ty).to(tl.float32)
+            if HAS_SCALE:
+                dbr = dbr * tl.load(SCALE + rows // RPS, mask=r_ok, other=0.0)[:, None]
+            tl.store(DBR + offs, dbr.to(DBR.dtype.element_ty), mask=ok)
         dw += dy * xhat
         db += dy
     tl.store(PART + cols * progs + pid, tl.sum(dw, 0), mask=c_ok)
@@ -72,42 +91,88 @@ def _params(N: int) -> tuple[int, int]:
     return block_n, warps
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (..., N) -> y (..., N) in ``out_dtype``, mean and rstd (M,) float32."""
+def _rows2d(t: torch.Tensor, N: int) -> torch.Tensor:
+    t2 = t.reshape(-1, N)
+    return t2 if t2.is_contiguous() else t2.contiguous()
+
+
+def _forward(x, branch, scale, weight, bias, eps, out_dtype):
     N = x.shape[-1]
-    x2 = x.reshape(-1, N)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    x2 = _rows2d(x, N)
     M = x2.shape[0]
     y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    s = None
+    if branch is not None:
+        br2 = _rows2d(branch, N)
+        s = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, branch.dtype),
+                        device=x.device)
     if M:
         block_n, warps = _params(N)
         rows = 4
-        _fwd_kernel[(triton.cdiv(M, rows),)](x2, weight, bias, y, mean, rstd, M, N, eps,
-                                            BLOCK_N=block_n, ROWS=rows, num_warps=warps)
+        rps = M // x.shape[0] if x.dim() > 1 and x.shape[0] else M
+        _fwd_kernel[(triton.cdiv(M, rows),)](
+            x2, br2 if s is not None else x2, scale if scale is not None else mean,
+            s if s is not None else y, weight, bias, y, mean, rstd, M, N, max(rps, 1), eps,
+            BLOCK_N=block_n, ROWS=rows, HAS_BR=s is not None, HAS_SCALE=scale is not None,
+            num_warps=warps)
+    return s, y, mean, rstd
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., N) -> y (..., N) in ``out_dtype``, mean and rstd (M,) float32."""
+    _, y, mean, rstd = _forward(x, None, None, weight, bias, eps, out_dtype)
     return y.view(x.shape), mean, rstd
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-             rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> dx (x's dtype and shape) and (2, N) float32: d_weight, then d_bias."""
+def add_forward(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None,
+                weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """s = x + branch (* scale[sample]) and its norm: -> s (promoted dtype), y (``out_dtype``),
+    mean, rstd. x, branch: (B, ..., N) of one shape; scale: None or (B,) float32."""
+    s, y, mean, rstd = _forward(x, branch, scale, weight, bias, eps, out_dtype)
+    return s.view(x.shape), y.view(x.shape), mean, rstd
+
+
+def _backward(dy, x, weight, mean, rstd, ds, scale, branch_dtype):
     N = x.shape[-1]
-    x2 = x.reshape(-1, N)
-    x2 = x2 if x2.is_contiguous() else x2.contiguous()
-    dy2 = dy.reshape(-1, N)
-    dy2 = dy2 if dy2.is_contiguous() else dy2.contiguous()
+    x2, dy2 = _rows2d(x, N), _rows2d(dy, N)
     M = x2.shape[0]
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    dbr = None if branch_dtype is None else torch.empty(x2.shape, dtype=branch_dtype,
+                                                         device=x.device)
     if M == 0:
-        return dx.view(x.shape), torch.zeros(2, N, dtype=torch.float32, device=x.device)
+        return dx, dbr, torch.zeros(2, N, dtype=torch.float32, device=x.device)
     block_n, warps = _params(N)
     tile_m = max(1, _TILE_BWD // block_n)
     rows = tile_m * triton.cdiv(M, tile_m * _PROGS_BWD)  # per program, a multiple of tile_m
     progs = triton.cdiv(M, rows)
     part = torch.empty(2, N, progs, dtype=torch.float32, device=x.device)  # every slot written
-    _bwd_kernel[(progs,)](dy2, x2, weight, mean, rstd, dx, part, M, N, rows,
-                          BLOCK_N=block_n, TILE_M=tile_m, num_warps=max(warps, 4))
-    return dx.view(x.shape), part.sum(-1)
+    rps = M // x.shape[0] if x.dim() > 1 and x.shape[0] else M
+    _bwd_kernel[(progs,)](dy2, x2, weight, mean, rstd, _rows2d(ds, N) if ds is not None else dy2,
+                          scale if scale is not None else mean, dx,
+                          dbr if dbr is not None else dx, part, M, N, rows, max(rps, 1),
+                          BLOCK_N=block_n, TILE_M=tile_m, HAS_DS=ds is not None,
+                          HAS_SCALE=scale is not None, HAS_DBR=dbr is not None,
+                          num_warps=max(warps, 4))
+    return dx, dbr, part.sum(-1)
+
+
+def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+             rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dx (x's dtype and shape) and (2, N) float32: d_weight, then d_bias."""
+    dx, _, dwb = _backward(dy, x, weight, mean, rstd, None, None, None)
+    return dx.view(x.shape), dwb
+
+
+def add_backward(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
+                 weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                 scale: torch.Tensor | None, branch_dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``add_forward``: -> d_x (s's dtype), d_branch (``branch_dtype``: d_x times
+    the sample's scale) and the (2, N) float32 d_weight / d_bias. ds: the gradient s receives
+    besides the norm's (None: none)."""
+    dx, dbr, dwb = _backward(dy, s, weight, mean, rstd, ds, scale, branch_dtype)
+    return dx.view(s.shape), dbr.view(s.shape), dwb
