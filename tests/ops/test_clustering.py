@@ -80,3 +80,24 @@ def test_nearest_clusters_chunking_is_exact(monkeypatch):
     full = C.nearest_clusters(q, k, 6)
     monkeypatch.setattr(C, "_CHUNK_ELEMENTS", 2 * 40 * 7)
     assert torch.equal(C.nearest_clusters(q, k, 6), full), "chunked search differs"
+
+
+def test_gather_tokens_with_inverse_same_values_and_gradients():
+    """With the index's inverse, gather_tokens' backward is a gather (no atomics): same output
+    and gradient as the plain index_select, including zero gradient on unpicked padding rows."""
+    g = torch.Generator().manual_seed(0)
+    B, N, n = 3, 11, 8  # x has 11 rows, the first 8 are picked (the rest: padding)
+    perm = torch.stack([torch.randperm(n, generator=g) for _ in range(B)])
+    inv = C.inverse_permutation(perm)
+    assert torch.equal(inv, torch.argsort(perm, dim=1))
+    for rows, idx, inverse in ((N, inv, perm), (n, perm, inv)):  # padded x; a full permutation
+        x = torch.randn(B, rows, 4, 2, generator=g)
+        gy = torch.randn(B, n, 4, 2, generator=g)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = C.gather_tokens(xa, idx, inverse), C.gather_tokens(xb, idx)
+        assert torch.equal(ya, yb)
+        ya.backward(gy)
+        yb.backward(gy)
+        assert torch.equal(xa.grad, xb.grad)
+    with pytest.raises(ValueError, match="does not invert"):
+        C.gather_tokens(torch.randn(B, N, 2, requires_grad=True), perm, inv[:, :5])

@@ -178,7 +178,7 @@ class PointDecoder(nn.Module):
         x = self.query_token + sincos_embed_2d(qpos_c, self.dim).to(self.query_token.dtype)
         if query_init is not None:
             x = x + pad_tokens(gather_tokens(query_init, qcl.perm), qcl.n_padded)
-        inverse = torch.argsort(qcl.perm, dim=1)  # (B, Nq) clustered slot of each query
+        inverse = qcl.inverse()  # (B, Nq) clustered slot of each query
         outs = []
         for blocks, st in zip(self.blocks, reversed(stages)):
             cl: Clustering = st.clustering
@@ -191,5 +191,6 @@ class PointDecoder(nn.Module):
                 src = pad_tokens(src, cl.n_padded)
                 x, cross = run_block(blk, self.grad_checkpoint, x, qpos_c, qpos_far, table_self,
                                      spacing_self, src, spos, table, spacing, grid_hw)
-            outs.append(gather_tokens(cross if after == "cross" else x, inverse))  # qpos order
+            # qpos order; qcl.perm inverts ``inverse`` (a gather backward, no atomics)
+            outs.append(gather_tokens(cross if after == "cross" else x, inverse, qcl.perm))
         return outs

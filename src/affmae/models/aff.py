@@ -130,7 +130,7 @@ class AFFEncoder(nn.Module):
         for s, blocks in enumerate(self.stages):
             with record_function("aff/cluster"):
                 cl = balanced_clustering(pos, grid_hw, c.cluster_size, c.nbr_clusters)
-                x = pad_tokens(gather_tokens(x, cl.perm), cl.n_padded)  # (B, M*m, C)
+                x = pad_tokens(gather_tokens(x, cl.perm, cl.inverse()), cl.n_padded)  # (B, M*m, C)
                 pos = pad_tokens(gather_tokens(pos, cl.perm), cl.n_padded)  # (B, M*m, 2)
             for blk in blocks:
                 x = run_block(blk, checkpoints(c.grad_checkpoint, "encoder"), x, pos, cl)

@@ -191,7 +191,7 @@ class AFFMAE(nn.Module):
         # Every query has its own stage-1 token (nothing is masked): start the query from it,
         # through the finest block's (pretrained) source projection, back in raster order.
         first = stages[0]
-        own = gather_tokens(first.x, torch.argsort(first.clustering.perm, dim=1))  # (B, N, C1)
+        own = gather_tokens(first.x, first.clustering.inverse(), first.clustering.perm)  # (B, N, C1)
         query_init = self.decoder.blocks[-1][0].src_proj(own)  # (B, N, decoder_dim)
         return self.decoder(stages, grid_positions(all_idx, grid_hw[1]), grid_hw, query_init,
                             after)

@@ -117,6 +117,7 @@ class Clustering:
     centroids: torch.Tensor
     nbr: torch.Tensor
     nbr_t: torch.Tensor | None = field(default=None, repr=False)
+    inv: torch.Tensor | None = field(default=None, repr=False)
 
     def transposed(self) -> torch.Tensor:
         """For each key cluster, the query clusters that list it (the Triton kernel's backward
@@ -127,6 +128,12 @@ class Clustering:
 
             self.nbr_t = transposed_neighbourhood(self.nbr)
         return self.nbr_t
+
+    def inverse(self) -> torch.Tensor:
+        """(B, N) clustered slot of each input token (``perm``'s inverse), built once."""
+        if self.inv is None:
+            self.inv = inverse_permutation(self.perm)
+        return self.inv
 
     @property
     def num_clusters(self) -> int:
@@ -200,16 +207,62 @@ def balanced_clustering(
     return Clustering(perm=perm, n_valid=N, m=m, centroids=centroids, nbr=nbr)
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def inverse_permutation(idx: torch.Tensor) -> torch.Tensor:
+    """(B, N) permutations -> their inverses: out[b, idx[b, j]] = j."""
+    ar = torch.arange(idx.shape[1], device=idx.device, dtype=idx.dtype).expand_as(idx)
+    return torch.empty_like(idx).scatter_(1, idx, ar)
+
+
+def _flat_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
+    B = idx.shape[0]
+    return (idx + torch.arange(B, device=idx.device, dtype=idx.dtype).view(B, 1) * n).reshape(-1)
+
+
+class _PermutedRows(torch.autograd.Function):
+    """``index_select`` of rows by a one-to-one index whose inverse is known: the backward is
+    another ``index_select`` (index_select's own backward is an atomic ``index_add_`` into a
+    zeroed buffer, 94 us per (16 x 2048, 384) float32 gradient on an H200)."""
+
+    @staticmethod
+    def forward(ctx, x2, rows, inv_rows, B, n, N):
+        ctx.save_for_backward(inv_rows)
+        ctx.dims = (B, n, N)
+        return x2.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv_rows,) = ctx.saved_tensors
+        B, n, N = ctx.dims
+        gx = g.index_select(0, inv_rows)  # (B * n, ...): the picked rows of x
+        if n < N:  # x rows past the picked ones (padding) get zero gradient
+            gx = gx.view(B, n, *g.shape[1:])
+            gx = torch.cat([gx, gx.new_zeros(B, N - n, *g.shape[1:])], dim=1)
+        return gx.view(B * N, *g.shape[1:]), None, None, None, None, None
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, inverse: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """x: (B, N, ...) , idx: (B, N') -> (B, N', ...) rows of x.
 
     One ``index_select`` over the flattened (B * N, ...) rows: its backward keeps only the index
     and x's sizes, where ``torch.gather`` keeps all of x (for an aff_small training forward at
     512 px, 413.5 -> 409.5 MiB saved per image, CPU count, docs/BENCHMARKS.md).
+
+    ``inverse`` (B, n) with n <= N: when ``idx`` picks each of x's first n rows exactly once
+    (N' = n) and ``idx[b, inverse[b, s]] = s``, the backward gathers with it instead of
+    scattering with atomics; rows >= n (padding) get zero gradient.
     """
     B, N = x.shape[:2]
-    rows = (idx + torch.arange(B, device=idx.device, dtype=idx.dtype).view(B, 1) * N).reshape(-1)
-    return x.reshape(B * N, *x.shape[2:]).index_select(0, rows).view(*idx.shape, *x.shape[2:])
+    rows = _flat_rows(idx, N)
+    x2 = x.reshape(B * N, *x.shape[2:])
+    if inverse is None or not torch.is_grad_enabled() or not x.requires_grad:
+        return x2.index_select(0, rows).view(*idx.shape, *x.shape[2:])
+    n = inverse.shape[1]
+    if inverse.shape[0] != B or idx.shape[1] != n or n > N:
+        raise ValueError(f"inverse {tuple(inverse.shape)} does not invert idx "
+                         f"{tuple(idx.shape)} over x {tuple(x.shape[:2])}")
+    out = _PermutedRows.apply(x2, rows, _flat_rows(inverse, n), B, n, N)
+    return out.view(*idx.shape, *x.shape[2:])
 
 
 def pad_tokens(x: torch.Tensor, n_total: int) -> torch.Tensor:
