@@ -15,6 +15,7 @@ from torch.profiler import record_function
 from affmae.ops.cluster_attention import cluster_attention, resolve_backend
 from affmae.ops.clustering import Clustering
 from affmae.ops.relpos import NUM_RELPOS_FEATURES
+from affmae.ops.linear import Linear
 
 
 class ClusterAttention(nn.Module):
@@ -25,11 +26,11 @@ class ClusterAttention(nn.Module):
         self.heads = heads
         self.head_dim = dim // heads
         self.backend = backend
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = Linear(dim, 3 * dim)
         self.rel_bias = nn.Linear(NUM_RELPOS_FEATURES, heads)
         self.blank_k = nn.Parameter(torch.zeros(heads, self.head_dim))
         self.blank_v = nn.Parameter(torch.zeros(heads, self.head_dim))
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.rel_bias.weight)

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from affmae.ops.linear import Linear
+
 
 
 class Mlp(nn.Module):
@@ -14,9 +16,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, out_dim: int | None = None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, out_dim or dim)
+        self.fc2 = Linear(hidden, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

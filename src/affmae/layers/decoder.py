@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
@@ -31,6 +30,7 @@ from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens
 from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.interpolate import (FAR, cell_neighbours, gather_weighted,
                                     interpolation_weights, lookup_neighbours)
+from affmae.ops.linear import Linear, linear
 
 
 class DeformableAttention(nn.Module):
@@ -40,11 +40,11 @@ class DeformableAttention(nn.Module):
             raise ValueError(f"decoder width {dim} is not divisible by {heads} heads")
         self.heads, self.points, self.knn = heads, points, knn
         self.head_dim = dim // heads
-        self.value = nn.Linear(dim, dim)
-        self.offsets = nn.Linear(dim, heads * points * 2)
-        self.attn_logits = nn.Linear(dim, heads * points)
+        self.value = Linear(dim, dim)
+        self.offsets = Linear(dim, heads * points * 2)
+        self.attn_logits = Linear(dim, heads * points)
         self.log_temp = nn.Parameter(torch.zeros(heads))  # p = exp(log_temp), starts at 1
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.offsets.weight)
@@ -72,7 +72,7 @@ class DeformableAttention(nn.Module):
         # fewer, larger GEMMs and one bias-gradient sum instead of two or three.
         own = src is xq
         mods = (self.value, self.offsets, self.attn_logits) if own else (self.offsets, self.attn_logits)
-        proj = F.linear(xq, torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods]))
+        proj = linear(xq, torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods]))
         parts = proj.split([m.out_features for m in mods], dim=-1)
         value, off, logits = parts if own else (self.value(src), *parts)
         off = off.reshape(B, Nq, H, Pt, 2).float() * spacing
@@ -101,7 +101,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, dim: int, src_dim: int, heads: int, points: int, knn: int,
                  mlp_ratio: float, norm_backend: str = "auto") -> None:
         super().__init__()
-        self.src_proj = nn.Linear(src_dim, dim)
+        self.src_proj = Linear(src_dim, dim)
         self.norm1 = FusedLayerNorm(dim, backend=norm_backend)
         self.self_attn = DeformableAttention(dim, heads, points, knn)
         self.norm2 = FusedLayerNorm(dim, backend=norm_backend)

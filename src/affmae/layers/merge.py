@@ -25,6 +25,7 @@ from affmae.ops.clustering import Clustering
 from affmae.ops.dispatch import package_kernels, plain_eager, triton_device
 from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.relpos import NUM_RELPOS_FEATURES, relpos_features
+from affmae.ops.linear import Linear
 
 NUM_MERGE_WEIGHTS = 4
 
@@ -60,14 +61,14 @@ class TokenMerging(nn.Module):
         if not 0.0 < rate <= 1.0:
             raise ValueError(f"downsampling rate d_s must be in (0, 1], got {rate}")
         self.rate = rate
-        self.score = nn.Linear(dim, 1)
+        self.score = Linear(dim, 1)
         self.weight_net = nn.Sequential(
             nn.Linear(NUM_RELPOS_FEATURES, NUM_MERGE_WEIGHTS),
             NarrowLayerNorm(NUM_MERGE_WEIGHTS),
             nn.GELU(),
         )
         self.norm = FusedLayerNorm(NUM_MERGE_WEIGHTS * dim, backend=norm_backend)
-        self.reduction = nn.Linear(NUM_MERGE_WEIGHTS * dim, dim_out)
+        self.reduction = Linear(NUM_MERGE_WEIGHTS * dim, dim_out)
 
     def neighbour_weights(self, pos: torch.Tensor, pos_k: torch.Tensor, slots: torch.Tensor,
                           imp_n: torch.Tensor) -> torch.Tensor:

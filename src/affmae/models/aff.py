@@ -24,6 +24,7 @@ from affmae.layers.common import check_grad_checkpoint, checkpoints, init_weight
 from affmae.layers.merge import TokenMerging
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
 from affmae.ops.patches import grid_positions, patchify
+from affmae.ops.linear import Linear
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class AFFEncoder(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.patch_embed = nn.Linear(c.in_chans * c.patch_size**2, c.widths[0])
+        self.patch_embed = Linear(c.in_chans * c.patch_size**2, c.widths[0])
         self.embed_norm = nn.LayerNorm(c.widths[0])
         rates = torch.linspace(0, c.drop_path, sum(c.depths)).tolist()
         self.stages = nn.ModuleList()

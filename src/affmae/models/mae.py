@@ -27,6 +27,7 @@ from affmae.ops.clustering import gather_tokens
 from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.masking import mask_indices, sample_queries
 from affmae.ops.patches import grid_positions, patchify, unpatchify
+from affmae.ops.linear import Linear
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class AFFMAEConfig(AFFConfig):
 
 def _head(dim: int, out: int, norm_backend: str = "auto") -> nn.Sequential:
     # The norm feeds only the Linear: the fused norm (output in the autocast dtype) applies.
-    return nn.Sequential(FusedLayerNorm(dim, backend=norm_backend), nn.Linear(dim, out))
+    return nn.Sequential(FusedLayerNorm(dim, backend=norm_backend), Linear(dim, out))
 
 
 class AFFMAE(nn.Module):

@@ -22,6 +22,7 @@ from affmae.layers.common import init_weights
 from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.patches import unpatchify
 from affmae.models.registry import create_model, read_checkpoint, register_model, replace_config
+from affmae.ops.linear import Linear
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Segmenter(nn.Module):
         self.patch_size = int(backbone.patch_size)
         dim = backbone.config.decoder_dim
         self.head = nn.Sequential(FusedLayerNorm(dim, backend=backbone.config.norm_backend),
-                                  nn.Linear(dim, self.patch_size**2 * config.num_classes))
+                                  Linear(dim, self.patch_size**2 * config.num_classes))
         self.head.apply(init_weights)
 
     @property

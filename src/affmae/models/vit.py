@@ -43,6 +43,7 @@ from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.patches import grid_positions, patchify, unpatchify
 from affmae.models.registry import register_model, replace_config
 from affmae.ops.masking import mask_indices, sample_queries
+from affmae.ops.linear import Linear
 
 DECODERS = ("mae", "cross")
 
@@ -121,8 +122,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.label = label  # record_function label, so profiles group time by component
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -146,9 +147,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.label = label
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(dim, 2 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
         B, Nq, C = x.shape
@@ -204,7 +205,7 @@ class ViTEncoder(nn.Module):
     def __init__(self, c: ViTMAEConfig) -> None:
         super().__init__()
         self.checkpointed = checkpoints(c.grad_checkpoint, "encoder")  # see run_block
-        self.patch_embed = nn.Linear(c.in_chans * c.patch_size**2, c.embed_dim)
+        self.patch_embed = Linear(c.in_chans * c.patch_size**2, c.embed_dim)
         rates = torch.linspace(0, c.drop_path, c.depth).tolist()
         self.blocks = nn.ModuleList(
             Block(c.embed_dim, c.num_heads, c.mlp_ratio, r, "vit/attention", c.norm_backend)
@@ -234,14 +235,14 @@ class MAEDecoder(nn.Module):
     def __init__(self, c: ViTMAEConfig) -> None:
         super().__init__()
         self.checkpointed = checkpoints(c.grad_checkpoint, "decoder")  # see run_block
-        self.embed = nn.Linear(c.embed_dim, c.decoder_dim)
+        self.embed = Linear(c.embed_dim, c.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
         self.blocks = nn.ModuleList(
             Block(c.decoder_dim, c.decoder_heads, c.decoder_mlp_ratio, 0.0, "decoder/attention",
                   c.norm_backend) for _ in range(c.decoder_depth)
         )
         self.norm = FusedLayerNorm(c.decoder_dim, backend=c.norm_backend)  # feeds the head
-        self.head = nn.Linear(c.decoder_dim, c.in_chans * c.patch_size**2)
+        self.head = Linear(c.decoder_dim, c.in_chans * c.patch_size**2)
 
     def forward(self, x: torch.Tensor, visible_idx: torch.Tensor, query_idx: torch.Tensor,
                 grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -272,14 +273,14 @@ class CrossDecoder(nn.Module):
     def __init__(self, c: ViTMAEConfig) -> None:
         super().__init__()
         self.checkpointed = checkpoints(c.grad_checkpoint, "decoder")  # see run_block
-        self.embed = nn.Linear(c.embed_dim, c.decoder_dim)
+        self.embed = Linear(c.embed_dim, c.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
         self.blocks = nn.ModuleList(
             CrossBlock(c.decoder_dim, c.decoder_heads, c.decoder_mlp_ratio, "decoder/attention",
                        c.norm_backend) for _ in range(c.decoder_depth)
         )
         self.norm = FusedLayerNorm(c.decoder_dim, backend=c.norm_backend)  # feeds the head
-        self.head = nn.Linear(c.decoder_dim, c.in_chans * c.patch_size**2)
+        self.head = Linear(c.decoder_dim, c.in_chans * c.patch_size**2)
 
     def forward(self, x: torch.Tensor, visible_idx: torch.Tensor, query_idx: torch.Tensor,
                 grid_hw: tuple[int, int]) -> torch.Tensor:

@@ -46,5 +46,8 @@ def plain_eager(*tensors: Tensor) -> bool:
         not torch.compiler.is_compiling()
         and _get_current_dispatch_mode() is None
         and not torch._C._are_functorch_transforms_active()
-        and all(type(t) is torch.Tensor for t in tensors)
+        and all(type(t) in _PLAIN for t in tensors)
     )
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter is a subclass that changes nothing here

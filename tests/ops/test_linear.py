@@ -1,0 +1,351 @@
+"""``affmae.ops.linear``: the Triton column sum and the Linear built on it, against torch.
+
+Column sum: three-way rule (tests/ops/kernel_checks.py): against a float64 sum, the kernel's
+error is at most 3x that of torch's ``g.sum(0)`` at the input's precision (cast to float32, as
+autograd's bias gradient under autocast is), plus a small floor. Linear: forward, dx and dW are
+bitwise ``nn.Linear`` / ``F.linear``'s (same products in the same dtypes), in float32 and under
+autocast; the bias gradient by the three-way rule against float64.
+
+CPU: the kernel runs through Triton's interpreter in one subprocess (``python this_file.py
+--worker out.json``; TRITON_INTERPRET=1 must be set before triton is first imported), the tests
+here check its results. GPU (``@pytest.mark.gpu``): the model's full sizes in bf16 / fp16, the
+"auto" choice, torch.compile and CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_checks import (DTYPES, assert_three_way, error_rows, result, run_interpreter,
+                           write_results)
+
+from affmae.ops.linear import Linear, linear
+
+NAMES = ("db",)
+
+# ------------------------------------------------------------------------------------------------
+# Shared by the interpreter worker and the GPU tests
+# ------------------------------------------------------------------------------------------------
+
+
+def colsum_rows(g: torch.Tensor, colsum) -> dict:
+    """Three-way rows of ``colsum(g)`` against ``g.sum(0)`` and a float64 sum."""
+    exact = g.double().sum(0)
+    return error_rows(("colsum",), [exact], [g.sum(0).float()], [colsum(g)])
+
+
+def run_linear(mod, x, g, requires=(True, True, True), autocast=None):
+    """Output and gradients of ``mod`` on a fresh leaf copy of ``x`` and of its parameters;
+    ``requires``: which of x, weight, bias need a gradient; ``autocast``: a dtype or None."""
+    x = x.clone().requires_grad_(requires[0])
+    params = [mod.weight, mod.bias]
+    for p, r in zip(params, requires[1:]):
+        if p is not None:
+            p.grad = None
+            p.requires_grad_(r)
+    dtype = autocast or torch.float32
+    with torch.autocast(x.device.type, dtype=dtype, enabled=autocast is not None):
+        y = mod(x)
+    if y.requires_grad:
+        y.backward(g.to(y.dtype))
+    grads = [x.grad] + [None if p is None else p.grad for p in params]
+    return y.detach(), grads
+
+
+def compare_linear(shape, n_out, bias=True, requires=(True, True, True), autocast=None,
+                   device="cpu", seed=0) -> dict:
+    """Linear(backend="triton") against nn.Linear of the same weights: whether the output, dx and
+    dW are bitwise equal (and the same dtype), which gradients are None, and the three-way rows of
+    db (float64 reference: the float64 column sum of the same upstream gradient)."""
+    gen = torch.Generator().manual_seed(seed)
+    ref = torch.nn.Linear(shape[-1], n_out, bias=bias)
+    mod = Linear(shape[-1], n_out, bias=bias, backend="triton")
+    mod.load_state_dict(ref.state_dict())
+    ref, mod = ref.to(device), mod.to(device)
+    x = torch.randn(*shape, generator=gen).to(device)
+    g = torch.randn(*shape[:-1], n_out, generator=gen).to(device)
+    y, grads = run_linear(mod, x, g, requires, autocast)
+    y_ref, grads_ref = run_linear(ref, x, g, requires, autocast)
+    same = lambda a, b: (a is None and b is None) or (  # noqa: E731
+        a is not None and b is not None and a.dtype == b.dtype and torch.equal(a, b))
+    out = {"y": same(y, y_ref), "dx": same(grads[0], grads_ref[0]),
+           "dw": same(grads[1], grads_ref[1]),
+           "none": [t is None for t in grads] == [t is None for t in grads_ref]
+           == [not r for r in requires[: 2 + bias]] + [True] * (not bias)}
+    if bias and requires[2]:
+        g_used = g.to(y.dtype).double().reshape(-1, n_out)  # the upstream gradient, as rounded
+        exact = g_used.sum(0)
+        out["db_rows"] = error_rows(NAMES, [exact], [grads_ref[2]], [grads[2]])
+        out["db_dtype"] = str(grads[2].dtype)
+        out["half_precision"] = y.dtype != torch.float32
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Interpreter cases (CPU, one subprocess)
+# ------------------------------------------------------------------------------------------------
+
+# name -> (M, N, dtype, layout): awkward M and N, several column blocks and row splits (1000 rows
+# are 6-8 splits, the last one short), N not a multiple of 16 (456: 8-element vectors; 17: none).
+COLSUM_CASES = {
+    "1x17_fp32": (1, 17, "fp32", "contiguous"),
+    "37x96_bf16": (37, 96, "bf16", "contiguous"),
+    "1000x456_fp32": (1000, 456, "fp32", "contiguous"),
+    "1000x456_bf16": (1000, 456, "bf16", "contiguous"),
+    "1000x17_fp16": (1000, 17, "fp16", "contiguous"),
+    "300x96_bf16_row_stride": (300, 96, "bf16", "row_stride"),  # columns of a wider matrix
+    "300x96_fp32_column_stride": (300, 96, "fp32", "column_stride"),  # every other column
+    "300x17_fp32_expanded": (300, 17, "fp32", "expanded"),  # row stride 0
+}
+
+# name -> compare_linear kwargs
+LINEAR_CASES = {
+    "fp32_2d": dict(shape=(37, 24), n_out=40),
+    "fp32_3d": dict(shape=(4, 130, 24), n_out=456),  # 520 rows: 3 row splits
+    "fp32_3d_no_bias": dict(shape=(3, 7, 24), n_out=40, bias=False),
+    "fp32_only_x": dict(shape=(37, 24), n_out=40, requires=(True, False, False)),
+    "fp32_only_bias": dict(shape=(37, 24), n_out=40, requires=(False, False, True)),
+    "fp32_only_params": dict(shape=(2, 19, 24), n_out=17, requires=(False, True, True)),
+    "bf16_autocast_2d": dict(shape=(37, 24), n_out=40, autocast=torch.bfloat16),
+    "bf16_autocast_3d": dict(shape=(4, 130, 24), n_out=456, autocast=torch.bfloat16),
+    "bf16_autocast_no_bias": dict(shape=(3, 7, 24), n_out=40, bias=False, autocast=torch.bfloat16),
+    "bf16_autocast_only_weight": dict(shape=(37, 24), n_out=96, requires=(False, True, False),
+                                      autocast=torch.bfloat16),
+}
+
+
+def _colsum_case(M, N, dtype, layout):
+    from affmae.ops.linear.kernel import colsum
+
+    gen = torch.Generator().manual_seed(M + N)
+    if layout == "row_stride":
+        g = torch.randn(M, N + 40, generator=gen)[:, 8: 8 + N]
+    elif layout == "column_stride":
+        g = torch.randn(M, 2 * N, generator=gen)[:, ::2]
+    elif layout == "expanded":
+        g = torch.randn(1, N, generator=gen).expand(M, N)
+    else:
+        g = torch.randn(M, N, generator=gen) * 3 + 1
+    return colsum_rows(g.to(DTYPES[dtype]), colsum)
+
+
+def _colsum_empty():
+    from affmae.ops.linear.kernel import colsum
+
+    out = colsum(torch.empty(0, 17, dtype=torch.bfloat16))
+    return {"dtype": str(out.dtype), "shape": list(out.shape), "zeros": bool((out == 0).all())}
+
+
+def _worker(path: str) -> None:
+    """Run every interpreter case (the caller sets TRITON_INTERPRET=1) and write JSON."""
+    jobs = {f"colsum_{name}": (lambda spec=spec: _colsum_case(*spec))
+            for name, spec in COLSUM_CASES.items()}
+    jobs.update({f"linear_{name}": (lambda kw=kw: compare_linear(**kw))
+                 for name, kw in LINEAR_CASES.items()})
+    write_results(path, {**jobs, "colsum_empty": _colsum_empty})
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory):
+    return run_interpreter(__file__, tmp_path_factory.mktemp("interp"), timeout=300)
+
+
+@pytest.mark.parametrize("case", list(COLSUM_CASES))
+def test_interpreter_colsum_matches_float64(interpreter_results, case):
+    assert_three_way(result(interpreter_results, f"colsum_{case}"), case)
+
+
+def test_interpreter_colsum_of_no_rows_is_zeros(interpreter_results):
+    got = result(interpreter_results, "colsum_empty")
+    assert got == {"dtype": "torch.float32", "shape": [17], "zeros": True}, got
+
+
+def _check_linear(r: dict, case: str) -> None:
+    for name in ("y", "dx", "dw"):
+        assert r[name], f"{case}: {name} is not bitwise (or in dtype) nn.Linear's"
+    assert r["none"], f"{case}: gradients of inputs that need none are not None (or vice versa)"
+    if "db_rows" in r:
+        assert r["db_dtype"] == "torch.float32", f"{case}: db dtype {r['db_dtype']}"
+        assert_three_way(r["db_rows"], case)
+        err_k, err_ref = r["db_rows"]["db"][:2]
+        # the float32 sum, rounded once to float32, against torch's rounded to bf16 / fp16
+        assert not r["half_precision"] or err_k <= 0.1 * err_ref, (
+            f"{case}: db error {err_k:.3e} is not well below torch's {err_ref:.3e}")
+
+
+@pytest.mark.parametrize("case", list(LINEAR_CASES))
+def test_interpreter_linear_matches_nn_linear(interpreter_results, case):
+    _check_linear(result(interpreter_results, f"linear_{case}"), case)
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process CPU tests (no kernel launch)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dict_loads_both_ways(bias):
+    ref, mod = torch.nn.Linear(6, 5, bias=bias), Linear(6, 5, bias=bias)
+    assert list(mod.state_dict()) == list(ref.state_dict())
+    mod.load_state_dict(ref.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(mod.parameters(), ref.parameters()))
+    other = torch.nn.Linear(6, 5, bias=bias)
+    other.load_state_dict(mod.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), mod.parameters()))
+
+
+def test_backend_is_validated():
+    with pytest.raises(ValueError, match="'cuda'"):
+        Linear(4, 3, backend="cuda")
+    with pytest.raises(ValueError, match="'fast'"):
+        linear(torch.zeros(2, 4), torch.zeros(3, 4), backend="fast")
+    assert "backend=triton" in repr(Linear(4, 3, backend="triton"))
+
+
+def test_auto_on_cpu_is_f_linear_without_triton(monkeypatch):
+    """On CPU "auto" is F.linear, bit for bit, and never imports the Triton side."""
+    for name in ("triton", "affmae.ops.linear.function", "affmae.ops.linear.kernel"):
+        monkeypatch.setitem(sys.modules, name, None)  # any import of them now raises
+    torch.manual_seed(0)
+    mod = Linear(24, 40)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y, want = mod(x), F.linear(x, mod.weight, mod.bias)
+            y_fn = linear(x, mod.weight, mod.bias)
+        assert torch.equal(y, want) and torch.equal(y_fn, want), f"autocast={amp}: not F.linear's"
+        (dx,) = torch.autograd.grad(y.float().sum(), x)
+        (dx_want,) = torch.autograd.grad(want.float().sum(), x)
+        assert torch.equal(dx, dx_want), f"autocast={amp}: dx differs from F.linear's"
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="not CUDA"):
+        Linear(4, 3, backend="triton")(torch.zeros(2, 4))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the dtype is checked before Triton is imported
+    with pytest.raises(RuntimeError, match="float64"):
+        linear(torch.zeros(2, 4).double(), torch.zeros(3, 4).double(), backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU tests (full size)
+# ------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# (input shape, out features): the bias gradients of the profile, (M, N) = (32768, 384),
+# (32768, 1536), (5248, 1152), (2176, 72); the first two as (B, N, C) token tensors
+FULL = [((16, 2048, 384), 384), ((16, 2048, 384), 1536), ((5248, 384), 1152), ((2176, 96), 72)]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape,n_out", FULL, ids=[f"{s}->{n}" for s, n in FULL])
+def test_gpu_full_size_matches_nn_linear(shape, n_out, dtype):
+    _check_linear(compare_linear(shape, n_out, autocast=dtype, device="cuda"), f"{shape} {dtype}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", [(32768, 384), (65536, 1536), (13184, 192), (2176, 512)])
+def test_gpu_colsum_matches_float64_and_repeats(shape):
+    from affmae.ops.linear.kernel import colsum
+
+    g = torch.randn(*shape, device="cuda").bfloat16()
+    assert_three_way(colsum_rows(g, colsum), f"{shape}")
+    assert torch.equal(colsum(g), colsum(g)), f"{shape}: two runs differ"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_auto_uses_the_function_in_eager_only(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from affmae.ops.linear import function
+
+    calls = []
+    orig = function.LinearFunction.apply
+    monkeypatch.setattr(function.LinearFunction, "apply",
+                        lambda *a: calls.append(1) or orig(*a))
+    mod = Linear(64, 32).cuda()
+    x = torch.randn(4, 64, device="cuda")
+    mod(x)
+    assert calls == [1], "auto did not use the Function on CUDA"
+    with FlopCounterMode(display=False):
+        mod(x)
+    assert calls == [1], "auto used the Function under FlopCounterMode"
+    mod(torch.randn(4, 2, 64, device="cuda").transpose(0, 1))  # non-contiguous 3-D: F.linear's fold
+    with torch.no_grad():
+        mod(x)
+    mod.bias.requires_grad_(False)
+    mod(x)
+    Linear(64, 32, bias=False).cuda()(x)
+    assert calls == [1], "auto used the Function for a non-contiguous 3-D input or without db"
+    mod.bias.requires_grad_(True)
+    mod.double()(x.double())
+    assert calls == [1], "auto used the Function for float64"
+
+
+def _mlp(backend: str) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(Linear(96, 384, backend=backend), torch.nn.GELU(),
+                               Linear(384, 96, backend=backend)).cuda()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_torch_compile_matches_eager():
+    x = torch.randn(8, 300, 96, device="cuda")
+    results = []
+    for compiled in (False, True):
+        model = _mlp("auto")
+        fn = torch.compile(model, fullgraph=True) if compiled else model
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(x)
+        y.float().square().mean().backward()
+        results.append([y.detach().float()] + [p.grad for p in model.parameters()])
+    for i, (e, c) in enumerate(zip(*results)):
+        torch.testing.assert_close(c, e, rtol=2e-2, atol=2e-3,
+                                   msg=lambda s, i=i: f"compiled output/grad {i}: {s}")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_graph_capture_of_forward_and_backward():
+    model = _mlp("triton")
+    x = torch.randn(4, 512, 96, device="cuda")
+    g = torch.randn(4, 512, 96, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = model(x)
+        y.backward(g.bfloat16())
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles the kernels) off the capture stream
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    eager_y = step().detach().clone()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager_y), "replayed output differs from eager"
+    for i, (p, want) in enumerate(zip(model.parameters(), eager_grads)):
+        assert torch.equal(p.grad, want), f"replayed gradient {i} differs from eager"
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2])
