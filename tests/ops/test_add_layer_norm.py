@@ -113,36 +113,40 @@ def test_drop_path_factors_are_forward_draws():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n,rows", [(384, 2048), (96, 2048), (512, 136)])
-def test_gpu_full_size_matches_plain_code(n, rows):
-    """Model sizes (16 images): the kernel against the plain PyTorch code, bf16 autocast, drop
-    path on, the residual gradient given."""
+def test_gpu_full_size_three_way(n, rows):
+    """Model sizes (16 images), drop path on, the residual gradient given: the kernel against
+    float64 within the three-way rule of the plain PyTorch code's error. (A direct kernel-vs-
+    plain-code bound failed on d_weight: the plain code rounds the dropped-path branch to bf16
+    before the add, the kernel does not, and d_weight sums that difference over 32k rows.)"""
+    from kernel_checks import assert_three_way, error_rows
+
     torch.manual_seed(0)
-    ln = FusedLayerNorm(n, backend="triton").cuda()
-    ref = FusedLayerNorm(n, backend="torch").cuda()
-    ref.load_state_dict(ln.state_dict())
-    dp = DropPath(0.3).train()
+    p = 0.3
     x = torch.randn(16, rows, n, device="cuda") * 3 + 1
     br = torch.randn(16, rows, n, device="cuda").bfloat16()
-    gy = torch.randn(16, rows, n, device="cuda").bfloat16()
-    gs = torch.randn(16, rows, n, device="cuda")
-    res = []
-    for m in (ln, ref):
+    w, b = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    gy, gs = torch.randn(16, rows, n, device="cuda"), torch.randn(16, rows, n, device="cuda")
+    dp = DropPath(p).train()
+    outs = {}
+    for backend in ("torch", "triton", "exact"):
+        ln = FusedLayerNorm(n, backend="torch" if backend == "exact" else backend).cuda()
+        ln.weight.data.copy_(w)
+        ln.bias.data.copy_(b)
         xa, ba = x.clone().requires_grad_(), br.clone().requires_grad_()
-        torch.manual_seed(1)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            s, y = m.residual(xa, ba, dp)
-        torch.autograd.backward([s, y], [gs, gy.to(y.dtype)])
-        res.append((s, y.float(), xa.grad, ba.grad.float(), m.weight.grad, m.bias.grad))
-    (s, y, dx, db_, dw, dbias), (s_r, y_r, dx_r, db_r, dw_r, dbias_r) = res
-    assert y.dtype == torch.float32  # compared in float32; the kernel's own output is bf16
-    # the plain code applies drop path in bf16 (DropPath), the kernel in float32: s and y
-    # differ by a bf16 rounding of the branch at most
-    torch.testing.assert_close(s, s_r, rtol=2 ** -7, atol=2 ** -7 * 4)
-    torch.testing.assert_close(y, y_r, rtol=2 ** -6, atol=2 ** -6)
-    torch.testing.assert_close(dx, dx_r, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(db_, db_r, rtol=2 ** -6, atol=2 ** -6)
-    torch.testing.assert_close(dw, dw_r, rtol=1e-2, atol=1e-1)
-    torch.testing.assert_close(dbias, dbias_r, rtol=1e-2, atol=1e-1)
+        torch.manual_seed(1)  # the drop-path draw
+        if backend == "exact":
+            keep = dp._keep(br).double() / (1.0 - p)
+            ln = ln.double()
+            xa, ba = x.double().requires_grad_(), br.double().requires_grad_()
+            s = xa + ba * keep
+            y = ln(s)
+        else:
+            s, y = ln.residual(xa, ba, dp)
+        torch.autograd.backward([y, s], [gy.to(y.dtype), gs.to(s.dtype)])
+        outs[backend] = [s.detach(), y.detach(), xa.grad, ba.grad, ln.weight.grad, ln.bias.grad]
+    rows_ = error_rows(["s", "y", "dx", "dbranch", "dweight", "dbias"], outs["exact"],
+                       outs["torch"], outs["triton"])
+    assert_three_way(rows_, f"({rows}, {n})")
 
 
 @pytest.mark.gpu
