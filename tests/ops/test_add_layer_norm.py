@@ -12,28 +12,26 @@ from affmae.layers.common import DropPath
 from affmae.ops.layer_norm import FusedLayerNorm
 from kernel_checks import interpret
 
-_SNIPPET = r"""
-import json, torch
-import torch.nn.functional as F
-from kernel_checks import error_rows, three_way_failures
-from affmae.layers.common import DropPath
-from affmae.ops.layer_norm import FusedLayerNorm, kernel
+def residual_case(shape, x_dt, br_dt, p, with_ds, device="cpu", seed=0) -> list[str]:
+    """``FusedLayerNorm.residual`` on the Triton backend and on PyTorch against float64, for one
+    shape: the three-way rule's failures (empty when it holds). Runs on CPU only under the
+    interpreter (the snippet below), or on CUDA."""
+    from kernel_checks import error_rows, three_way_failures
 
-def case(shape, x_dt, br_dt, p, with_ds, progs=1024, seed=0):
-    kernel._PROGS_BWD = progs
     torch.manual_seed(seed)
     N = shape[-1]
-    x = (torch.randn(shape) * 2 + 0.5).to(x_dt)
-    br = torch.randn(shape).to(br_dt)
-    w, b = torch.randn(N), torch.randn(N)
+    x = (torch.randn(shape, device=device) * 2 + 0.5).to(x_dt)
+    br = torch.randn(shape, device=device).to(br_dt)
+    w, b = torch.randn(N, device=device), torch.randn(N, device=device)
     s_dt = torch.promote_types(x_dt, br_dt)
-    gy = torch.randn(shape).to(s_dt)
-    gs = torch.randn(shape).to(s_dt) if with_ds else None
+    gy = torch.randn(shape, device=device).to(s_dt)
+    gs = torch.randn(shape, device=device).to(s_dt) if with_ds else None
     dp = DropPath(p).train()
     outs = {}
     for backend in ("torch", "triton", "exact"):
-        ln = FusedLayerNorm(N, backend="torch" if backend == "exact" else backend)
-        ln.weight.data.copy_(w); ln.bias.data.copy_(b)
+        ln = FusedLayerNorm(N, backend="torch" if backend == "exact" else backend).to(device)
+        ln.weight.data.copy_(w)
+        ln.bias.data.copy_(b)
         xa, ba = x.clone().requires_grad_(), br.clone().requires_grad_()
         torch.manual_seed(seed + 1)  # the drop-path draw
         if backend == "exact":
@@ -50,6 +48,18 @@ def case(shape, x_dt, br_dt, p, with_ds, progs=1024, seed=0):
     names = ["s", "y", "dx", "dbranch", "dweight", "dbias"]
     rows = error_rows(names, outs["exact"], outs["torch"], outs["triton"])
     return three_way_failures(rows, f"{shape} {x_dt} {br_dt} p={p} ds={with_ds}")
+
+
+_SNIPPET = r"""
+import json, torch
+import torch.nn.functional as F
+from affmae.ops.layer_norm import FusedLayerNorm, kernel
+
+from test_add_layer_norm import residual_case
+
+def case(shape, x_dt, br_dt, p, with_ds, progs=1024):
+    kernel._PROGS_BWD = progs
+    return residual_case(shape, x_dt, br_dt, p, with_ds)
 
 bad = []
 bad += case((2, 37, 96), torch.float32, torch.bfloat16, 0.3, True)
@@ -118,35 +128,8 @@ def test_gpu_full_size_three_way(n, rows):
     float64 within the three-way rule of the plain PyTorch code's error. (A direct kernel-vs-
     plain-code bound failed on d_weight: the plain code rounds the dropped-path branch to bf16
     before the add, the kernel does not, and d_weight sums that difference over 32k rows.)"""
-    from kernel_checks import assert_three_way, error_rows
-
-    torch.manual_seed(0)
-    p = 0.3
-    x = torch.randn(16, rows, n, device="cuda") * 3 + 1
-    br = torch.randn(16, rows, n, device="cuda").bfloat16()
-    w, b = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-    gy, gs = torch.randn(16, rows, n, device="cuda"), torch.randn(16, rows, n, device="cuda")
-    dp = DropPath(p).train()
-    outs = {}
-    for backend in ("torch", "triton", "exact"):
-        ln = FusedLayerNorm(n, backend="torch" if backend == "exact" else backend).cuda()
-        ln.weight.data.copy_(w)
-        ln.bias.data.copy_(b)
-        xa, ba = x.clone().requires_grad_(), br.clone().requires_grad_()
-        torch.manual_seed(1)  # the drop-path draw
-        if backend == "exact":
-            keep = dp._keep(br).double() / (1.0 - p)
-            ln = ln.double()
-            xa, ba = x.double().requires_grad_(), br.double().requires_grad_()
-            s = xa + ba * keep
-            y = ln(s)
-        else:
-            s, y = ln.residual(xa, ba, dp)
-        torch.autograd.backward([y, s], [gy.to(y.dtype), gs.to(s.dtype)])
-        outs[backend] = [s.detach(), y.detach(), xa.grad, ba.grad, ln.weight.grad, ln.bias.grad]
-    rows_ = error_rows(["s", "y", "dx", "dbranch", "dweight", "dbias"], outs["exact"],
-                       outs["torch"], outs["triton"])
-    assert_three_way(rows_, f"({rows}, {n})")
+    bad = residual_case((16, rows, n), torch.float32, torch.bfloat16, 0.3, True, device="cuda")
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.gpu
