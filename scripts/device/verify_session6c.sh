@@ -4,14 +4,8 @@
 # eager run-to-run spread), the aff_small Triton-backend training step, then the kernels
 # (interpolation weights, merge weights, point gather with shared slots and in-row slot
 # merging, int32 cell tables). Results in OUT/all.tgz.
-set -u
 OUT=${1:?OUT}
-R=$OUT/r
-mkdir -p "$R"
-pack() { tar czf "$OUT/all.tgz" -C "$OUT" r; }
-t() { local lim=$1; shift; echo "== $*" >> "$R/gpu_tests.txt"
-  timeout "$lim" python -m pytest -q -m gpu -p no:cacheprovider --tb=short "$@" >> "$R/gpu_tests.txt" 2>&1
-  echo "rc=$?" >> "$R/gpu_tests.txt"; pack; }
+source "$(dirname "$0")/lib.sh"
 t 130 tests/train/test_pretrain.py -k graphed_loss_gradients
 t 40 tests/ops/test_interpolate_weights.py tests/ops/test_merge_weights.py tests/ops/test_cell_table.py
 t 60 tests/ops/test_point_gather.py -k "model_shapes or (full_size and atomic) or compile or auto"

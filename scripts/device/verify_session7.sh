@@ -4,14 +4,8 @@
 # dispatch), the whole aff_small step Triton vs reference; then where the block code's time goes:
 # kernels per step and device time by op and owner, aff_small and vit_small at 512 px.
 # Usage: bash scripts/device/verify_session7.sh OUT
-set -u
 OUT=${1:?OUT}
-R=$OUT/r
-mkdir -p "$R"
-pack() { tar czf "$OUT/all.tgz" -C "$OUT" r; }
-t() { local lim=$1; shift; echo "== $*" >> "$R/gpu_tests.txt"
-  timeout "$lim" python -m pytest -q -m gpu -p no:cacheprovider --tb=short "$@" >> "$R/gpu_tests.txt" 2>&1
-  echo "rc=$?" >> "$R/gpu_tests.txt"; pack; }
+source "$(dirname "$0")/lib.sh"
 t 150 tests/ops/test_interpolate_weights.py tests/ops/test_merge_weights.py tests/ops/test_layer_norm.py
 t 120 tests/ops/test_cluster_attention_triton.py -k "training_step_matches or auto_backend"
 grep -E "^==|passed|failed|rc=|Error" "$R/gpu_tests.txt"

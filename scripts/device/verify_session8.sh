@@ -9,14 +9,8 @@
 # --cuda-graph --profile --profile-ops 12`) and the memory bench (`python -m affmae.bench.memory
 # --models aff_small vit_small --resolutions 512 --batch 2 --device cuda`).
 # Usage: bash scripts/device/verify_session8.sh OUT
-set -u
 OUT=${1:?OUT}
-R=$OUT/r
-mkdir -p "$R"
-pack() { tar czf "$OUT/all.tgz" -C "$OUT" r; }
-t() { local lim=$1; shift; echo "== $*" >> "$R/gpu_tests.txt"
-  timeout "$lim" python -m pytest -q -m gpu -p no:cacheprovider --tb=short "$@" >> "$R/gpu_tests.txt" 2>&1
-  echo "rc=$?" >> "$R/gpu_tests.txt"; pack; }
+source "$(dirname "$0")/lib.sh"
 t 200 tests/ops/test_add_layer_norm.py tests/ops/test_layer_norm.py
 t 200 tests/train/test_pretrain.py -k graphed_loss_gradients
 t 100 tests/ops/test_cluster_attention_triton.py -k training_step_matches
