@@ -7,11 +7,15 @@
 # pred_ratio, CrossMAE). A second call, chained while the machine is warm (Triton cache
 # filled), can then run the profile (`affmae bench --models aff_small --resolutions 512
 # --cuda-graph --profile --profile-ops 12`) and the memory bench (`python -m affmae.bench.memory
-# --models aff_small vit_small --resolutions 512 --batch 2 --device cuda`).
+# --models aff_small vit_small --resolutions 512 --batch 2 --device cuda`) and the opt-in
+# "window" d_table of the decoder's point gather against the default (`affmae bench --models
+# aff_small --resolutions 512 768 --cuda-graph`, with and without
+# AFFMAE_POINT_GATHER_DTABLE=window; `python -m affmae.bench.point_gather --no-sweep` for the op).
 # Usage: bash scripts/device/verify_session8.sh OUT
 OUT=${1:?OUT}
 source "$(dirname "$0")/lib.sh"
 t 200 tests/ops/test_add_layer_norm.py tests/ops/test_layer_norm.py
+t 120 tests/ops/test_point_gather.py -k window
 t 200 tests/train/test_pretrain.py -k graphed_loss_gradients
 t 100 tests/ops/test_cluster_attention_triton.py -k training_step_matches
 t 100 tests/train/test_finetune.py

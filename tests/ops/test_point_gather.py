@@ -105,6 +105,18 @@ CASES = {
     "shared_atomic_f24_k3_fp32_j3": (dict(SMALL, Pt=3, K=3, F=24, shared=True), "fp32", "atomic"),
     "shared_sorted_f32_k4_fp16_duplicates": (dict(SMALL, K=4, F=32, shared=True, duplicates=True),
                                              "fp16", "sorted"),
+    # d_table summed over a window of table rows per program (one matmul) before the atomics:
+    # all slots in the window (Nk = 13), most past it (Nk = 300: the direct-atomic path), the
+    # decoder's folded rows (16 slots over 5 rows), Pt = 3 (programs split a query's points),
+    # and shared slots (which take the atomic shared kernel).
+    "window_f24_k3_fp32": (dict(SMALL, K=3, F=24), "fp32", "window"),
+    "window_f64_k4_bf16_wide_table": (dict(B=2, Nq=40, Nk=300, H=2, Pt=2, K=4, F=64), "bf16",
+                                      "window"),
+    "window_f16_k16_fp32_repeats": (dict(B=1, Nq=11, Nk=5, H=2, Pt=1, K=16, F=16), "fp32",
+                                    "window"),
+    "window_f32_k4_fp16_pt3_duplicates": (dict(SMALL, Pt=3, K=4, F=32, duplicates=True), "fp16",
+                                          "window"),
+    "window_shared_f24_k3_fp32": (dict(SMALL, Pt=3, K=3, F=24, shared=True), "fp32", "window"),
 }
 
 
@@ -287,7 +299,7 @@ FULL = dict(B=16, Nq=2048, Nk=2048, H=6, Pt=4, K=4, F=64)
 @gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("nk", [2048, 130])
-@pytest.mark.parametrize("dtable", ["sorted", "atomic"])
+@pytest.mark.parametrize("dtable", ["sorted", "atomic", "window"])
 def test_gpu_full_size_matches_reference(dtype, nk, dtable):
     from affmae.ops.point_gather.function import gather_weighted_triton
 

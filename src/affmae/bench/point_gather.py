@@ -16,7 +16,9 @@ on) also times the raw Triton kernels (no autograd) over row tiles and launch wi
 ``--step`` also times a whole aff_small training step (512 px, bf16 autocast, mask ratio 0.5,
 ``affmae.bench.step``) with the decoder's gather on each backend (``AFFMAE_POINT_GATHER_BACKEND``).
 Implementations: ``triton`` (the default: d_table by float32 atomics), ``triton_sorted``
-(d_table by sort + segment sums, deterministic), ``torch`` (the ``embedding_bag`` reference). Slots two ways:
+(d_table by sort + segment sums, deterministic), ``triton_window`` (d_table summed over a window
+of table rows per program before the atomics; opt-in, not yet measured), ``torch`` (the
+``embedding_bag`` reference). Slots two ways:
 "random" (uniform in [0, Nk)) and "local" (slot of query q near q * Nk / Nq, +-3: neighbouring
 rows share table rows, as the decoder's spatially local neighbours do; the worst case for atomics).
 Results: docs/BENCHMARKS.md, section "Decoder point gather kernel".
@@ -104,7 +106,7 @@ def step_times(batch: int, steps: int = 10) -> dict:
     old = {k: os.environ.get(k) for k in ("AFFMAE_POINT_GATHER_BACKEND", "AFFMAE_POINT_GATHER_DTABLE")}
     try:
         for backend, dtable in (("torch", "atomic"), ("triton", "sorted"), ("triton", "atomic"),
-                                ("torch", "atomic")):  # torch again: drift between runs
+                                ("triton", "window"), ("torch", "atomic")):  # torch again: drift
             os.environ["AFFMAE_POINT_GATHER_BACKEND"] = backend
             os.environ["AFFMAE_POINT_GATHER_DTABLE"] = dtable
             torch.manual_seed(0)
@@ -141,6 +143,7 @@ def run(batch: int, do_sweep: bool, out_path: str | None, do_step: bool = False)
     impls = {
         "triton": lambda t, s, w: gather_weighted(t, s, w, backend="triton"),
         "triton_sorted": lambda t, s, w: gather_weighted_triton(t, s, w, dtable="sorted"),
+        "triton_window": lambda t, s, w: gather_weighted_triton(t, s, w, dtable="window"),
         "torch": gather_weighted_ref,
     }
     for slots in ("local", "random"):

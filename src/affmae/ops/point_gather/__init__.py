@@ -8,10 +8,13 @@ share one signature and compute the same function (``reference.py`` is the speci
 "auto" uses Triton on CUDA tensors when it can and otherwise the reference; ``why_not_triton``
 says why it refused, and "auto" warns with that reason when it falls back on CUDA tensors.
 The environment variable ``AFFMAE_POINT_GATHER_BACKEND`` overrides "auto" for users, and
-``AFFMAE_POINT_GATHER_DTABLE`` ("atomic" or "sorted") picks how the Triton backward forms d_table.
-Unset, it is "atomic" (float32 atomics: faster, not bitwise repeatable), or "sorted" (sort +
-segment sums: deterministic) while ``torch.are_deterministic_algorithms_enabled()``. If a user
-sets "atomic" under deterministic algorithms, "auto" takes the reference ("triton" still runs it).
+``AFFMAE_POINT_GATHER_DTABLE`` ("atomic", "sorted" or "window") picks how the Triton backward
+forms d_table. Unset, it is "atomic" (float32 atomics: faster, not bitwise repeatable), or
+"sorted" (sort + segment sums: deterministic) while ``torch.are_deterministic_algorithms_enabled()``.
+"window" (not repeatable either) sums each program's contributions to a window of nearby table
+rows with one float32 matmul first, so contended rows get fewer atomics; it is opt-in until it
+is measured on a GPU. If a user sets "atomic" or "window" under deterministic algorithms, "auto"
+takes the reference ("triton" still runs it).
 
 Files: ``reference.py`` (specification, CPU path), ``kernel.py`` (Triton kernels and launchers),
 ``function.py`` (custom ops with FLOP formulas, the autograd Function, ``gather_weighted_triton``).
@@ -30,7 +33,7 @@ from affmae.ops.point_gather.reference import gather_weighted_ref
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "AFFMAE_POINT_GATHER_BACKEND"
 DTABLE_ENV_VAR = "AFFMAE_POINT_GATHER_DTABLE"
-DTABLE_MODES = ("atomic", "sorted")
+DTABLE_MODES = ("atomic", "sorted", "window")
 
 
 def dtable_mode() -> str:
@@ -65,7 +68,7 @@ def resolve_backend(backend: str, table: torch.Tensor, sel: torch.Tensor) -> str
     if backend == "auto":
         if not table.is_cuda or not package_kernels():
             return "torch"
-        if torch.are_deterministic_algorithms_enabled() and dtable_mode() == "atomic":
+        if torch.are_deterministic_algorithms_enabled() and dtable_mode() != "sorted":
             return "torch"  # documented above: atomic d_table is not bitwise repeatable
         reason = why_not_triton(table, sel)
         if reason:

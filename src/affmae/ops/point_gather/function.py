@@ -46,7 +46,8 @@ def _fwd_fake(table, sel, weights):
 def point_gather_bwd(do: Tensor, table: Tensor, sel: Tensor, weights: Tensor,
                      need_table: bool, need_weights: bool, dtable: str) -> tuple[Tensor, Tensor]:
     """Backward: d_table (table's shape and dtype) and d_weights (weights' shape and dtype); a
-    gradient not asked for is an empty tensor. ``dtable``: "atomic" or "sorted" (kernel.py)."""
+    gradient not asked for is an empty tensor. ``dtable``: "atomic", "sorted" or "window"
+    (kernel.py)."""
     return kernel.gather_backward(do, table, sel, weights, need_table, need_weights, dtable)
 
 

@@ -203,6 +203,59 @@ def _bwd_shared_kernel(
                           tl.sum(w[:, :, None] * do, 1), mask=m2, sem="relaxed")
 
 
+@triton.jit(do_not_specialize=["Nq", "Nk", "H", "Pt"])
+def _bwd_window_kernel(
+    T, SEL, W, DO, DT32, DW, Nq, Nk, H, Pt, stb, stn, sth, sdb, sdn, sdh,
+    F: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+    WIN: tl.constexpr, NEED_DW: tl.constexpr,
+):
+    # "window" d_table: one program per BLOCK_R consecutive (query, point) rows of one (b, h).
+    # Their entries mostly land in a few nearby table rows (queries in curve order, sampling
+    # points near the query), so the contributions to the WIN table rows from the smallest slot
+    # on are summed first, A (WIN, BLOCK_R) @ dO (BLOCK_R, F) with A[i, j] = sum of row j's
+    # weights on slot lo + i (float32 products and sums, no TF32), and each of those table rows
+    # gets one float32 atomic add per feature; entries past the window add directly. d_weights
+    # as in _bwd_kernel.
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    j = pid_q * BLOCK_R + tl.arange(0, BLOCK_R)  # (query, point) index within (b, h)
+    j_ok = j < Nq * Pt
+    q = j // Pt
+    r64 = (((b * Nq + q) * H + h) * Pt + j % Pt).to(tl.int64)  # flat row (b, q, h, p)
+    rf = tl.arange(0, BLOCK_F)
+    rf_ok = rf < F
+    m2 = j_ok[:, None] & rf_ok[None, :]
+    do = tl.load(DO + r64[:, None] * F + rf[None, :], mask=m2, other=0.0).to(tl.float32)
+    base = b.to(tl.int64) * stb + h.to(tl.int64) * sth
+    dbase = b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+    big = 2**62
+    s = tl.load(SEL + r64 * K, mask=j_ok, other=0).to(tl.int64)
+    lo = tl.min(tl.where(j_ok, s, big), 0)  # smallest slot of the program's entries
+    for k in tl.static_range(1, K):
+        s = tl.load(SEL + r64 * K + k, mask=j_ok, other=0).to(tl.int64)
+        lo = tl.minimum(lo, tl.min(tl.where(j_ok, s, big), 0))
+    win = lo + tl.arange(0, WIN).to(tl.int64)  # (WIN,) table rows of the window
+    a = tl.zeros([WIN, BLOCK_R], tl.float32)
+    hit = tl.zeros([WIN], tl.int32)
+    for k in tl.static_range(K):
+        s = tl.load(SEL + r64 * K + k, mask=j_ok, other=0).to(tl.int64)
+        w = tl.load(W + r64 * K + k, mask=j_ok, other=0.0).to(tl.float32)
+        if NEED_DW:
+            t = tl.load(T + (base + s * stn)[:, None] + rf[None, :], mask=m2, other=0.0)
+            tl.store(DW + r64 * K + k, tl.sum(do * t.to(tl.float32), 1), mask=j_ok)
+        on = (s[None, :] == win[:, None]) & j_ok[None, :]  # (WIN, BLOCK_R)
+        a += tl.where(on, w[None, :], 0.0)
+        hit += tl.sum(on.to(tl.int32), 1)
+        out = j_ok & (s - lo >= WIN)  # entries past the window: direct atomics
+        tl.atomic_add(DT32 + (dbase + s * sdn)[:, None] + rf[None, :], w[:, None] * do,
+                      mask=out[:, None] & rf_ok[None, :], sem="relaxed")
+    d = tl.dot(a, do, input_precision="ieee")  # (WIN, BLOCK_F) float32
+    tl.atomic_add(DT32 + (dbase + win * sdn)[:, None] + rf[None, :], d,
+                  mask=(hit > 0)[:, None] & rf_ok[None, :], sem="relaxed")
+
+
 @triton.jit
 def _dtable_sorted_kernel(
     PERM, OFF, W, DO, DT, K,
@@ -313,7 +366,8 @@ def gather_forward(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor
     return out
 
 
-DTABLE_MODES = ("atomic", "sorted")
+DTABLE_MODES = ("atomic", "sorted", "window")
+_WINDOW = dict(BLOCK_R=32, WIN=64)  # "window" d_table: rows per program, table rows per window
 
 
 def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor,
@@ -323,8 +377,10 @@ def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, we
     """Backward kernels: d_table (B, Nk, H, F) in table's dtype and d_weights (B, Nq, H, Pt, K)
     in weights' dtype. A gradient not needed comes back as an empty tensor of its dtype.
 
-    ``dtable``: "atomic" (float32 atomics from the row-major kernel, default) or "sorted"
-    (entries grouped by table row with a stable sort, one segment sum per row: deterministic).
+    ``dtable``: "atomic" (float32 atomics from the row-major kernel, default), "sorted"
+    (entries grouped by table row with a stable sort, one segment sum per row: deterministic)
+    or "window" (each program sums its rows' contributions to a window of table rows with one
+    matmul before the atomics; shared slot lists take "atomic"'s shared kernel).
     """
     if dtable not in DTABLE_MODES:
         raise ValueError(f"dtable must be one of {DTABLE_MODES}, got {dtable!r}")
@@ -338,7 +394,7 @@ def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, we
     do = _contig(do)
     R = B * Nq * H * Pt
     dev = table.device
-    atomic = need_table and dtable == "atomic"
+    atomic = need_table and dtable in ("atomic", "window")  # both add into a float32 buffer
     dt32 = torch.zeros(B, Nk, H, F, device=dev, dtype=torch.float32) if atomic else None
     dw = torch.empty(weights.shape, device=dev, dtype=torch.float32) if need_weights else None
     if J:
@@ -355,7 +411,16 @@ def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, we
         return _finish(do, table, sel_full, weights, dt32, dw, need_table, need_weights, atomic,
                        B, Nk, H, F, p["BLOCK_F"])
     p = _launch_params(F, K, block_rows, num_warps)
-    if R > 0 and (atomic or need_weights):
+    if R > 0 and atomic and dtable == "window":
+        placeholder = do
+        w_p = dict(_WINDOW, BLOCK_R=block_rows or _WINDOW["BLOCK_R"])
+        _bwd_window_kernel[(triton.cdiv(Nq * Pt, w_p["BLOCK_R"]), B * H)](
+            table, sel, weights, do, dt32, placeholder if dw is None else dw, Nq, Nk, H, Pt,
+            table.stride(0), table.stride(1), table.stride(2), Nk * H * F, H * F, F,
+            F=F, K=K, BLOCK_F=p["BLOCK_F"], NEED_DW=need_weights, num_warps=num_warps or 4,
+            **w_p,
+        )
+    elif R > 0 and (atomic or need_weights):
         placeholder = do  # pointer argument for a disabled output (never written)
         _bwd_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
             table, sel, weights, do, placeholder if dt32 is None else dt32,
