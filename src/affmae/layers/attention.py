@@ -14,8 +14,8 @@ from torch.profiler import record_function
 
 from affmae.ops.cluster_attention import cluster_attention, resolve_backend
 from affmae.ops.clustering import Clustering
-from affmae.ops.relpos import NUM_RELPOS_FEATURES
 from affmae.ops.linear import Linear
+from affmae.ops.relpos import NUM_RELPOS_FEATURES
 
 
 class ClusterAttention(nn.Module):

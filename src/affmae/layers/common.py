@@ -7,8 +7,8 @@ import math
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from affmae.ops.linear import Linear
 
+from affmae.ops.linear import Linear
 
 
 class Mlp(nn.Module):

@@ -24,8 +24,8 @@ from affmae.ops import point_gather
 from affmae.ops.clustering import Clustering
 from affmae.ops.dispatch import package_kernels, plain_eager, triton_device
 from affmae.ops.layer_norm import FusedLayerNorm
-from affmae.ops.relpos import NUM_RELPOS_FEATURES, relpos_features
 from affmae.ops.linear import Linear
+from affmae.ops.relpos import NUM_RELPOS_FEATURES, relpos_features
 
 NUM_MERGE_WEIGHTS = 4
 

@@ -23,8 +23,8 @@ from affmae.layers.block import AFFBlock
 from affmae.layers.common import check_grad_checkpoint, checkpoints, init_weights, run_block
 from affmae.layers.merge import TokenMerging
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
-from affmae.ops.patches import grid_positions, patchify
 from affmae.ops.linear import Linear
+from affmae.ops.patches import grid_positions, patchify
 
 
 @dataclass(frozen=True)

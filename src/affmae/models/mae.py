@@ -25,9 +25,9 @@ from affmae.models.aff import AFFConfig, AFFEncoder, TokenSet
 from affmae.models.registry import register_model, replace_config
 from affmae.ops.clustering import gather_tokens
 from affmae.ops.layer_norm import FusedLayerNorm
+from affmae.ops.linear import Linear
 from affmae.ops.masking import mask_indices, sample_queries
 from affmae.ops.patches import grid_positions, patchify, unpatchify
-from affmae.ops.linear import Linear
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from torch import nn
 
 from affmae.layers.common import init_weights
 from affmae.ops.layer_norm import FusedLayerNorm
+from affmae.ops.linear import Linear
 from affmae.ops.patches import unpatchify
 from affmae.models.registry import create_model, read_checkpoint, register_model, replace_config
-from affmae.ops.linear import Linear
 
 
 @dataclass(frozen=True)

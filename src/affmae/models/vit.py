@@ -40,10 +40,10 @@ from torch.profiler import record_function
 from affmae.layers.common import (DropPath, Mlp, check_grad_checkpoint, checkpoints,
                                   init_weights, run_block, sincos_embed_2d)
 from affmae.ops.layer_norm import FusedLayerNorm
+from affmae.ops.linear import Linear
 from affmae.ops.patches import grid_positions, patchify, unpatchify
 from affmae.models.registry import register_model, replace_config
 from affmae.ops.masking import mask_indices, sample_queries
-from affmae.ops.linear import Linear
 
 DECODERS = ("mae", "cross")
 

@@ -39,6 +39,9 @@ def triton_device(t: Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter is a subclass that changes nothing here
+
+
 def plain_eager(*tensors: Tensor) -> bool:
     """True when no compiler, dispatch mode (e.g. FlopCounterMode), functorch transform or
     tensor subclass needs to see the custom op."""
@@ -48,6 +51,3 @@ def plain_eager(*tensors: Tensor) -> bool:
         and not torch._C._are_functorch_transforms_active()
         and all(type(t) in _PLAIN for t in tensors)
     )
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter is a subclass that changes nothing here
