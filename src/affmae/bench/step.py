@@ -28,7 +28,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 def make_optimizer(model: torch.nn.Module, lr: float = 1.0e-4, weight_decay: float = 0.05,
                    capturable: bool = False) -> torch.optim.AdamW:
     """AdamW with the pretraining recipe's betas; no decay on ndim <= 1 parameters and on the
-    model's ``no_weight_decay()`` names (DESIGN 5)."""
+    model's ``no_weight_decay()`` names (DESIGN 5). On CUDA it is the fused kernel, as in
+    training (``affmae.train.optim``): the bench times the step that training runs."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -37,7 +38,9 @@ def make_optimizer(model: torch.nn.Module, lr: float = 1.0e-4, weight_decay: flo
         (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.883, 0.935), capturable=capturable)
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.883, 0.935), capturable=capturable,
+                             fused=fused)
 
 
 class Trainer:
