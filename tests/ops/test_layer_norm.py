@@ -56,6 +56,22 @@ with torch.autocast("cpu", dtype=torch.bfloat16):
 want = ref(x).bfloat16().float()
 out["autocast"] = {"dtype": str(y.dtype),  # error in units of the value's own scale
                    "err": ((y.float() - want).abs() / want.abs().clamp_min(1e-3)).max().item()}
+# autocast_out=False (stage outputs, the start of a residual stream): nn.LayerNorm's float32
+# output from a bf16 input under autocast, dx back in bf16
+ln, ref = pair(96, 2)
+ln.autocast_out = False
+x = torch.randn(4, 5, 96).bfloat16()
+xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    y, yr = ln(xa), ref(xb.float())
+g = torch.randn(4, 5, 96)
+y.backward(g)
+yr.backward(g)
+out["float_out"] = {"dtype": str(y.dtype), "dx_dtype": str(xa.grad.dtype),
+                    "y": (y - yr).abs().max().item(),
+                    "dx": ((xa.grad.float() - xb.grad.float()).abs()
+                           / xb.grad.float().abs().clamp_min(1e-2)).max().item(),
+                    "dw": (ln.weight.grad - ref.weight.grad).abs().max().item()}
 # the model option: aff_tiny with Triton norms = with torch norms
 from affmae import create_model
 from affmae.ops.masking import make_mask
@@ -88,7 +104,7 @@ def interp(tmp_path_factory):
 
 def test_interpreter_matches_layer_norm(interp):
     for name, r in interp.items():
-        if name in ("autocast", "model"):
+        if name in ("autocast", "model", "float_out"):
             continue
         bf16 = "bfloat16" in name
         assert r["dtype"] == r["dx_dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
@@ -101,6 +117,13 @@ def test_interpreter_matches_layer_norm(interp):
 def test_interpreter_output_in_autocast_dtype(interp):
     assert interp["autocast"]["dtype"] == "torch.bfloat16"
     assert interp["autocast"]["err"] <= 2 ** -7, interp["autocast"]  # at most one bf16 ulp apart
+
+
+def test_interpreter_float_output_is_layer_norms(interp):
+    r = interp["float_out"]
+    assert r["dtype"] == "torch.float32" and r["dx_dtype"] == "torch.bfloat16", r
+    assert r["y"] <= 1e-5 and r["dw"] <= 1e-4, r  # float32 arithmetic both
+    assert r["dx"] <= 2 ** -7, r  # dx rounded to bf16 once (here; the reference casts at the end)
 
 
 def test_interpreter_model_option_same_loss_and_gradients(interp):
@@ -191,3 +214,5 @@ def test_gpu_auto_is_triton_on_cuda_and_torch_on_cpu():
     ln, x = ln.cuda(), x.cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert ln(x).dtype == torch.bfloat16
+        ln.autocast_out = False  # the stage-output norms: nn.LayerNorm's float32
+        assert ln(x.bfloat16()).dtype == torch.float32

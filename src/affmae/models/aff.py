@@ -23,6 +23,7 @@ from affmae.layers.block import AFFBlock
 from affmae.layers.common import check_grad_checkpoint, checkpoints, init_weights, run_block
 from affmae.layers.merge import TokenMerging
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
+from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.linear import Linear
 from affmae.ops.patches import grid_positions, patchify
 
@@ -90,7 +91,9 @@ class AFFEncoder(nn.Module):
         self.config = config
         c = config
         self.patch_embed = Linear(c.in_chans * c.patch_size**2, c.widths[0])
-        self.embed_norm = nn.LayerNorm(c.widths[0])
+        # float32 outputs (nn.LayerNorm's under autocast): they start the residual stream and
+        # are the stages' outputs; one Triton kernel each way on CUDA all the same
+        self.embed_norm = FusedLayerNorm(c.widths[0], backend=c.norm_backend, autocast_out=False)
         rates = torch.linspace(0, c.drop_path, sum(c.depths)).tolist()
         self.stages = nn.ModuleList()
         self.merges = nn.ModuleList()
@@ -101,7 +104,7 @@ class AFFEncoder(nn.Module):
                                c.norm_backend) for j in range(d)]
             i += d
             self.stages.append(nn.ModuleList(blocks))
-            self.out_norms.append(nn.LayerNorm(w))
+            self.out_norms.append(FusedLayerNorm(w, backend=c.norm_backend, autocast_out=False))
             if s + 1 < len(c.widths):
                 self.merges.append(TokenMerging(w, c.widths[s + 1], c.downsample_rate,
                                                 c.norm_backend))

@@ -211,7 +211,7 @@ class ViTEncoder(nn.Module):
             Block(c.embed_dim, c.num_heads, c.mlp_ratio, r, "vit/attention", c.norm_backend)
             for r in rates
         )
-        self.norm = nn.LayerNorm(c.embed_dim)
+        self.norm = FusedLayerNorm(c.embed_dim, backend=c.norm_backend, autocast_out=False)
 
     def forward(
         self, patches: torch.Tensor, idx: torch.Tensor, gw: int, taps: tuple[int, ...] = ()

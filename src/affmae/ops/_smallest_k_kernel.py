@@ -23,6 +23,18 @@ def _smallest_k_kernel(D, OUT, R, N, K: tl.constexpr, BLOCK_R: tl.constexpr,
         d = tl.where(cols[None, :] == idx[:, None], float("inf"), d)
 
 
+_MIN_PROGRAMS = 1024  # a few programs per SM: the k argmin rounds are a chain of reductions
+
+
+def _block_rows(rows: int, block_n: int) -> int:
+    """Rows per program: at most 4096 elements per tile, and few enough rows that the launch has
+    about ``_MIN_PROGRAMS`` programs (the searches have 4k-16k rows: 64 rows per program left
+    most SMs idle while each program ran its k dependent reductions)."""
+    most = max(1, min(64, 4096 // block_n))
+    want = max(1, rows // _MIN_PROGRAMS)
+    return min(most, 1 << (want.bit_length() - 1))  # a power of two (tl.arange)
+
+
 @torch.library.custom_op("affmae::smallest_k", mutates_args=())
 def smallest_k_triton(d: torch.Tensor, k: int) -> torch.Tensor:
     """The kernel as a custom op: profilers attribute it to the label it runs under, and
@@ -34,9 +46,10 @@ def smallest_k_triton(d: torch.Tensor, k: int) -> torch.Tensor:
     R = flat.shape[0]
     out = torch.empty(R, k, dtype=torch.int64, device=d.device)
     block_n = max(16, triton.next_power_of_2(N))
-    block_r = max(1, min(64, 4096 // block_n))
+    block_r = _block_rows(R, block_n)
     _smallest_k_kernel[(triton.cdiv(R, block_r),)](flat, out, R, N, K=k, BLOCK_R=block_r,
-                                                   BLOCK_N=block_n, num_warps=4)
+                                                   BLOCK_N=block_n,
+                                                   num_warps=4 if block_r * block_n >= 1024 else 2)
     return out.view(*d.shape[:-1], k)
 
 
