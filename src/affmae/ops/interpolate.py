@@ -14,7 +14,8 @@ Nearest-token search, never a scan of every token for every point (DESIGN 2.5):
 2. ``lookup_neighbours``: a sampling point takes the table row of the cell it falls in
    (clamped to the grid). The rows are exact K-nearest sets for cell centres (tested against
    a brute-force scan); for a point elsewhere in the cell they are the neighbours of its cell
-   centre, at most half a cell away, and the weights use the point's true distances.
+   centre, at most half a cell away, and the weights use the point's true distances. On CUDA
+   one Triton kernel does the rounding, clamping and row copy (``affmae::cell_lookup``).
 The selection is not differentiable; the distances are, so gradients reach the sampling
 offsets and the temperature.
 
@@ -120,11 +121,30 @@ def lookup_neighbours(points: torch.Tensor, table: torch.Tensor,
     """
     B, Nq, S, _ = points.shape
     gh, gw = grid_hw
+    if _lookup_kernel_ok(points, table):  # one kernel, the same slots
+        from affmae.ops._cell_lookup_kernel import cell_lookup_triton
+
+        with torch.no_grad():
+            return cell_lookup_triton(points.reshape(B, Nq * S, 2), table, gh, gw).view(B, Nq, S, -1)
     with torch.no_grad():
         x = points[..., 0].round().clamp(0, gw - 1).long()
         y = points[..., 1].round().clamp(0, gh - 1).long()
         cell = (y * gw + x).view(B, Nq * S, 1).expand(-1, -1, table.shape[-1])
         return torch.gather(table, 1, cell).view(B, Nq, S, -1)
+
+
+def _lookup_kernel_ok(points: torch.Tensor, table: torch.Tensor) -> bool:
+    """Whether ``lookup_neighbours`` may use the Triton kernel (CUDA or the interpreter, float32
+    points, an integer table of at most 64 slots per cell)."""
+    if not triton_device(points) or not package_kernels() or points.dtype != torch.float32:
+        return False
+    if table.dtype not in (torch.int32, torch.int64) or not 1 <= table.shape[-1] <= 64:
+        return False
+    try:
+        from affmae.ops import _cell_lookup_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
