@@ -34,18 +34,23 @@ NAMES = ("out", "d_table", "d_weights")
 
 
 def make_inputs(B, Nq, Nk, H, Pt, K, F, seed=0, device="cpu", duplicates=False, strided=False,
-                sel_dtype=torch.int64, shared=False):
+                sel_dtype=torch.int64, shared=False, runs=0):
     """float32 table, int slots and softmax weights (as the decoder makes them), and a dO.
 
     duplicates: slot 1 of every row repeats slot 0 (besides the random repeats of a small Nk).
     strided: the table is a view of a wider (B, Nk, H, 2F) tensor (non-contiguous head stride).
     shared: sel is (B, Nq, H, 1, K), one slot list for the Pt weight sets (token merging).
+    runs: runs of this many consecutive queries have the same slot lists, and every head the
+        same slots (merging's kept tokens of one cluster; the heads must still add apart).
     """
     g = torch.Generator().manual_seed(seed)
     table = torch.randn(B, Nk, H, 2 * F if strided else F, generator=g)[..., :F]
     sel = torch.randint(0, Nk, (B, Nq, H, 1 if shared else Pt, K), generator=g)
     if duplicates:
         sel[..., 1] = sel[..., 0]
+    if runs:
+        q = torch.arange(Nq) // runs * runs
+        sel = sel[:, q][:, :, :1].expand_as(sel).contiguous()
     weights = torch.softmax(2 * torch.randn(B, Nq, H, Pt, K, generator=g), dim=-1)
     do = torch.randn(B, Nq, H, Pt, F, generator=g)
     return dict(table=table.to(device), sel=sel.to(device, sel_dtype), weights=weights.to(device),
@@ -103,6 +108,9 @@ CASES = {
     "shared_atomic_f96_k64_bf16_merge": (dict(B=2, Nq=5, Nk=20, H=2, Pt=4, K=64, F=96,
                                               shared=True), "bf16", "atomic"),
     "shared_atomic_f24_k3_fp32_j3": (dict(SMALL, Pt=3, K=3, F=24, shared=True), "fp32", "atomic"),
+    # merging's kept tokens: runs of 3 queries with one slot list, the same slots in each head
+    "shared_atomic_f96_k64_fp32_runs": (dict(B=2, Nq=23, Nk=90, H=3, Pt=4, K=64, F=96,
+                                             shared=True, runs=3), "fp32", "atomic"),
     "shared_sorted_f32_k4_fp16_duplicates": (dict(SMALL, K=4, F=32, shared=True, duplicates=True),
                                              "fp16", "sorted"),
     # d_table summed over a window of table rows per program (one matmul) before the atomics:
