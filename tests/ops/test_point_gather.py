@@ -319,7 +319,8 @@ def test_gpu_full_size_matches_reference(dtype, nk, dtable):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-@pytest.mark.parametrize("shape", ["decoder_folded", "merge_stage1", "merge_stage3"])
+@pytest.mark.parametrize("shape", ["decoder_folded", "merge_stage1", "merge_stage3",
+                                   "merge_stage1_runs"])
 def test_gpu_model_shapes_match_reference(dtype, shape):
     """The shapes the model runs since the point mixing and token merging became gathers:
     the decoder's Pt * K = 16 slots in one row, merging's Kc * m = 64 slots of 96/128 channels."""
@@ -327,7 +328,10 @@ def test_gpu_model_shapes_match_reference(dtype, shape):
 
     kw = {"decoder_folded": dict(B=16, Nq=2048, Nk=819, H=6, Pt=1, K=16, F=64),
           "merge_stage1": dict(B=16, Nq=819, Nk=2048, H=1, Pt=4, K=64, F=96, shared=True),
-          "merge_stage3": dict(B=16, Nq=131, Nk=328, H=3, Pt=4, K=64, F=128, shared=True)}[shape]
+          "merge_stage3": dict(B=16, Nq=131, Nk=328, H=3, Pt=4, K=64, F=128, shared=True),
+          # kept tokens of one cluster share its slot list (runs), as in the model
+          "merge_stage1_runs": dict(B=16, Nq=819, Nk=2048, H=1, Pt=4, K=64, F=96, shared=True,
+                                    runs=3)}[shape]
     inp = make_inputs(**kw, device="cuda")
     assert_three_way(three_way(inp, DTYPES[dtype], gather_weighted_triton), f"{shape} {dtype}")
 
