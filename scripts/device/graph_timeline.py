@@ -6,11 +6,14 @@ the replays: how many kernels one step runs, their summed duration against the s
 (the rest is the gaps between kernels), how the durations spread, and which kernel names take
 the most time. Session 8.
 Usage: python scripts/device/graph_timeline.py [--models aff_small vit_small] [--res 512]
+Lines are flushed as they are printed: a call cut by its time limit keeps the models finished
+(session 8's first run under `timeout` lost its buffered output).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from collections import defaultdict
 
 import torch
@@ -19,6 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 from affmae import create_model
 from affmae.bench.cli import make_batch
 from affmae.bench.step import Trainer
+
+print = functools.partial(print, flush=True)  # noqa: A001  (see the module docstring)
 
 p = argparse.ArgumentParser()
 p.add_argument("--models", nargs="+", default=["aff_small", "vit_small"])
