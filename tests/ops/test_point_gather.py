@@ -109,7 +109,7 @@ CASES = {
                                               shared=True), "bf16", "atomic"),
     "shared_atomic_f24_k3_fp32_j3": (dict(SMALL, Pt=3, K=3, F=24, shared=True), "fp32", "atomic"),
     # merging's kept tokens: runs of 3 queries with one slot list, the same slots in each head
-    "shared_atomic_f96_k64_fp32_runs": (dict(B=2, Nq=23, Nk=90, H=3, Pt=4, K=64, F=96,
+    "shared_atomic_f96_k64_fp32_runs": (dict(B=1, Nq=13, Nk=90, H=2, Pt=4, K=64, F=96,
                                              shared=True, runs=3), "fp32", "atomic"),
     "shared_sorted_f32_k4_fp16_duplicates": (dict(SMALL, K=4, F=32, shared=True, duplicates=True),
                                              "fp16", "sorted"),
