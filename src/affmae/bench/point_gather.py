@@ -17,8 +17,8 @@ on) also times the raw Triton kernels (no autograd) over row tiles and launch wi
 ``affmae.bench.step``) with the decoder's gather on each backend (``AFFMAE_POINT_GATHER_BACKEND``).
 Implementations: ``triton`` (the default: d_table by float32 atomics), ``triton_sorted``
 (d_table by sort + segment sums, deterministic), ``triton_window`` (d_table summed over a window
-of table rows per program before the atomics; opt-in, not yet measured), ``torch`` (the
-``embedding_bag`` reference). Slots two ways:
+of table rows per program before the atomics; opt-in, slower than ``triton`` on an H200),
+``torch`` (the ``embedding_bag`` reference). Slots two ways:
 "random" (uniform in [0, Nk)) and "local" (slot of query q near q * Nk / Nq, +-3: neighbouring
 rows share table rows, as the decoder's spatially local neighbours do; the worst case for atomics).
 Results: docs/BENCHMARKS.md, section "Decoder point gather kernel".

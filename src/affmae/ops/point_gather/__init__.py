@@ -12,8 +12,9 @@ The environment variable ``AFFMAE_POINT_GATHER_BACKEND`` overrides "auto" for us
 forms d_table. Unset, it is "atomic" (float32 atomics: faster, not bitwise repeatable), or
 "sorted" (sort + segment sums: deterministic) while ``torch.are_deterministic_algorithms_enabled()``.
 "window" (not repeatable either) sums each program's contributions to a window of nearby table
-rows with one float32 matmul first, so contended rows get fewer atomics; it is opt-in until it
-is measured on a GPU. If a user sets "atomic" or "window" under deterministic algorithms, "auto"
+rows with one float32 matmul first, so contended rows get fewer atomics; it stays opt-in: on
+an H200 it was slower than "atomic" at the decoder's sizes (docs/BENCHMARKS.md, session 8).
+If a user sets "atomic" or "window" under deterministic algorithms, "auto"
 takes the reference ("triton" still runs it).
 
 Files: ``reference.py`` (specification, CPU path), ``kernel.py`` (Triton kernels and launchers),
