@@ -27,6 +27,7 @@ def test_bench_cli_cpu_table_json_png(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0, text
     data = json.loads(out.read_text())
+    assert data["complete"] is True
     specs = data["meta"]["models"]
     assert "vit_tiny_crossmae:pred_ratio=0.5" in specs, specs
     rows = data["results"]
@@ -116,3 +117,29 @@ def test_compile_blocks_compiles_every_block_of_both_families():
         apply_compile(aff, "everything")
     with pytest.raises(ValueError, match="no transformer block"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+def test_a_stopped_run_keeps_the_rows_it_measured(tmp_path, capsys, monkeypatch):
+    """Each row goes to stderr as it is measured and into the JSON so far, so a run stopped at
+    a later size (a time limit, Ctrl-C, a crash) keeps what it finished."""
+    real, calls = cli.bench_one, []
+
+    def stop_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli, "bench_one", stop_on_second)
+    out = tmp_path / "b.json"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--models", "vit_tiny", "--resolutions", "64", "96", "--batch", "1",
+                  "--steps", "1", "--warmup", "1", "--dtype", "fp32", "--device", "cpu",
+                  "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["complete"] is False
+    assert [(r["model"], r["resolution"], r["status"]) for r in data["results"]] == [
+        ("vit_tiny", 64, "ok")]
+    err = capsys.readouterr().err
+    assert any(ln.startswith("vit_tiny ") and ln.endswith("ok") for ln in err.splitlines()), err
+    assert not (tmp_path / "b.json.tmp").exists()

@@ -6,6 +6,8 @@ training step (forward + loss, backward, clip, AdamW step) under autocast on the
 the same masks for every model: median step time, images/s and peak memory with the optimiser
 state. Then how step time grows with the token count (log-log slope between resolutions), an
 optional per-label profile of one step, a table on stdout, JSON (--out) and a PNG (--plot).
+Each row also goes to stderr as soon as it is measured, and --out holds the rows so far
+(``"complete": false`` until the end), so a run stopped at a later size keeps what it measured.
 
 Failures stay local: an out-of-memory error is reported as "OOM" for that (model, resolution)
 and the run goes on; any other error is reported in the table, printed to stderr and makes the
@@ -19,6 +21,7 @@ import ast
 import datetime
 import gc
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -337,14 +340,27 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "(the paper's 'FLOPs (G)'). Memory: peak of a full step with AdamW state.",
              f"{'model':<34} {'res':>5} {'params M':>9} {'tokens':>7} {'GFLOPs':>9} "
              f"{'GMACs':>9} {'mem GiB':>8} {'step ms':>9} {'img/s':>8}  status"]
-    for r in rows:
-        p = None if r["params"] is None else r["params"] / 1e6
-        lines.append(
-            f"{r['model']:<34} {r['resolution']:>5} {_fmt(p, '.2f'):>9} {r['tokens']:>7} "
+    lines += [format_row(r) for r in rows]
+    return "\n".join(lines)
+
+
+def format_row(r: dict[str, Any]) -> str:
+    """One model and resolution, as a line of the table."""
+    p = None if r["params"] is None else r["params"] / 1e6
+    return (f"{r['model']:<34} {r['resolution']:>5} {_fmt(p, '.2f'):>9} {r['tokens']:>7} "
             f"{_fmt(r['gflops'], '.2f'):>9} {_fmt(r['gmacs'], '.2f'):>9} "
             f"{_fmt(r['peak_mem_gib'], '.2f'):>8} {_fmt(r['step_ms'], '.1f'):>9} "
             f"{_fmt(r['img_s'], '.1f'):>8}  {r['status']}")
-    return "\n".join(lines)
+
+
+def _write_json(path: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` to ``path`` atomically (a temporary file, then a rename)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
 
 
 def format_ratios(rat: list[dict[str, Any]]) -> str:
@@ -375,8 +391,6 @@ def format_scaling(sc: dict[str, dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from tqdm import tqdm
 
     for name in ("batch", "steps", "warmup"):
@@ -398,6 +412,12 @@ def run(args: argparse.Namespace) -> int:
     todo = [(s, r) for s in specs for r in args.resolutions]
     for spec, res in tqdm(todo, desc="affmae bench", file=sys.stderr, disable=None):
         rows.append(bench_one(spec, res, batches[res], args, device))
+        # each result as it comes (stderr; stdout gets the table at the end), and the JSON so
+        # far: a run stopped at a later size keeps what it measured ("complete": false)
+        tqdm.write(format_row(rows[-1]), file=sys.stderr)
+        sys.stderr.flush()
+        if args.out is not None:
+            _write_json(args.out, {"meta": meta, "results": rows, "complete": False})
 
     baseline = args.baseline or next((s for s in specs if parse_spec(s)[0].startswith("vit")),
                                      None)
@@ -425,10 +445,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"profile: {spec} at {res} px, batch {args.batch}, {args.dtype}, eager")
             print(prof.get("text") or prof["status"])
 
-    result = {"meta": meta, "results": rows, "ratios": rat, "scaling": sc, "profiles": profiles}
+    result = {"meta": meta, "results": rows, "ratios": rat, "scaling": sc, "profiles": profiles,
+              "complete": True}
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        _write_json(args.out, result)
         print(f"\nwrote {args.out}")
     plot_path = args.plot or (args.out.with_suffix(".png") if args.out is not None else None)
     if plot_path is not None:
