@@ -50,6 +50,20 @@ def test_interpreter_kernel_looks_up_what_pytorch_looks_up():
     assert out == "ok", out[-3000:]
 
 
+def test_interpreter_kernel_keeps_non_finite_points_in_the_table():
+    """A NaN point (a diverged step) takes cell 0 and infinities clamp, so the kernel never
+    reads outside the table (the PyTorch path's long() of NaN is undefined)."""
+    out = interpret(textwrap.dedent("""
+        import torch
+        from affmae.ops._cell_lookup_kernel import cell_lookup_triton
+        nan, inf = float("nan"), float("inf")
+        pts = torch.tensor([[[nan, 2.0], [1.0, inf], [-inf, 0.4], [nan, nan]]])
+        table = torch.arange(24, dtype=torch.int32).view(1, 12, 2)  # 3 x 4 grid, K = 2
+        print(cell_lookup_triton(pts, table, 3, 4).tolist())
+    """))
+    assert out == "[[[16, 17], [18, 19], [0, 1], [0, 1]]]", out
+
+
 def test_lookup_uses_the_kernel_only_where_triton_runs(monkeypatch):
     from affmae.ops import interpolate
 

@@ -33,6 +33,9 @@ def _cell_lookup_kernel(P, T, OUT, Q, cells, gh, gw, K: tl.constexpr, BLOCK_Q: t
     row = b * Q + q.to(tl.int64)  # (BLOCK_Q,) point index in the flat (B * Q) points
     px = tl.load(P + row * 2, mask=q_ok, other=0.0).to(tl.float32)
     py = tl.load(P + row * 2 + 1, mask=q_ok, other=0.0).to(tl.float32)
+    # a NaN point (a diverged step) takes cell 0 rather than an index outside the table
+    px = tl.where(px == px, px, 0.0)
+    py = tl.where(py == py, py, 0.0)
     x = tl.minimum(tl.maximum(_round_half_even(px), 0.0), (gw - 1).to(tl.float32))
     y = tl.minimum(tl.maximum(_round_half_even(py), 0.0), (gh - 1).to(tl.float32))
     cell = y.to(tl.int64) * gw + x.to(tl.int64)  # (BLOCK_Q,)
