@@ -101,3 +101,56 @@ def test_gather_tokens_with_inverse_same_values_and_gradients():
         assert torch.equal(xa.grad, xb.grad)
     with pytest.raises(ValueError, match="does not invert"):
         C.gather_tokens(torch.randn(B, N, 2, requires_grad=True), perm, inv[:, :5])
+
+
+# The clustering's index glue in its earlier, longer form (session 7): the current one must
+# give bitwise the same clusterings, neighbourhoods and neighbour tables.
+def _old_curve_index(pos, grid_hw):
+    x = pos[..., 0].round().long()
+    y = pos[..., 1].round().long()
+    return C.curve_rank(grid_hw, pos.device)[y * int(grid_hw[1]) + x]
+
+
+def _old_centroids(pos, n_valid, m):
+    B, Np, _ = pos.shape
+    valid = (torch.arange(Np) < n_valid).to(pos.dtype)
+    w = valid.view(1, Np // m, m, 1)
+    return (pos.float().view(B, Np // m, m, 2) * w).sum(2) / w.sum(2).clamp_min(1.0)
+
+
+def _old_nearest(query, keys, k, self_first=False):
+    B, Mq, _ = query.shape
+    Mk = keys.shape[1]
+    d = (query.float()[:, :, None, :] - keys.float()[:, None, :, :]).square().sum(-1)
+    if self_first:
+        d = d.masked_fill(torch.arange(Mq)[:, None] == torch.arange(Mk), -1.0)
+    return C.smallest_k(d, min(k, Mk))
+
+
+@pytest.mark.parametrize("gh,gw,keep,m", [(16, 16, 1.0, 8), (13, 21, 0.5, 8), (32, 32, 0.37, 8),
+                                          (20, 9, 0.61, 6), (7, 1, 0.8, 4)])
+def test_index_glue_is_bitwise_the_longer_form(gh, gw, keep, m, monkeypatch):
+    from affmae.ops import interpolate as I
+
+    g = torch.Generator().manual_seed(gh * gw)
+    B = 3
+    n = max(1, int(gh * gw * keep))
+    pos = torch.stack([grid(gh, gw)[0, torch.randperm(gh * gw, generator=g)[:n]]
+                       for _ in range(B)])
+    assert torch.equal(C.curve_index(pos, (gh, gw)), _old_curve_index(pos, (gh, gw)))
+    cl = C.balanced_clustering(pos, (gh, gw), m, 5)
+    pos_c = C.pad_tokens(C.gather_tokens(pos, cl.perm), cl.n_padded)
+    assert torch.equal(cl.centroids, _old_centroids(pos_c, n, m))  # padding in the last cluster
+    assert torch.equal(cl.nbr, _old_nearest(cl.centroids, cl.centroids, 5, self_first=True))
+    monkeypatch.setattr(C, "_CHUNK_ELEMENTS", B * cl.num_clusters * 3)  # diagonal per chunk
+    assert torch.equal(C.nearest_clusters(cl.centroids, cl.centroids, 5, self_first=True), cl.nbr)
+    monkeypatch.undo()
+    # the decoder's neighbour table: cached tile centres, broadcast over the batch
+    th, tw = -(-gh // I.TILE), -(-gw // I.TILE)
+    ty, tx = torch.meshgrid(torch.arange(th), torch.arange(tw), indexing="ij")
+    half = (I.TILE - 1) / 2
+    centre = torch.stack([(tx * I.TILE + half).clamp(max=gw - 1),
+                          (ty * I.TILE + half).clamp(max=gh - 1)], -1).float().view(1, -1, 2)
+    assert torch.equal(I._tile_centres(gh, gw, "cpu"), centre)
+    assert torch.equal(C.nearest_clusters(centre, cl.centroids, 4),
+                       _old_nearest(centre.expand(B, -1, -1), cl.centroids, 4))

@@ -92,9 +92,9 @@ def _curve_rank_on(gh: int, gw: int, device: str) -> torch.Tensor:
 
 def curve_index(pos: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
     """(..., 2) integer (x, y) cells -> (...,) int64 index along the space-filling curve."""
-    x = pos[..., 0].round().long()
-    y = pos[..., 1].round().long()
-    return curve_rank(grid_hw, pos.device)[y * int(grid_hw[1]) + x]
+    xy = pos.round().long()  # (..., 2)
+    cell = torch.add(xy[..., 0], xy[..., 1], alpha=int(grid_hw[1]))  # x + y * gw, one kernel
+    return curve_rank(grid_hw, pos.device)[cell]
 
 
 @dataclass
@@ -145,12 +145,25 @@ class Clustering:
 
 
 def cluster_centroids(pos: torch.Tensor, n_valid: int, m: int) -> torch.Tensor:
-    """(B, M*m, 2) clustered positions -> (B, M, 2) centroids of the real tokens."""
+    """(B, M*m, 2) clustered positions -> (B, M, 2) centroids of the real tokens.
+
+    Slots >= n_valid are padding, all in the last cluster (``n_valid > (M - 1) * m``): their
+    sum is taken back out of that cluster's before the division. Exact for integer positions
+    (the token cells), so the result is bitwise that of a masked mean; two to four kernels.
+    """
     B, Np, _ = pos.shape
-    valid = (torch.arange(Np, device=pos.device) < n_valid).to(pos.dtype)  # (Np,)
-    w = valid.view(1, Np // m, m, 1)
-    s = (pos.float().view(B, Np // m, m, 2) * w).sum(2)  # (B, M, 2)
-    return s / w.sum(2).clamp_min(1.0)
+    M = Np // m
+    n_pad = Np - n_valid
+    if not 0 <= n_pad < m:
+        raise ValueError(f"{n_valid} real tokens do not fill all but the last of {M} clusters "
+                         f"of {m}")
+    s = pos.float().view(B, M, m, 2).sum(2)  # (B, M, 2)
+    if n_pad == 0:
+        return s.div_(m)
+    s[:, -1].sub_(pos.float()[:, n_valid:].sum(1))  # the padding's share of the last cluster
+    s[:, :-1].div_(m)
+    s[:, -1].div_(m - n_pad)
+    return s
 
 
 def nearest_clusters(
@@ -165,8 +178,8 @@ def nearest_clusters(
     Returns:
         (B, Mq, min(k, Mk)) int64, nearest first.
     """
-    B, Mq, _ = query.shape
-    Mk = keys.shape[1]
+    Mq = query.shape[1]
+    B, Mk = max(query.shape[0], keys.shape[0]), keys.shape[1]  # a query batch of 1 broadcasts
     k = min(k, Mk)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Mk))
     out = []
@@ -175,12 +188,10 @@ def nearest_clusters(
         # Squared distances, written out: same order as the distances, and for 2-D points far
         # cheaper than torch.cdist (5 ms of a 60 ms aff_small step at 512 px on an H200).
         d = (q[:, :, None, :] - keys.float()[:, None, :, :]).square().sum(-1)  # (B, chunk, Mk)
-        if self_first:  # masked_fill, not an indexed store of a host scalar (graph-safe)
-            rows = torch.arange(start, start + q.shape[1], device=q.device)
-            own = rows[:, None] == torch.arange(Mk, device=q.device)  # (chunk, Mk)
-            d = d.masked_fill(own, -1.0)
+        if self_first:  # query row i is key start + i: a fill of that diagonal (graph-safe)
+            d.diagonal(offset=start, dim1=1, dim2=2).fill_(-1.0)
         out.append(smallest_k(d, k))
-    return torch.cat(out, dim=1)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
 def balanced_clustering(

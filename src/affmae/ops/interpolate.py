@@ -28,6 +28,7 @@ tokens is ``gather_weighted`` (``affmae.ops.point_gather``).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -54,19 +55,12 @@ def cell_neighbours(key_cl: Clustering, key_pos: torch.Tensor, grid_hw: tuple[in
         (B, gh*gw, min(k, Kc*m)) int32 key slots, nearest first, raster order of cells (int32:
         the decoder's attentions keep the looked-up slots for their backward).
     """
-    B = key_pos.shape[0]
     gh, gw = grid_hw
     dev = key_pos.device
     with torch.no_grad():
-        # 1. Tile centres and the key clusters nearest to each.
-        th, tw = math.ceil(gh / TILE), math.ceil(gw / TILE)
-        ty, tx = torch.meshgrid(torch.arange(th, device=dev), torch.arange(tw, device=dev),
-                                indexing="ij")
-        cx0 = (tx * TILE + (TILE - 1) / 2).clamp(max=gw - 1)  # tile centre, inside the grid
-        cy0 = (ty * TILE + (TILE - 1) / 2).clamp(max=gh - 1)
-        centre = torch.stack([cx0, cy0], -1).float()  # (th, tw, 2)
-        nbr = nearest_clusters(centre.view(1, -1, 2).expand(B, -1, -1).contiguous(),
-                               key_cl.centroids, num_clusters)  # (B, T, Kc)
+        # 1. Tile centres (a cached table per grid) and the key clusters nearest to each.
+        centre = _tile_centres(gh, gw, str(dev))  # (1, T, 2), broadcast over the batch
+        nbr = nearest_clusters(centre, key_cl.centroids, num_clusters)  # (B, T, Kc)
         m = key_cl.m
         cand = (nbr[..., None] * m + torch.arange(m, device=dev)).flatten(2)  # (B, T, Kc*m)
         k = min(k, cand.shape[-1])
@@ -75,6 +69,18 @@ def cell_neighbours(key_cl: Clustering, key_pos: torch.Tensor, grid_hw: tuple[in
 
             return cell_table_triton(cand, key_pos.float(), gh, gw, TILE, k)
         return rank_cell_candidates(cand, key_pos, gh, gw, k)
+
+
+@functools.lru_cache(maxsize=32)
+def _tile_centres(gh: int, gw: int, device: str) -> torch.Tensor:
+    """(1, T, 2) float32 centres of the TILE x TILE tiles of a gh x gw grid (raster order),
+    clamped into the grid. A pure function of the grid, built on the CPU and copied once per
+    (size, device), as ``curve_rank``'s table (ten small kernels per table and step before)."""
+    th, tw = math.ceil(gh / TILE), math.ceil(gw / TILE)
+    ty, tx = torch.meshgrid(torch.arange(th), torch.arange(tw), indexing="ij")
+    cx0 = (tx * TILE + (TILE - 1) / 2).clamp(max=gw - 1)  # tile centre, inside the grid
+    cy0 = (ty * TILE + (TILE - 1) / 2).clamp(max=gh - 1)
+    return torch.stack([cx0, cy0], -1).float().view(1, -1, 2).to(device)
 
 
 def rank_cell_candidates(cand: torch.Tensor, key_pos: torch.Tensor, gh: int, gw: int,
