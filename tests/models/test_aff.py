@@ -312,3 +312,19 @@ def test_narrow_layer_norm_is_layer_norm():
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b)
     assert set(ln.state_dict()) == set(ref.state_dict())
+
+
+def test_sincos_embedding_is_the_four_quarter_formula():
+    """sin x, cos x, sin y, cos y over frequencies 1 / 10000^(i / quarter), bitwise the plain
+    formula (the frequencies are a cached table)."""
+    from affmae.layers.common import sincos_embed_2d
+
+    pos = torch.rand(2, 7, 2) * 60
+    for dim in (8, 96, 384):
+        q = dim // 4
+        omega = 1.0 / (10000.0 ** (torch.arange(q, dtype=torch.float32) / q))
+        x, y = pos[..., 0:1] * omega, pos[..., 1:2] * omega
+        want = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)
+        assert torch.equal(sincos_embed_2d(pos, dim), want), dim
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_embed_2d(pos, 10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -63,12 +64,17 @@ def sincos_embed_2d(pos: torch.Tensor, dim: int, temperature: float = 10000.0) -
     """
     if dim % 4 != 0:
         raise ValueError(f"sine-cosine embedding width must be a multiple of 4, got {dim}")
-    quarter = dim // 4
-    omega = torch.arange(quarter, device=pos.device, dtype=torch.float32) / quarter
-    omega = 1.0 / (temperature**omega)  # (quarter,)
-    x = pos[..., 0:1].float() * omega  # (..., quarter)
-    y = pos[..., 1:2].float() * omega
-    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)
+    omega = _sincos_freqs(dim // 4, float(temperature), str(pos.device))  # (quarter,)
+    ang = pos.float()[..., :, None] * omega  # (..., 2, quarter): x's angles, then y's
+    return torch.cat([ang.sin(), ang.cos()], dim=-1).flatten(-2)  # sin x, cos x, sin y, cos y
+
+
+@functools.lru_cache(maxsize=64)
+def _sincos_freqs(quarter: int, temperature: float, device: str) -> torch.Tensor:
+    """1 / temperature^(i / quarter), i < quarter, float32: a pure function of the width,
+    computed on the CPU and copied once per device (four kernels per embedding before)."""
+    omega = torch.arange(quarter, dtype=torch.float32) / quarter
+    return (1.0 / (temperature**omega)).to(device)
 
 
 def init_weights(module: nn.Module) -> None:
