@@ -328,3 +328,14 @@ def test_sincos_embedding_is_the_four_quarter_formula():
         assert torch.equal(sincos_embed_2d(pos, dim), want), dim
     with pytest.raises(ValueError, match="multiple of 4"):
         sincos_embed_2d(pos, 10)
+
+
+def test_far_padding_pads_and_moves_padding_far():
+    from affmae.layers.decoder import FAR, far_padding
+
+    pos = torch.rand(2, 13, 2) * 9
+    got = far_padding(pos, 13, 16)  # pad 13 real positions to 16 slots
+    assert got.shape == (2, 16, 2) and torch.equal(got[:, :13], pos)
+    assert bool((got[:, 13:] == FAR).all())
+    assert torch.equal(far_padding(got, 13), got)  # already padded: the same values
+    assert far_padding(pos, 13) is pos  # nothing to move

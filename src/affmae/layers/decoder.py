@@ -121,10 +121,18 @@ class DecoderBlock(nn.Module):
         return cross + self.mlp(h), cross
 
 
-def far_padding(pos: torch.Tensor, n_valid: int) -> torch.Tensor:
-    """Positions with padding slots (>= n_valid) moved FAR away, so no search selects them."""
-    pad = torch.arange(pos.shape[1], device=pos.device) >= n_valid
-    return pos.masked_fill(pad[None, :, None], FAR)
+def far_padding(pos: torch.Tensor, n_valid: int, n_total: int | None = None) -> torch.Tensor:
+    """Positions with padding slots (>= n_valid) moved FAR away, so no search selects them.
+
+    ``pos`` (B, N, 2); with ``n_total`` it holds the n_valid real positions only and is padded
+    to n_total slots. A fill and a copy (positions take no gradient)."""
+    B, N, _ = pos.shape
+    n_total = N if n_total is None else n_total
+    if n_valid == n_total == N:
+        return pos
+    out = pos.new_full((B, n_total, pos.shape[2]), FAR)
+    out[:, :n_valid] = pos[:, :n_valid]
+    return out
 
 
 class PointDecoder(nn.Module):
@@ -184,7 +192,7 @@ class PointDecoder(nn.Module):
         for blocks, st in zip(self.blocks, reversed(stages)):
             cl: Clustering = st.clustering
             with record_function("decoder/cluster"):
-                spos = far_padding(pad_tokens(st.pos, cl.n_padded), cl.n_valid)
+                spos = far_padding(st.pos, cl.n_valid, cl.n_padded)
                 table = cell_neighbours(cl, spos, grid_hw, self.knn, self.nbr_clusters)
             spacing = math.sqrt(cells / cl.n_valid)
             for blk in blocks:
