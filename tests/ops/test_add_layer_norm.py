@@ -35,7 +35,7 @@ def residual_case(shape, x_dt, br_dt, p, with_ds, device="cpu", seed=0) -> list[
         xa, ba = x.clone().requires_grad_(), br.clone().requires_grad_()
         torch.manual_seed(seed + 1)  # the drop-path draw
         if backend == "exact":
-            keep = dp._keep(br).double() / (1.0 - p) if p else 1.0
+            keep = (dp.factors(br) > 0).double().view(-1, 1, 1) / (1.0 - p) if p else 1.0
             ln = ln.double()
             xa, ba = x.double().requires_grad_(), br.double().requires_grad_()
             s = xa + ba * keep
@@ -95,16 +95,18 @@ def test_interpreter_autocast_dtypes(interp):
 
 
 def test_torch_path_is_the_plain_code():
-    """On CPU (backend auto -> torch), ``residual`` is exactly ``s = x + drop_path(b)`` and
-    ``norm(s)``, with the same drop-path draw."""
+    """On CPU (backend auto -> torch), ``residual`` is exactly ``s = x + drop_path(b)`` (in
+    ``DropPath.residual_add``'s one addcmul) and ``norm(s)``, with the same drop-path draw."""
     torch.manual_seed(0)
     ln, dp = FusedLayerNorm(24), DropPath(0.4).train()
     x, br = torch.randn(5, 3, 24), torch.randn(5, 3, 24)
     torch.manual_seed(1)
     s, y = ln.residual(x, br, dp)
     torch.manual_seed(1)
-    s_ref = x + dp(br)
+    s_ref = dp.residual_add(x, br)
     assert torch.equal(s, s_ref) and torch.equal(y, ln(s_ref))
+    torch.manual_seed(1)
+    torch.testing.assert_close(s_ref, x + dp(br), rtol=1e-6, atol=1e-6)  # the plain form
 
 
 def test_drop_path_factors_are_forward_draws():
@@ -118,6 +120,29 @@ def test_drop_path_factors_are_forward_draws():
     assert set(f.tolist()) == {0.0, 2.0}  # both outcomes occur in 64 draws at p = 0.5
     assert torch.equal(out, x * f.view(-1, 1, 1))
     assert DropPath(0.0).factors(x) is None and DropPath(0.5).eval().factors(x) is None
+
+
+def test_drop_path_residual_add_is_the_plain_sum():
+    """x + drop_path(branch) in one addcmul, in the residual stream's precision: the same draw
+    as forward, float32 out of a float32 stream and a bf16 branch, the same gradients."""
+    dp = DropPath(0.3).train()
+    x = torch.randn(32, 5, 8, requires_grad=True)
+    br = torch.randn(32, 5, 8).bfloat16().requires_grad_()
+    torch.manual_seed(5)
+    got = dp.residual_add(x, br)
+    torch.manual_seed(5)
+    f = dp.factors(br)
+    assert set(f.tolist()) == {0.0, dp._scale}
+    want = x.detach() + br.detach().float() * f.view(-1, 1, 1)
+    assert got.dtype == torch.float32  # float32 arithmetic (a fused multiply-add, maybe)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+    g = torch.randn(32, 5, 8)
+    got.backward(g)
+    assert torch.equal(x.grad, g)
+    assert br.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(br.grad, (g * f.view(-1, 1, 1)).bfloat16(), rtol=2**-8, atol=0)
+    dp.eval()
+    assert torch.equal(dp.residual_add(x, br), x + br)  # inactive: the plain sum
 
 
 @pytest.mark.gpu

@@ -23,4 +23,4 @@ class AFFBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cl: Clustering) -> torch.Tensor:
         x, h = self.norm2.residual(x, self.attn(self.norm1(x), pos, cl), self.drop_path)
-        return x + self.drop_path(self.mlp(h))
+        return self.drop_path.residual_add(x, self.mlp(h))

@@ -26,28 +26,45 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop a residual branch per sample with probability ``p`` in training."""
+    """Stochastic depth: drop a residual branch per sample with probability ``p`` in training.
+
+    A kept sample's branch is scaled by 1 / (1 - p) (float32). The per-sample factors come
+    from one uniform draw and one ``where`` (``factors``); ``residual_add`` applies them and
+    adds the branch to the residual stream in one ``addcmul``, in the stream's precision (an
+    AFF block's stochastic depth was five to six small kernels per branch and step).
+    """
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"drop path probability must be in [0, 1), got {p}")
         self.p = p
-
-    def _keep(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= self.p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        return x * self._keep(x).to(x.dtype) / (1.0 - self.p)
+        # 1 / (1 - p) rounded as float32 arithmetic rounds it (the factor of a kept sample)
+        self._scale = float(torch.tensor(1.0) / torch.tensor(1.0 - p))
 
     def factors(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The per-sample factors forward would apply, (B,) float32 (0 or 1 / (1 - p)), drawn
-        from the same random numbers; None when inactive (p = 0 or evaluation)."""
+        """Per-sample factors (B,) float32: 0 or 1 / (1 - p); None when inactive (p = 0 or
+        evaluation). ``forward`` and ``residual_add`` apply the same draw."""
         if self.p == 0.0 or not self.training:
             return None
-        return self._keep(x).view(-1).float() / (1.0 - self.p)
+        u = torch.rand(x.shape[0], device=x.device)
+        return torch.where(u >= self.p, self._scale, 0.0)
+
+    def _shaped(self, f: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return f.view((-1,) + (1,) * (x.dim() - 1)).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.factors(x)
+        return x if f is None else x * self._shaped(f, x, x.dtype)
+
+    def residual_add(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``x + self(branch)``: one kernel, the factor applied in the promoted dtype of x and
+        the branch (float32 for an autocast model's float32 residual stream)."""
+        f = self.factors(branch)
+        if f is None:
+            return x + branch
+        dtype = torch.promote_types(x.dtype, branch.dtype)
+        return torch.addcmul(x, branch, self._shaped(f, branch, dtype))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

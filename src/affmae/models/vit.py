@@ -178,7 +178,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, h = self.norm2.residual(x, self.attn(self.norm1(x)), self.drop_path)
-        return x + self.drop_path(self.mlp(h))
+        return self.drop_path.residual_add(x, self.mlp(h))
 
 
 class CrossBlock(nn.Module):

@@ -91,13 +91,18 @@ class FusedLayerNorm(nn.LayerNorm):
         forward; the norm backward plus the gradient s gets from the residual stream, written
         as x's and (times the factor) the branch's gradients. That removes an add, a cast, a
         gradient sum and, with drop path, two multiplies per residual step. The PyTorch path is
-        the plain code; the two differ only in rounding with drop path (the kernel applies the
-        factor in float32, ``DropPath`` in the branch's dtype).
+        the plain code (``DropPath.residual_add``: the factor applied in the residual stream's
+        precision, as the kernel applies it in float32); the two differ only in rounding.
         """
         if (not self._triton(x) or branch.shape != x.shape or x.dim() < 2
                 or not _triton_ok(branch, self.normalized_shape[0])
                 or (drop_path is not None and not hasattr(drop_path, "factors"))):
-            s = x + (drop_path(branch) if drop_path is not None else branch)
+            if drop_path is None:
+                s = x + branch
+            elif hasattr(drop_path, "residual_add"):
+                s = drop_path.residual_add(x, branch)
+            else:
+                s = x + drop_path(branch)
             return s, self(s)
         from affmae.ops.layer_norm.function import add_layer_norm_triton
 
