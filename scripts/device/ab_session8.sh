@@ -6,8 +6,11 @@
 # base / current three times at 512 px, then the replayed step's kernels of each (flushed).
 # The changes: stage-output norms through FusedLayerNorm(autocast_out=False), smallest_k's
 # wider launch, the cell_lookup kernel, the merge backward's per-program sums of equal target
-# rows, the decoder softmax's in-kernel cast. If the current step is slower, the merge backward
-# (an (8, 8, 128) float32 select-and-sum per slot) is the first suspect.
+# rows, the decoder softmax's in-kernel cast; after session 8's GPU calls (never run on a GPU):
+# the clustering glue, cached sine-cosine frequencies, far_padding, DropPath.residual_add. If
+# the current step is slower, the merge backward (an (8, 8, 128) float32 select-and-sum per
+# slot) is the first suspect. Then run the GPU tests (tests/train/test_pretrain.py -m gpu,
+# tests/train/test_finetune.py -m gpu, tests/ops -m gpu) with limits that allow first compiles.
 # Usage: bash scripts/device/ab_session8.sh OUT
 OUT=${1:?OUT}
 source "$(dirname "$0")/lib.sh"
