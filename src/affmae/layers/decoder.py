@@ -75,9 +75,8 @@ class DeformableAttention(nn.Module):
         proj = linear(xq, torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods]))
         parts = proj.split([m.out_features for m in mods], dim=-1)
         value, off, logits = parts if own else (self.value(src), *parts)
-        # points = q + spacing * offset, float32, in one kernel (offsets in the autocast dtype)
-        points = torch.add(qpos.float()[:, :, None, None, :], off.reshape(B, Nq, H, Pt, 2),
-                           alpha=spacing)  # (B, Nq, H, Pt, 2)
+        off = off.reshape(B, Nq, H, Pt, 2).float() * spacing
+        points = qpos.float()[:, :, None, None, :] + off  # (B, Nq, H, Pt, 2)
         with record_function("decoder/knn"):
             sel = lookup_neighbours(points.view(B, Nq, H * Pt, 2), table, grid_hw)
             sel = sel.view(B, Nq, H, Pt, -1)  # (B, Nq, H, Pt, K)
