@@ -3,7 +3,7 @@
 # sources of 8feee23: session 8's fused AdamW in the bench step and nothing else of it): what
 # session 8's kernel changes did to an aff_small step, which no call of that session isolated
 # (its table, 23.5 ms at 512 px, ran on another machine than its 22.1 ms start). Alternates
-# base / current three times at 512 px, then the replayed step's kernels of each (flushed).
+# current / base three times at 512 px, then the replayed step's kernels of each (flushed).
 # The changes: stage-output norms through FusedLayerNorm(autocast_out=False), smallest_k's
 # wider launch, the cell_lookup kernel, the merge backward's per-program sums of equal target
 # rows, the decoder softmax's in-kernel cast; after session 8's GPU calls (never run on a GPU):
@@ -16,11 +16,13 @@ OUT=${1:?OUT}
 source "$(dirname "$0")/lib.sh"
 BASE="/tmp/site:$PWD/.cache/base/src"
 CUR="/tmp/site:$PWD/src"
-for which in base cur base cur base cur; do
-  [ $SECONDS -gt 360 ] && break
+lim=280  # the first run compiles every kernel on a fresh machine (about 200 s in session 8)
+for which in cur base cur base cur base; do
+  [ $SECONDS -gt 380 ] && break
   P=$CUR; [ $which = base ] && P=$BASE
-  PYTHONPATH=$P timeout 150 python -m affmae.cli bench --models aff_small --resolutions 512 \
+  PYTHONPATH=$P timeout $lim python -m affmae.cli bench --models aff_small --resolutions 512 \
     --cuda-graph > "$R/ab_${SECONDS}_$which.txt" 2>&1
+  lim=120
   echo "== $which $SECONDS s"; grep -hE "^aff" "$R"/ab_*_$which.txt | tail -1; pack
 done
 for which in base cur; do
