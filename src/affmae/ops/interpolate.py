@@ -125,13 +125,21 @@ def lookup_neighbours(points: torch.Tensor, table: torch.Tensor,
     Returns:
         (B, Nq, S, K) key slots in the table's dtype.
     """
+    if not _lookup_kernel_ok(points, table):
+        return lookup_neighbours_reference(points, table, grid_hw)
+    from affmae.ops._cell_lookup_kernel import cell_lookup_triton  # one kernel, the same slots
+
+    B, Nq, S, _ = points.shape
+    with torch.no_grad():
+        out = cell_lookup_triton(points.reshape(B, Nq * S, 2), table, grid_hw[0], grid_hw[1])
+    return out.view(B, Nq, S, -1)
+
+
+def lookup_neighbours_reference(points: torch.Tensor, table: torch.Tensor,
+                                grid_hw: tuple[int, int]) -> torch.Tensor:
+    """``lookup_neighbours`` in PyTorch ops (the CPU path and the kernel's reference)."""
     B, Nq, S, _ = points.shape
     gh, gw = grid_hw
-    if _lookup_kernel_ok(points, table):  # one kernel, the same slots
-        from affmae.ops._cell_lookup_kernel import cell_lookup_triton
-
-        with torch.no_grad():
-            return cell_lookup_triton(points.reshape(B, Nq * S, 2), table, gh, gw).view(B, Nq, S, -1)
     with torch.no_grad():
         x = points[..., 0].round().clamp(0, gw - 1).long()
         y = points[..., 1].round().clamp(0, gh - 1).long()
