@@ -157,10 +157,11 @@ def cluster_centroids(pos: torch.Tensor, n_valid: int, m: int) -> torch.Tensor:
     if not 0 <= n_pad < m:
         raise ValueError(f"{n_valid} real tokens do not fill all but the last of {M} clusters "
                          f"of {m}")
-    s = pos.float().view(B, M, m, 2).sum(2)  # (B, M, 2)
+    pos = pos.float()
+    s = pos.view(B, M, m, 2).sum(2)  # (B, M, 2)
     if n_pad == 0:
         return s.div_(m)
-    s[:, -1].sub_(pos.float()[:, n_valid:].sum(1))  # the padding's share of the last cluster
+    s[:, -1].sub_(pos[:, n_valid:].sum(1))  # the padding's share of the last cluster
     s[:, :-1].div_(m)
     s[:, -1].div_(m - n_pad)
     return s
@@ -172,7 +173,8 @@ def nearest_clusters(
     """Indices of the ``k`` key centroids nearest to each query centroid.
 
     Args:
-        query: (B, Mq, 2) centroids. keys: (B, Mk, 2) centroids.
+        query: (B, Mq, 2) centroids, or (1, Mq, 2) for the same points in every image.
+        keys: (B, Mk, 2) centroids.
         k: neighbours to return (clipped to Mk).
         self_first: query i is key i (same set); it is placed first whatever the distances.
     Returns:
