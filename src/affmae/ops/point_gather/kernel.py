@@ -24,10 +24,8 @@ How it is computed (rows r are the flattened (B, Nq, H, Pt) index, row-major):
    Duplicate slots (in a row or across rows) add up in both, as in the reference.
 4. Shared slots (token merging: ``sel`` with Pt = 1, ``weights`` with Pt = J > 1, every weight
    set of a row over the same K slots): ``_fwd_shared_kernel`` gathers each table row once for
-   the J outputs, and ``_bwd_shared_kernel`` sums the J contributions, and those of the
-   program's other rows with the same target row (kept tokens of one cluster), before one
-   atomic add per distinct (target row, feature): J times fewer gathers and atomics than J
-   separate rows, and about as many fewer again as kept tokens per cluster in a program. "sorted"
+   the J outputs, and ``_bwd_shared_kernel`` sums the J contributions before its one atomic add
+   per (row, slot, feature): J times fewer gathers and atomics than J separate rows. "sorted"
    d_table expands ``sel`` to the J points and runs step 3.
 
 Supported: table float32, bfloat16 or float16 (output and d_table in that dtype), weights any
@@ -182,14 +180,8 @@ def _bwd_shared_kernel(
     BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr, NEED_DT: tl.constexpr, NEED_DW: tl.constexpr,
 ):
     # As _bwd_kernel, with the J weight sets of a row summed before the atomic add: one float32
-    # atomic per (row, slot, feature) instead of J. Rows whose slot lists are the same (the
-    # kept tokens of one cluster share their cluster's neighbourhood, and kept slots ascend)
-    # add into the same d_table rows: per slot, the contributions of the program's rows with
-    # the same target row are summed first and only the first such row adds, so a program
-    # makes one atomic add per distinct target row and feature.
+    # atomic per (row, slot, feature) instead of J.
     r, r_ok, b, h, base = _rows(tl.program_id(0), R, HP, QHP, Pt, stb, sth, BLOCK_R)
-    ri = tl.arange(0, BLOCK_R)
-    earlier = ri[None, :] < ri[:, None]  # (BLOCK_R, BLOCK_R): column row before the row
     rj = tl.arange(0, BLOCK_J)
     rf = tl.arange(0, BLOCK_F)
     rf_ok = rf < F
@@ -207,13 +199,8 @@ def _bwd_shared_kernel(
             tl.store(DW + rowj * K + k, tl.sum(do * t.to(tl.float32)[:, None, :], 2), mask=mrj)
         if NEED_DT:
             w = tl.load(W + rowj * K + k, mask=mrj, other=0.0).to(tl.float32)
-            v = tl.sum(w[:, :, None] * do, 1)  # (BLOCK_R, BLOCK_F)
-            addr = dbase + s * sdn  # (BLOCK_R,) d_table row of this slot
-            same = (addr[:, None] == addr[None, :]) & r_ok[None, :]  # (BLOCK_R, BLOCK_R)
-            first = tl.sum((same & earlier).to(tl.int32), 1) == 0
-            v = tl.sum(tl.where(same[:, :, None], v[None, :, :], 0.0), 1)
-            tl.atomic_add(DT32 + addr[:, None] + rf[None, :], v, mask=m2 & first[:, None],
-                          sem="relaxed")
+            tl.atomic_add(DT32 + (dbase + s * sdn)[:, None] + rf[None, :],
+                          tl.sum(w[:, :, None] * do, 1), mask=m2, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["Nq", "Nk", "H", "Pt"])
