@@ -14,6 +14,7 @@ here check its results. GPU (``@pytest.mark.gpu``): the model's full sizes in bf
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import pytest
@@ -139,13 +140,68 @@ def _colsum_empty():
     return {"dtype": str(out.dtype), "shape": list(out.shape), "zeros": bool((out == 0).all())}
 
 
+def _cast_once_case() -> dict:
+    """Two Linears (backend "triton") under bf16 autocast with and without ``cast_weights``:
+    outputs and gradients, which casts the forward makes, and a weight changed in place inside
+    the context."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from affmae.ops.linear.casts import cached_cast, cast_weights
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default,
+                        torch.ops.aten._foreach_copy_.default):
+                self.shapes.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(3)
+    net = torch.nn.Sequential(Linear(24, 40, backend="triton"), torch.nn.GELU(),
+                              Linear(40, 17, backend="triton"))
+    x = torch.randn(5, 24, generator=gen)
+    g = torch.randn(5, 17, generator=gen)
+
+    def run(once: bool):
+        net.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        counter = CountCasts()
+        with torch.autocast("cpu", dtype=torch.bfloat16), counter:
+            with cast_weights(net) if once else contextlib.nullcontext():
+                y = net(xi)
+        y.backward(g.to(y.dtype))
+        return [y.detach(), xi.grad] + [p.grad.clone() for p in net.parameters()], counter.shapes
+
+    plain, casts_plain = run(False)
+    once, casts_once = run(True)
+    w = net[0].weight
+    with torch.autocast("cpu", dtype=torch.bfloat16), cast_weights(net):
+        hit = cached_cast(w, torch.bfloat16)
+        hit_ok = hit is not None and torch.equal(hit, w.detach().to(torch.bfloat16))
+        other_dtype = cached_cast(w, torch.float16) is None
+        with torch.no_grad():
+            w.add_(1.0)  # changed in place: the cast made on entry is stale
+        stale = cached_cast(w, torch.bfloat16) is None
+        with torch.no_grad():
+            y_changed = net(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        y_fresh = net(x)
+    return {"bitwise": all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(plain, once)),
+            "casts_plain": casts_plain, "casts_once": casts_once, "hit": hit_ok,
+            "other_dtype_misses": other_dtype, "stale_misses": stale,
+            "changed_weight_used": torch.equal(y_changed, y_fresh)}
+
+
 def _worker(path: str) -> None:
     """Run every interpreter case (the caller sets TRITON_INTERPRET=1) and write JSON."""
     jobs = {f"colsum_{name}": (lambda spec=spec: _colsum_case(*spec))
             for name, spec in COLSUM_CASES.items()}
     jobs.update({f"linear_{name}": (lambda kw=kw: compare_linear(**kw))
                  for name, kw in LINEAR_CASES.items()})
-    write_results(path, {**jobs, "colsum_empty": _colsum_empty})
+    write_results(path, {**jobs, "colsum_empty": _colsum_empty, "cast_once": _cast_once_case})
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +235,19 @@ def _check_linear(r: dict, case: str) -> None:
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
 def test_interpreter_linear_matches_nn_linear(interpreter_results, case):
     _check_linear(result(interpreter_results, f"linear_{case}"), case)
+
+
+def test_interpreter_weights_cast_once_per_forward(interpreter_results):
+    r = result(interpreter_results, "cast_once")
+    assert r["bitwise"], "outputs or gradients differ with the weights cast once"
+    # without the context: the first input, then each Linear's weight and bias (the GELU
+    # output is bf16 already): 1 + 2 + 2 casts; with it: one foreach copy of the four
+    # parameters on entry, then the first input's cast
+    assert r["casts_plain"] == ["aten._to_copy.default"] * 5, r["casts_plain"]
+    assert r["casts_once"] == ["aten._foreach_copy_.default", "aten._to_copy.default"], (
+        r["casts_once"])
+    assert r["hit"] and r["other_dtype_misses"], r
+    assert r["stale_misses"] and r["changed_weight_used"], r
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,6 +414,60 @@ def test_gpu_cuda_graph_capture_of_forward_and_backward():
     assert torch.equal(y, eager_y), "replayed output differs from eager"
     for i, (p, want) in enumerate(zip(model.parameters(), eager_grads)):
         assert torch.equal(p.grad, want), f"replayed gradient {i} differs from eager"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_model_casts_weights_once_bitwise_and_graph_recasts():
+    """A whole aff_tiny forward + backward is bitwise the same with the weights cast once per
+    forward; a captured forward recasts at every replay (weights changed after the capture are
+    used)."""
+    from affmae import create_model
+    from affmae.bench.cli import make_batch
+    from affmae.ops.linear.casts import no_weight_casts
+
+    torch.manual_seed(0)
+    model = create_model("aff_tiny").cuda()
+    imgs, mask = (t.cuda() for t in make_batch(64, 2, 0.5, "perlin", 0, 8))
+    num = int(mask.sum(1)[0])
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(imgs, mask, num_masked=num)["loss"]
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    once = loss_and_grads()
+    with no_weight_casts():
+        plain = loss_and_grads()
+    assert len(once) == len(plain)
+    for i, (a, b) in enumerate(zip(once, plain)):
+        assert torch.equal(a, b), f"loss / gradient {i} differs with the weights cast once"
+
+    def forward():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(imgs, mask, num_masked=num)["loss"]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = forward()
+    graph.replay()
+    before = static.clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.25)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = forward().detach()
+    assert not torch.equal(before, want), "scaling the weights did not change the loss"
+    assert torch.equal(static, want), (f"replayed loss {static.item()} used stale casts "
+                                       f"(eager {want.item()}, before {before.item()})")
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":

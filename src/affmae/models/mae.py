@@ -26,6 +26,7 @@ from affmae.models.registry import register_model, replace_config
 from affmae.ops.clustering import gather_tokens
 from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.linear import Linear
+from affmae.ops.linear.casts import casts_weights_once
 from affmae.ops.masking import mask_indices, sample_queries
 from affmae.ops.patches import grid_positions, patchify, unpatchify
 
@@ -125,6 +126,7 @@ class AFFMAE(nn.Module):
         out["loss"] = loss
         return out
 
+    @casts_weights_once
     def forward(self, imgs: torch.Tensor, is_masked: torch.Tensor,
                 generator: torch.Generator | None = None,
                 num_masked: int | None = None) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from torch import nn
 from affmae.layers.common import init_weights
 from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.linear import Linear
+from affmae.ops.linear.casts import casts_weights_once
 from affmae.ops.patches import unpatchify
 from affmae.models.registry import create_model, read_checkpoint, register_model, replace_config
 
@@ -59,6 +60,7 @@ class Segmenter(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    @casts_weights_once
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalised images -> (B, classes, H, W) logits."""
         P = self.patch_size

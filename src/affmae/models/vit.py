@@ -41,6 +41,7 @@ from affmae.layers.common import (DropPath, Mlp, check_grad_checkpoint, checkpoi
                                   init_weights, run_block, sincos_embed_2d)
 from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.linear import Linear
+from affmae.ops.linear.casts import casts_weights_once
 from affmae.ops.patches import grid_positions, patchify, unpatchify
 from affmae.models.registry import register_model, replace_config
 from affmae.ops.masking import mask_indices, sample_queries
@@ -375,6 +376,7 @@ class ViTMAE(nn.Module):
         """Mean squared error over the predicted patches (float32)."""
         return F.mse_loss(pred.float(), self._target(imgs, query_idx))
 
+    @casts_weights_once
     def forward(self, imgs: torch.Tensor, is_masked: torch.Tensor,
                 generator: torch.Generator | None = None,
                 num_masked: int | None = None) -> dict[str, torch.Tensor]:

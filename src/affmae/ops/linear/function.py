@@ -20,6 +20,7 @@ import torch
 
 from affmae.ops.dispatch import plain_eager
 from affmae.ops.linear import kernel
+from affmae.ops.linear.casts import cached_cast
 
 Tensor = torch.Tensor
 
@@ -57,8 +58,11 @@ class LinearFunction(torch.autograd.Function):
     for none) inside; gradients come back in the dtypes of the original inputs."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, compute_dtype):
-        xc, wc, bc = (_cast(t, compute_dtype) for t in (x, weight, bias))
+    def forward(ctx, x, weight, bias, compute_dtype, weight_cast=None, bias_cast=None):
+        # weight_cast / bias_cast: the parameters already cast to compute_dtype (``casts``)
+        xc = _cast(x, compute_dtype)
+        wc = _cast(weight, compute_dtype) if weight_cast is None else weight_cast
+        bc = _cast(bias, compute_dtype) if bias_cast is None else bias_cast
         x2 = xc.reshape(-1, xc.shape[-1])  # (M, K)
         wt = wc.t()  # (K, N)
         y2 = torch.mm(x2, wt) if bc is None else torch.addmm(bc, x2, wt)  # (M, N)
@@ -90,7 +94,7 @@ class LinearFunction(torch.autograd.Function):
                 dw = dw.to(w_dtype)
             if need_b and b_dtype is not None:
                 db = colsum(g2).to(b_dtype)
-        return dx, dw, db, None
+        return dx, dw, db, None, None, None
 
 
 def linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -99,4 +103,8 @@ def linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     no-ops), which saves entering a context on every call."""
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    return LinearFunction.apply(x, weight, bias, dtype)
+    if dtype is None:
+        return LinearFunction.apply(x, weight, bias, dtype)
+    # the casts made once for the whole forward (``casts.cast_weights``), where there are any
+    return LinearFunction.apply(x, weight, bias, dtype, cached_cast(weight, dtype),
+                                cached_cast(bias, dtype))
