@@ -181,6 +181,9 @@ def _cast_once_case() -> dict:
     with torch.autocast("cpu", dtype=torch.bfloat16), cast_weights(net):
         hit = cached_cast(w, torch.bfloat16)
         hit_ok = hit is not None and torch.equal(hit, w.detach().to(torch.bfloat16))
+        # every cast starts 512 bytes into the buffer (cuBLAS picks kernels by alignment)
+        aligned = [cached_cast(p, torch.bfloat16).storage_offset() * 2 % 512 == 0
+                   for p in net.parameters()]
         other_dtype = cached_cast(w, torch.float16) is None
         with torch.no_grad():
             w.add_(1.0)  # changed in place: the cast made on entry is stale
@@ -191,7 +194,7 @@ def _cast_once_case() -> dict:
         y_fresh = net(x)
     return {"bitwise": all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(plain, once)),
             "casts_plain": casts_plain, "casts_once": casts_once, "hit": hit_ok,
-            "other_dtype_misses": other_dtype, "stale_misses": stale,
+            "other_dtype_misses": other_dtype, "stale_misses": stale, "aligned": aligned,
             "changed_weight_used": torch.equal(y_changed, y_fresh)}
 
 
@@ -247,6 +250,7 @@ def test_interpreter_weights_cast_once_per_forward(interpreter_results):
     assert r["casts_once"] == ["aten._foreach_copy_.default", "aten._to_copy.default"], (
         r["casts_once"])
     assert r["hit"] and r["other_dtype_misses"], r
+    assert r["aligned"] == [True] * 4, r["aligned"]
     assert r["stale_misses"] and r["changed_weight_used"], r
 
 
