@@ -423,9 +423,9 @@ def test_gpu_cuda_graph_capture_of_forward_and_backward():
 @pytest.mark.gpu
 @gpu
 def test_gpu_model_casts_weights_once_bitwise_and_graph_recasts():
-    """A whole aff_tiny forward + backward is bitwise the same with the weights cast once per
-    forward; a captured forward recasts at every replay (weights changed after the capture are
-    used)."""
+    """A whole aff_tiny forward is bitwise the same with the weights cast once per forward (the
+    backward to the atomics' rounding); a captured forward recasts at every replay (weights
+    changed after the capture are used)."""
     from affmae import create_model
     from affmae.bench.cli import make_batch
     from affmae.ops.linear.casts import no_weight_casts
@@ -446,8 +446,14 @@ def test_gpu_model_casts_weights_once_bitwise_and_graph_recasts():
     with no_weight_casts():
         plain = loss_and_grads()
     assert len(once) == len(plain)
-    for i, (a, b) in enumerate(zip(once, plain)):
-        assert torch.equal(a, b), f"loss / gradient {i} differs with the weights cast once"
+    # The forward has no atomics: the loss is bitwise the same. The backward's float32 atomics
+    # (point gathers) make two identical runs differ in the last bits (the first H200 run of
+    # this test failed on exact gradients), so gradients get a tight bound; a wrong or stale
+    # cast changes bf16 weights by whole ulps (relative 4e-3) and gradients by far more.
+    assert torch.equal(once[0], plain[0]), "the loss differs with the weights cast once"
+    for i, (a, b) in enumerate(zip(once[1:], plain[1:]), 1):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()),
+                                   msg=lambda m, i=i: f"gradient {i}: {m}")
 
     def forward():
         with torch.autocast("cuda", dtype=torch.bfloat16):
