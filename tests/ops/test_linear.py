@@ -181,9 +181,11 @@ def _cast_once_case() -> dict:
     with torch.autocast("cpu", dtype=torch.bfloat16), cast_weights(net):
         hit = cached_cast(w, torch.bfloat16)
         hit_ok = hit is not None and torch.equal(hit, w.detach().to(torch.bfloat16))
-        # every cast starts 512 bytes into the buffer (cuBLAS picks kernels by alignment)
-        aligned = [cached_cast(p, torch.bfloat16).storage_offset() * 2 % 512 == 0
-                   for p in net.parameters()]
+        # every cast is its own allocation: aligned as allocations are (cuBLAS picks its
+        # kernels by alignment) and freed after its own Linear's backward
+        own = [cached_cast(p, torch.bfloat16) for p in net.parameters()]
+        aligned = [c.storage_offset() == 0 and c.untyped_storage().nbytes() == c.numel() * 2
+                   for c in own]
         other_dtype = cached_cast(w, torch.float16) is None
         with torch.no_grad():
             w.add_(1.0)  # changed in place: the cast made on entry is stale

@@ -6,16 +6,20 @@ call, two small copy kernels per Linear. In a replayed aff_small training step (
 and tail time (the bytes, 22.6M parameters read once, take about 0.04 ms).
 
 What: ``cast_weights(module)`` is a context manager. On entry, under autocast with gradients
-enabled, it copies the weight and bias of every package ``Linear`` in ``module`` that would run
-through the Triton-backed Function (``affmae.ops.linear``) into one flat buffer of the autocast
-dtype, with one ``torch._foreach_copy_`` (CUDA's multi-tensor kernel takes float32 sources into
-bf16 / fp16 destinations in a few launches). Each cast starts 512 bytes into the buffer, as
-allocations do: cuBLAS chooses GEMM kernels by operand alignment, and views packed end to end
-got slow unaligned kernels (measured: an aff_small step 22.9 -> 25.6 ms at 512 px) and other
-rounding. Inside the context ``linear_triton`` takes its
-operand from that buffer instead of casting; the values are the same bits (the same rounding
-of the same float32 numbers), so outputs and gradients are bitwise unchanged. Gradients still
-go to the float32 parameters: the Function receives the parameter and its cast separately.
+enabled, it casts the weight and bias of every package ``Linear`` in ``module`` that would run
+through the Triton-backed Function (``affmae.ops.linear``) to the autocast dtype with one
+``torch._foreach_copy_`` (CUDA's multi-tensor kernel takes float32 sources into bf16 / fp16
+destinations in a few launches). Inside the context ``linear_triton`` takes its operand from
+there instead of casting; the values are the same bits (the same rounding of the same float32
+numbers), so outputs are bitwise unchanged. Gradients still go to the float32 parameters: the
+Function receives the parameter and its cast separately.
+
+Each cast is its own allocation. Two designs with one flat buffer of views were slower or
+bigger: packed end to end, most weights started at offsets that are not 16-byte multiples and
+cuBLAS chose SM75 "align1" GEMMs (aff_small 22.9 -> 25.6 ms per step at 512 px on an H200);
+512-byte aligned, the step took 20.4 ms, but the buffer lived until the last Linear's backward
+(the first layer's), where per-call casts die one by one (a CPU count of live bytes: vit_small's
+step peak at 128 px 94.8 -> 125.1 MiB).
 
 Safety: a cast is used only while its parameter's ``_version`` is the one it was cast at, so a
 parameter changed in place inside the context (an optimizer step, ``load_state_dict``) is cast
@@ -38,7 +42,6 @@ import torch
 from torch import nn
 
 _local = threading.local()
-_ALIGN = 512  # bytes: the start of every cast in the flat buffer (the allocator's block size)
 
 
 def _active() -> dict | None:
@@ -95,18 +98,12 @@ def cast_weights(module: nn.Module) -> Iterator[None]:
         by_key.setdefault((p.device, torch.get_autocast_dtype(p.device.type)), []).append(p)
     with torch.no_grad():
         for (device, dtype), group in by_key.items():
-            # Every view starts _ALIGN bytes into the buffer, as the caching allocator's blocks
-            # do: cuBLAS picks its kernels by operand alignment, and unaligned weights (views at
-            # arbitrary offsets) got SM75 "align1" GEMMs, 6 ms slower per aff_small step.
-            step = _ALIGN // torch.empty((), dtype=dtype).element_size()
-            sizes = [-(-p.numel() // step) * step for p in group]
-            flat = torch.empty(sum(sizes), dtype=dtype, device=device)
-            views, offset = [], 0
-            for p, size in zip(group, sizes):
-                views.append(flat[offset:offset + p.numel()].view(p.shape))
-                offset += size
-            torch._foreach_copy_(views, [p.detach() for p in group])
-            casts.update({p: (v, p._version) for p, v in zip(group, views)})
+            # One allocation per cast (not views of one buffer): each is freed when the last
+            # backward that saved it has run, as the per-call casts were, and each is aligned as
+            # allocations are (see the module docstring for what views cost).
+            out = [torch.empty(p.shape, dtype=dtype, device=device) for p in group]
+            torch._foreach_copy_(out, [p.detach() for p in group])
+            casts.update({p: (c, p._version) for p, c in zip(group, out)})
     _local.casts = casts
     try:
         yield
