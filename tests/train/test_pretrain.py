@@ -333,3 +333,39 @@ def test_resume_of_a_checkpoint_that_predates_new_config_fields(images64, tmp_pa
     err = capsys.readouterr().err
     assert "steps (3 -> 5)" in err  # a real change is still named
     assert "cuda_graph" not in err and "norm_backend" not in err, err
+
+
+def test_graphed_runs_pin_batches_in_the_main_thread(monkeypatch):
+    """A CUDA-graphed loss keeps the loader's pin-memory thread off CUDA (its cudaHostAlloc
+    calls broke a capture on the H200): the loader pins only for eager CUDA runs, and a graphed
+    run pins in ``_to_device``, in the training thread. ``make_graphed_callables`` gets
+    ``capture_error_mode="thread_local"`` where it takes one."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from affmae.train import graphs, loop
+
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
+    assert loop._pin_in_loader(SimpleNamespace(graphed=None), cuda)
+    assert not loop._pin_in_loader(SimpleNamespace(graphed=object()), cuda)
+    assert not loop._pin_in_loader(SimpleNamespace(graphed=None), cpu)
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t.shape) or t)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: t)  # no GPU here: a stand-in copy
+    batch = {"image": torch.zeros(2, 1, 8, 8), "mask": [torch.zeros(2, 64)]}
+    loop._to_device(batch, torch.device("cuda"), pin=True)
+    assert pinned == [torch.Size([2, 1, 8, 8]), torch.Size([2, 64])]
+    loop._to_device(batch, torch.device("cuda"), pin=False)
+    assert len(pinned) == 2, "pinned without being asked"
+
+    def new_api(callables, sample_args, num_warmup_iters=3, allow_unused_input=False, pool=None,
+                capture_error_mode="global"):
+        pass
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", new_api)
+    assert graphs.capture_mode_kwargs() == {"capture_error_mode": "thread_local"}
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables",
+                        lambda callables, sample_args, num_warmup_iters=3: None)
+    assert graphs.capture_mode_kwargs() == {}

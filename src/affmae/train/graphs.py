@@ -33,11 +33,22 @@ a run (and its resume, which captures again) draws the same numbers whether or n
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Callable
 
 import torch
 from torch import nn
+
+
+def capture_mode_kwargs() -> dict:
+    """``capture_error_mode="thread_local"`` where ``make_graphed_callables`` takes it
+    (pytorch/pytorch#188832; torch 2.11 does not): only the capturing thread's own CUDA calls
+    may then break a capture, not another thread's (a loader's pin-memory thread). On older
+    versions the training loop keeps other threads off CUDA while it captures instead
+    (``loop._pin_in_loader``)."""
+    params = inspect.signature(torch.cuda.make_graphed_callables).parameters
+    return {"capture_error_mode": "thread_local"} if "capture_error_mode" in params else {}
 
 
 def cuda_graph_why_not(cfg, ctx, ranks_ok: bool = True) -> str | None:
@@ -143,7 +154,8 @@ class GraphedLoss:
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(dev)
         self.fn = torch.cuda.make_graphed_callables(
-            self.losses, tuple(inputs), num_warmup_iters=3, allow_unused_input=True)
+            self.losses, tuple(inputs), num_warmup_iters=3, allow_unused_input=True,
+            **capture_mode_kwargs())
         torch.set_rng_state(cpu_rng)
         torch.cuda.set_rng_state(cuda_rng, dev)
         for p in self.losses.parameters():  # own buffers, never the graph's (module docstring)

@@ -177,19 +177,34 @@ def _loader(job: TrainJob, start: int, total: int, spe: int, ctx: DistContext) -
     cfg = job.cfg
     return DataLoader(
         job.dataset, batch_sampler=_epoch_batches(len(job.dataset), cfg, start, total, spe, ctx),
-        num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda",
+        num_workers=cfg.num_workers, pin_memory=_pin_in_loader(job, ctx),
         # An explicit generator: a loader must not draw its worker seeds from the global RNG,
         # whose stream drives drop-path and must not depend on when loaders are created.
         generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "loader", start)))
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def _pin_in_loader(job: TrainJob, ctx: DistContext) -> bool:
+    """Whether the loader's pin-memory thread pins the batches: on CUDA, unless the loss is a
+    CUDA graph. Its capture runs in the default "global" mode, where a CUDA call from any other
+    thread breaks it, and the pin-memory thread allocates pinned memory (``cudaHostAlloc``)
+    whenever it stages the next batch: a capture racing with it fails with "operation failed
+    due to a previous error during capture" (a crashed-and-resumed graphed run on the H200,
+    session 9; pytorch/pytorch#188832). A graphed run pins in the main thread instead
+    (``_to_device``), before the loss call, so no other thread touches CUDA while it captures."""
+    return ctx.device.type == "cuda" and job.graphed is None
+
+
+def _to_device(batch: Any, device: torch.device, pin: bool = False) -> Any:
+    """``batch``'s tensors on ``device`` (asynchronous copies); ``pin``: page-lock them in this
+    thread first (what the loader's pin-memory thread does otherwise)."""
     if isinstance(batch, torch.Tensor):
+        if pin and device.type == "cuda" and not batch.is_pinned():
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
+        return type(batch)(_to_device(b, device, pin) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: _to_device(v, device, pin) for k, v in batch.items()}
     return batch
 
 
@@ -348,6 +363,7 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
     model.train()
     step = start
     batches = iter(_loader(job, start, total, spe, ctx))
+    pin_here = ctx.device.type == "cuda" and not _pin_in_loader(job, ctx)
     while step < total:
         epoch = step // spe
         stop = min(total, (epoch + 1) * spe)
@@ -361,7 +377,7 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
             keys: list[str] = []
             sums: torch.Tensor | None = None
             for micro in range(cfg.grad_accum):
-                batch = _to_device(next(batches), ctx.device)
+                batch = _to_device(next(batches), ctx.device, pin=pin_here)
                 last = micro == cfg.grad_accum - 1
                 sync = (contextlib.nullcontext() if last or net is model
                         else net.no_sync())
