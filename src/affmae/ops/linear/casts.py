@@ -62,10 +62,11 @@ def cached_cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
 
 def _linear_params(module: nn.Module) -> list[torch.Tensor]:
     """Weights and biases of the Linears whose calls take the Function (``_use_function``'s
-    tests that do not depend on the input)."""
+    tests that do not depend on the input). The global tests run once, not per layer."""
     from affmae.ops.dispatch import package_kernels, plain_eager
     from affmae.ops.linear import Linear
 
+    auto_ok = package_kernels() and plain_eager()  # environment, compiler, dispatch modes
     out = []
     for m in module.modules():
         if not isinstance(m, Linear) or m.bias is None:
@@ -73,8 +74,8 @@ def _linear_params(module: nn.Module) -> list[torch.Tensor]:
         w, b = m.weight, m.bias
         if w.dtype != torch.float32 or b.dtype != torch.float32:
             continue
-        if m.backend == "triton" or (m.backend == "auto" and w.is_cuda and b.requires_grad
-                                     and package_kernels() and plain_eager(w, b)):
+        if m.backend == "triton" or (m.backend == "auto" and auto_ok and w.is_cuda
+                                     and b.requires_grad and plain_eager(w, b)):
             out += [w, b]
     return out
 
