@@ -194,7 +194,22 @@ def _cast_once_case() -> dict:
             y_changed = net(x)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         y_fresh = net(x)
+    # gradient checkpointing: the recompute runs in the backward, after the context's exit
+    # (per-call casts there); its saved tensors must match the forward's (checked by torch)
+    from torch.utils.checkpoint import checkpoint
+
+    def run_ckpt(once: bool):
+        net.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with cast_weights(net) if once else contextlib.nullcontext():
+                y = checkpoint(net, xi, use_reentrant=False)
+        y.backward(g.to(y.dtype))
+        return [xi.grad] + [p.grad.clone() for p in net.parameters()]
+
+    ckpt = all(torch.equal(a, b) for a, b in zip(run_ckpt(False), run_ckpt(True)))
     return {"bitwise": all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(plain, once)),
+            "checkpointed_bitwise": ckpt,
             "casts_plain": casts_plain, "casts_once": casts_once, "hit": hit_ok,
             "other_dtype_misses": other_dtype, "stale_misses": stale, "aligned": aligned,
             "changed_weight_used": torch.equal(y_changed, y_fresh)}
@@ -253,6 +268,7 @@ def test_interpreter_weights_cast_once_per_forward(interpreter_results):
         r["casts_once"])
     assert r["hit"] and r["other_dtype_misses"], r
     assert r["aligned"] == [True] * 4, r["aligned"]
+    assert r["checkpointed_bitwise"], "gradient checkpointing: gradients differ with the casts"
     assert r["stale_misses"] and r["changed_weight_used"], r
 
 
