@@ -70,11 +70,15 @@ def _colsum_one_pass(G, PART, OUT, COUNT, M, N, stride_m, rows_per_split, split,
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def colsum_one_pass(g: torch.Tensor) -> torch.Tensor:
+def colsum_one_pass(g: torch.Tensor, fresh_counter: bool = False) -> torch.Tensor:
+    """``fresh_counter``: a zeroed counter per call (one memset more, no shared state: what a
+    call inside a CUDA-graph capture would need when no counter exists for its stream yet)."""
     M, N = g.shape
     block_n, col_blocks, split, rows_per_split = _config(M, N)
     count = _COUNTERS.get(g.device)
-    if count is None or count.numel() < col_blocks:
+    if fresh_counter:
+        count = torch.zeros(col_blocks, dtype=torch.int32, device=g.device)
+    elif count is None or count.numel() < col_blocks:
         count = _COUNTERS[g.device] = torch.zeros(max(col_blocks, 64), dtype=torch.int32,
                                                   device=g.device)
     part = torch.empty(split, N, dtype=torch.float32, device=g.device)
@@ -121,15 +125,20 @@ def bench() -> None:
 
     shapes = [(32768, 384), (32768, 456), (32768, 768), (32768, 1536), (5248, 384),
               (5248, 1152), (13184, 192), (2176, 512), (32768, 96), (2176, 72)]
-    print(f"{'g (M, N) bf16':>16} | {'graph us: colsum (2 launches)':>29} {'one pass':>9} | saved")
-    total = 0.0
+    print(f"{'g (M, N) bf16':>16} | {'graph us: colsum (2 launches)':>29} {'one pass':>9} "
+          f"{'+ memset':>9} | saved, saved with memset")
+    total = total_m = 0.0
     for M, N in shapes:
         g = torch.randn(M, N, device="cuda").bfloat16()
         t2 = do_bench(graphed(lambda: colsum(g)), return_mode="median") * 1e3
         t1 = do_bench(graphed(lambda: colsum_one_pass(g)), return_mode="median") * 1e3
-        total += t2 - t1
-        print(f"{str((M, N)):>16} | {t2:29.1f} {t1:9.1f} | {t2 - t1:5.1f} us")
-    print(f"sum over these shapes: {total:.1f} us (aff_small makes 106 column sums per step)")
+        tm = do_bench(graphed(lambda: colsum_one_pass(g, True)), return_mode="median") * 1e3
+        total, total_m = total + t2 - t1, total_m + t2 - tm
+        print(f"{str((M, N)):>16} | {t2:29.1f} {t1:9.1f} {tm:9.1f} | {t2 - t1:5.1f} us, "
+              f"{t2 - tm:5.1f} us")
+    print(f"sum over these shapes: {total:.1f} us, {total_m:.1f} us with a memset per call "
+          f"(aff_small makes 106 column sums per step). do_bench flushes L2 before each run, "
+          f"so these are cold-cache times.")
 
 
 if __name__ == "__main__":
