@@ -11,7 +11,8 @@ block (``atomic_add``, acq_rel, gpu scope). The program with ticket SPLIT - 1 lo
 partial rows (L2 only, ``.cg``) and sums them in a fixed order (deterministic whichever program
 is last), writes the (N,) result and puts the counter back to 0 for the next call. The counter
 is one cached zeroed buffer (per device here; a package version needs one per stream, see
-BENCHMARKS "Where the next 0.5 ms may be").
+BENCHMARKS "Where the next 0.5 ms may be"). The kernel's first half is ``_colsum_kernel``
+as it is, so the prototype stands alone; a package version would share it as a jit helper.
 
 Run on a GPU: ``python scripts/device/colsum_last_reduces.py`` prints, per bias-gradient shape,
 the graph-replay time of the two-launch ``colsum`` and of this one-launch version, and checks
@@ -109,19 +110,8 @@ def check(shapes, device) -> bool:
 
 
 def bench() -> None:
+    from colsum_bench import graphed  # this folder is on sys.path when run as a script
     from triton.testing import do_bench
-
-    def graphed(fn):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
 
     shapes = [(32768, 384), (32768, 456), (32768, 768), (32768, 1536), (5248, 384),
               (5248, 1152), (13184, 192), (2176, 512), (32768, 96), (2176, 72)]

@@ -184,8 +184,8 @@ def _cast_once_case() -> dict:
         # every cast is its own allocation: aligned as allocations are (cuBLAS picks its
         # kernels by alignment) and freed after its own Linear's backward
         own = [cached_cast(p, torch.bfloat16) for p in net.parameters()]
-        aligned = [c.storage_offset() == 0 and c.untyped_storage().nbytes() == c.numel() * 2
-                   for c in own]
+        own_allocation = [c.storage_offset() == 0
+                          and c.untyped_storage().nbytes() == c.numel() * 2 for c in own]
         other_dtype = cached_cast(w, torch.float16) is None
         with torch.no_grad():
             w.add_(1.0)  # changed in place: the cast made on entry is stale
@@ -211,7 +211,7 @@ def _cast_once_case() -> dict:
     return {"bitwise": all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(plain, once)),
             "checkpointed_bitwise": ckpt,
             "casts_plain": casts_plain, "casts_once": casts_once, "hit": hit_ok,
-            "other_dtype_misses": other_dtype, "stale_misses": stale, "aligned": aligned,
+            "other_dtype_misses": other_dtype, "stale_misses": stale, "own_allocation": own_allocation,
             "changed_weight_used": torch.equal(y_changed, y_fresh)}
 
 
@@ -267,7 +267,7 @@ def test_interpreter_weights_cast_once_per_forward(interpreter_results):
     assert r["casts_once"] == ["aten._foreach_copy_.default", "aten._to_copy.default"], (
         r["casts_once"])
     assert r["hit"] and r["other_dtype_misses"], r
-    assert r["aligned"] == [True] * 4, r["aligned"]
+    assert r["own_allocation"] == [True] * 4, r["own_allocation"]
     assert r["checkpointed_bitwise"], "gradient checkpointing: gradients differ with the casts"
     assert r["stale_misses"] and r["changed_weight_used"], r
 

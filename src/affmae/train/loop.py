@@ -188,8 +188,8 @@ def _pin_in_loader(job: TrainJob, ctx: DistContext) -> bool:
     CUDA graph. Its capture runs in the default "global" mode, where a CUDA call from any other
     thread breaks it, and the pin-memory thread allocates pinned memory (``cudaHostAlloc``)
     whenever it stages the next batch: a capture racing with it fails with "operation failed
-    due to a previous error during capture" (a crashed-and-resumed graphed run on the H200,
-    session 9; pytorch/pytorch#188832). A graphed run pins in the main thread instead
+    due to a previous error during capture" (pytorch/pytorch#188832; the likely cause of that
+    error in a crashed-and-resumed graphed run on the H200, session 9, not yet re-run). A graphed run pins in the main thread instead
     (``_to_device``), before the loss call, so no other thread touches CUDA while it captures."""
     return ctx.device.type == "cuda" and job.graphed is None
 
