@@ -28,8 +28,7 @@ from torch.profiler import record_function
 from affmae.layers.common import Mlp, ring_offsets, run_block, sincos_embed_2d
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
 from affmae.ops.layer_norm import FusedLayerNorm
-from affmae.ops.interpolate import (FAR, cell_neighbours, gather_weighted,
-                                    interpolation_weights, lookup_neighbours)
+from affmae.ops.interpolate import FAR, cell_neighbours, deformable_weights, gather_weighted
 from affmae.ops.linear import Linear, linear
 
 
@@ -73,21 +72,18 @@ class DeformableAttention(nn.Module):
         own = src is xq
         mods = (self.value, self.offsets, self.attn_logits) if own else (self.offsets, self.attn_logits)
         proj = linear(xq, torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods]))
-        parts = proj.split([m.out_features for m in mods], dim=-1)
-        value, off, logits = parts if own else (self.value(src), *parts)
-        off = off.reshape(B, Nq, H, Pt, 2).float() * spacing
-        points = qpos.float()[:, :, None, None, :] + off  # (B, Nq, H, Pt, 2)
-        with record_function("decoder/knn"):
-            sel = lookup_neighbours(points.view(B, Nq, H * Pt, 2), table, grid_hw)
-            sel = sel.view(B, Nq, H, Pt, -1)  # (B, Nq, H, Pt, K)
-        # float32 softmax; the dtype argument casts inside the kernel (one kernel each way)
-        attn = torch.softmax(logits.reshape(B, Nq, H, Pt), dim=-1, dtype=torch.float32)
+        if own:  # one split (its backward is one concatenation), offsets and logits together
+            value, offlog = proj.split([C, proj.shape[-1] - C], dim=-1)
+        else:
+            value, offlog = self.value(src), proj
+        # points, their cells' key slots, the point softmax and the interpolation weights
+        # attn_p * softmax_k(-p d_pk): one Triton kernel each way on CUDA
+        with record_function("decoder/weights"):
+            sel, w = deformable_weights(offlog, qpos, self.log_temp, src_pos, table, grid_hw,
+                                        spacing, H, Pt)  # (B, Nq, H, Pt, K) each
         # sum_p attn_p sum_k w_pk v[sel_pk] is one weighted gather over the Pt*K (point,
         # neighbour) pairs: no (B, Nq, H, Pt, Dh) per-point values, no batched 1 x Pt matmul
         # (which took 11 of 60 ms of an aff_small step at 512 px), float32 accumulation.
-        with record_function("decoder/weights"):  # attn_p * w_pk, one kernel each way on CUDA
-            w = interpolation_weights(points / spacing, sel, src_pos / spacing,
-                                      self.log_temp.exp(), attn)
         K = sel.shape[-1]
         w = w.view(B, Nq, H, 1, Pt * K)
         table = value.view(B, src.shape[1], H, Dh)  # (B, Nk, H, Dh), a strided view if fused

@@ -288,6 +288,128 @@ def interpolation_weights(points: torch.Tensor, sel: torch.Tensor, key_pos: torc
     return _InterpolationWeights.apply(points, sel, key_pos, temperature, attn, kernel)
 
 
+def deformable_weights_reference(offlog: torch.Tensor, qpos: torch.Tensor,
+                                 log_temp: torch.Tensor, key_pos: torch.Tensor,
+                                 table: torch.Tensor, grid_hw: tuple[int, int], spacing: float,
+                                 heads: int, points: int, backend: str = "torch"
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``deformable_weights`` as separate ops (the specification and the CPU path): points from
+    the offsets, their cells' slots (``lookup_neighbours``), the point softmax and
+    ``interpolation_weights``. ``backend`` "torch" uses the PyTorch form of every step; "auto"
+    lets each step take its own kernel (the fallback of the fused kernel on CUDA)."""
+    B, Nq, _ = offlog.shape
+    H, Pt = heads, points
+    off, logits = offlog.split([H * Pt * 2, H * Pt], dim=-1)
+    off = off.reshape(B, Nq, H, Pt, 2).float() * spacing
+    pts = qpos.float()[:, :, None, None, :] + off  # (B, Nq, H, Pt, 2)
+    lookup = lookup_neighbours_reference if backend == "torch" else lookup_neighbours
+    sel = lookup(pts.view(B, Nq, H * Pt, 2), table, grid_hw).view(B, Nq, H, Pt, -1)
+    # float32 softmax; the dtype argument casts inside the kernel (one kernel each way)
+    attn = torch.softmax(logits.reshape(B, Nq, H, Pt), dim=-1, dtype=torch.float32)
+    w = interpolation_weights(pts / spacing, sel, key_pos / spacing, log_temp.exp(), attn,
+                              backend="torch" if backend == "torch" else "auto")
+    return sel, w
+
+
+def _deformable_kernel_why_not(offlog, qpos, log_temp, key_pos, table, heads, points) -> str | None:
+    """Reason the fused Triton kernels cannot run on these inputs, or None when they can."""
+    if not triton_device(offlog):
+        return f"inputs are on {offlog.device.type}, not CUDA"
+    if offlog.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"offsets and logits are {offlog.dtype}, not float32/bfloat16/float16"
+    if any(t.dtype != torch.float32 for t in (qpos, log_temp, key_pos)):
+        return "the kernels take float32 query positions, key positions and log temperatures"
+    if qpos.requires_grad or key_pos.requires_grad:
+        return "positions that require gradients (the kernels give none)"
+    if table.dtype not in (torch.int32, torch.int64) or not 1 <= table.shape[-1] <= _WEIGHTS_MAX_K:
+        return f"the neighbour table must be int32/int64 with 1..{_WEIGHTS_MAX_K} slots per cell"
+    if not 1 <= points <= 16:
+        return f"{points} points per head is outside [1, 16]"
+    if offlog.shape[0] * offlog.shape[1] * heads >= 2**31:
+        return "more groups than the kernels' int32 index"
+    try:
+        from affmae.ops import _deform_weights_kernel  # noqa: F401
+    except ImportError as e:
+        return f"the Triton kernels are unavailable ({e})"
+    return None
+
+
+class _DeformableWeights(torch.autograd.Function):
+    """The fused kernels (``_deform_weights_kernel``): one launch forward and one backward. The
+    backward keeps only the inputs and the slots and recomputes points, softmaxes and
+    distances; it returns the offsets' and logits' gradient as one tensor in offlog's layout."""
+
+    @staticmethod
+    def forward(ctx, offlog, qpos, log_temp, key_pos, table, grid_hw, spacing, heads, points):
+        from affmae.ops import _deform_weights_kernel as K
+
+        args = (offlog, qpos, log_temp, key_pos, table, grid_hw[0], grid_hw[1], float(spacing),
+                heads, points)
+        eager = plain_eager(offlog, qpos, log_temp, key_pos, table)
+        sel, w = (K.deform_weights_fwd if eager else torch.ops.affmae.deform_weights_fwd)(*args)
+        ctx.save_for_backward(offlog, qpos, log_temp, key_pos, sel)
+        ctx.spacing = float(spacing)
+        ctx.mark_non_differentiable(sel)
+        return sel, w
+
+    @staticmethod
+    def backward(ctx, _g_sel, gw):
+        from affmae.ops import _deform_weights_kernel as K
+
+        offlog, qpos, log_temp, key_pos, sel = ctx.saved_tensors
+        if gw is None:
+            gw = torch.zeros(sel.shape, dtype=torch.float32, device=sel.device)
+        args = (gw, offlog, qpos, log_temp, key_pos, sel, ctx.spacing)
+        fn = K.deform_weights_bwd if plain_eager(*args[:-1]) else torch.ops.affmae.deform_weights_bwd
+        d_ol, d_lt = fn(*args)
+        need = ctx.needs_input_grad
+        return (d_ol if need[0] else None, None, d_lt.to(log_temp.dtype) if need[2] else None,
+                None, None, None, None, None, None)
+
+
+def deformable_weights(offlog: torch.Tensor, qpos: torch.Tensor, log_temp: torch.Tensor,
+                       key_pos: torch.Tensor, table: torch.Tensor, grid_hw: tuple[int, int],
+                       spacing: float, heads: int, points: int, backend: str = "auto"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling slots and weights of a deformable attention from its projection's outputs.
+
+    For head h of query q, point p: point = qpos + offset * spacing; slots = the K table rows of
+    the point's grid cell (``lookup_neighbours``); weight of slot k = softmax_p(logit)_p *
+    softmax_k(-exp(log_temp_h) * |point - key_pos[slot]| / spacing).
+
+    Args:
+        offlog: (B, Nq, H*Pt*3): per head and point the (x, y) offset in units of ``spacing``
+            (the first H*Pt*2 columns, interleaved), then the H*Pt point logits; any float dtype,
+            typically a column slice of the decoder's fused projection.
+        qpos: (B, Nq, 2) float32 query positions (patch units). log_temp: (H,).
+        key_pos: (B, Nk, 2) key positions (FAR at padding). table: (B, gh*gw, K) int from
+            ``cell_neighbours``. spacing: typical distance between keys (patch units).
+        backend: "auto" (the fused Triton kernels on CUDA, one launch each way; the separate
+            ops elsewhere), "triton" or "torch" (``deformable_weights_reference``).
+    Returns:
+        slots (B, Nq, H, Pt, K) in the table's dtype, weights (B, Nq, H, Pt, K) float32.
+        Gradients reach offlog and log_temp.
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "torch":
+        return deformable_weights_reference(offlog, qpos, log_temp, key_pos, table, grid_hw,
+                                            spacing, heads, points)
+    reason = None
+    if backend == "triton" or package_kernels():
+        reason = _deformable_kernel_why_not(offlog, qpos, log_temp, key_pos, table, heads, points)
+        if reason and backend == "triton":
+            raise RuntimeError(f"backend='triton' requested but {reason}")
+    if backend == "triton" or (package_kernels() and reason is None):
+        return _DeformableWeights.apply(offlog, qpos, log_temp, key_pos, table, tuple(grid_hw),
+                                        spacing, heads, points)
+    if reason and offlog.is_cuda:
+        warnings.warn(f"deformable_weights: backend 'auto' uses separate ops because {reason}",
+                      stacklevel=2)
+    return deformable_weights_reference(offlog, qpos, log_temp, key_pos, table, grid_hw,
+                                        spacing, heads, points, backend="auto")
+
+
 def gather_weighted(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_k weights[..., k] * table[b, sel[..., k], h] without materialising the gathered rows.
 
