@@ -265,14 +265,39 @@ def test_deformable_attention_is_the_per_point_form():
     xq = torch.randn(B, Nq, C, dtype=torch.float64)
     got = att(xq, qpos, src, spos, table, (gh, gw), 1.5)
 
-    off = att.offsets(xq).view(B, Nq, H, Pt, 2) * 1.5
+    off_w, logit_w = att.in_proj.weight.split([H * Pt * 2, H * Pt])
+    off_b, logit_b = att.in_proj.bias.split([H * Pt * 2, H * Pt])
+    off = torch.nn.functional.linear(xq, off_w, off_b).view(B, Nq, H, Pt, 2) * 1.5
     points = qpos[:, :, None, None, :] + off
     sel = lookup_neighbours(points.view(B, Nq, H * Pt, 2), table, (gh, gw)).view(B, Nq, H, Pt, K)
     w = interpolation_weights(points / 1.5, sel, spos / 1.5, att.log_temp.exp()).double()
     v = gather_weighted(att.value(src).view(B, -1, H, C // H), sel, w)  # (B, Nq, H, Pt, Dh)
-    a = torch.softmax(att.attn_logits(xq).view(B, Nq, H, Pt), dim=-1)
+    a = torch.softmax(torch.nn.functional.linear(xq, logit_w, logit_b).view(B, Nq, H, Pt), dim=-1)
     want = att.proj(torch.einsum("bnhp,bnhpd->bnhd", a, v).reshape(B, Nq, C))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_deformable_attention_loads_separate_projections(self_attention):
+    """Checkpoints from before ``in_proj`` (separate value / offsets / attn_logits Linears) load
+    into the fused projection and compute the same function."""
+    from affmae.layers.decoder import DeformableAttention
+
+    torch.manual_seed(0)
+    C, H, Pt = 16, 2, 3
+    att = DeformableAttention(C, H, Pt, 4, self_attention=self_attention)
+    sd = att.state_dict()
+    w, b = sd.pop("in_proj.weight"), sd.pop("in_proj.bias")
+    names = (["value"] if self_attention else []) + ["offsets", "attn_logits"]
+    sizes = ([C] if self_attention else []) + [H * Pt * 2, H * Pt]
+    for n, wi, bi in zip(names, w.split(sizes), b.split(sizes)):
+        sd[f"{n}.weight"], sd[f"{n}.bias"] = wi.clone(), bi.clone()
+    if not self_attention:
+        sd["value.weight"], sd["value.bias"] = att.value.weight, att.value.bias
+    other = DeformableAttention(C, H, Pt, 4, self_attention=self_attention)
+    other.load_state_dict(sd)  # strict: every key used, none missing
+    for k, v in att.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
 
 
 @pytest.mark.parametrize("C", [8, 96, 160])  # one group, one group of 96, two groups of 80

@@ -182,3 +182,36 @@ def test_gpu_compiles_without_graph_breaks():
         res.append([w, *torch.autograd.grad(w, (ol, t), gw)])
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_aff_small_step_same_with_separate_ops(monkeypatch):
+    """A whole aff_small training step (float32) with the fused kernels and with the separate
+    PyTorch ops in the decoder: the same loss and gradients up to float32 rounding."""
+    import functools
+
+    import affmae.layers.decoder as decoder
+    from affmae import create_model
+
+    B, res = 2, 256
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(B, 1, res, res, generator=g).cuda()
+    n = (res // 8) ** 2
+    is_masked = torch.zeros(B, n, dtype=torch.bool)
+    is_masked.scatter_(1, torch.rand(B, n, generator=g).argsort(1)[:, : n // 2], True)
+    model = create_model("aff_small", drop_path=0.0).cuda().train()
+    results = []
+    for backend in ("auto", "torch"):
+        monkeypatch.setattr(decoder, "deformable_weights",
+                            functools.partial(deformable_weights, backend=backend))
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = model(imgs, is_masked.cuda())["loss"]
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()
+                                                  if p.grad is not None])))
+    (l1, g1), (l2, g2) = results
+    assert torch.isfinite(l1) and torch.isfinite(g1).all()
+    assert ((l1 - l2).abs() / l2.abs()).item() <= 1e-5, (l1.item(), l2.item())
+    assert ((g1 - g2).norm() / g2.norm()).item() <= 1e-3

@@ -29,28 +29,56 @@ from affmae.layers.common import Mlp, ring_offsets, run_block, sincos_embed_2d
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
 from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.interpolate import FAR, cell_neighbours, deformable_weights, gather_weighted
-from affmae.ops.linear import Linear, linear
+from affmae.ops.linear import Linear
 
 
 class DeformableAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, points: int, knn: int) -> None:
+    """Deformable attention of queries into a point set: ``self_attention`` (the source is the
+    queries themselves) or cross-attention (the source is a stage's tokens).
+
+    The query-side projections are one Linear, ``in_proj``: the sampling offsets (H*Pt*2,
+    x/y interleaved) then the point logits (H*Pt), preceded in self-attention by the values (C).
+    One GEMM, one bias-gradient sum and no per-step concatenation of weights; older checkpoints
+    with separate ``value`` / ``offsets`` / ``attn_logits`` Linears load into it."""
+
+    def __init__(self, dim: int, heads: int, points: int, knn: int,
+                 self_attention: bool = False) -> None:
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f"decoder width {dim} is not divisible by {heads} heads")
         self.heads, self.points, self.knn = heads, points, knn
         self.head_dim = dim // heads
-        self.value = Linear(dim, dim)
-        self.offsets = Linear(dim, heads * points * 2)
-        self.attn_logits = Linear(dim, heads * points)
+        self.self_attention = self_attention
+        # Drawn as three Linears, in the order of the separate-projection layout, so a seed
+        # gives the same initial weights as before the projections were fused.
+        parts = [Linear(dim, dim)] + [Linear(dim, heads * points * n) for n in (2, 1)]
+        if not self_attention:
+            self.value = parts.pop(0)
+        self.in_proj = Linear(dim, sum(m.out_features for m in parts), device="meta")
+        self.in_proj.weight = nn.Parameter(torch.cat([m.weight.detach() for m in parts]))
+        self.in_proj.bias = nn.Parameter(torch.cat([m.bias.detach() for m in parts]))
         self.log_temp = nn.Parameter(torch.zeros(heads))  # p = exp(log_temp), starts at 1
         self.proj = Linear(dim, dim)
+        self.register_load_state_dict_pre_hook(self._from_separate_projections)
+
+    def _from_separate_projections(self, module, state_dict, prefix, *args) -> None:
+        """Load a checkpoint written before ``in_proj`` (separate ``value``, ``offsets`` and
+        ``attn_logits`` Linears): concatenate them in ``in_proj``'s row order."""
+        if prefix + "offsets.weight" not in state_dict or prefix + "in_proj.weight" in state_dict:
+            return
+        names = (["value"] if self.self_attention else []) + ["offsets", "attn_logits"]
+        for kind in ("weight", "bias"):
+            state_dict[prefix + "in_proj." + kind] = torch.cat(
+                [state_dict.pop(f"{prefix}{n}.{kind}") for n in names])
 
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.offsets.weight)
+        start = self.heads * self.head_dim if self.self_attention else 0  # after the values
+        n_off = self.heads * self.points * 2
         with torch.no_grad():
-            self.offsets.bias.copy_(ring_offsets(self.heads, self.points).flatten() * 0.5)
-        nn.init.zeros_(self.attn_logits.weight)
-        nn.init.zeros_(self.attn_logits.bias)
+            self.in_proj.weight[start:].zero_()  # offsets and logits start from their biases
+            self.in_proj.bias[start:start + n_off].copy_(
+                ring_offsets(self.heads, self.points).flatten() * 0.5)
+            self.in_proj.bias[start + n_off:].zero_()
         nn.init.zeros_(self.log_temp)
 
     def forward(self, xq: torch.Tensor, qpos: torch.Tensor, src: torch.Tensor,
@@ -67,12 +95,11 @@ class DeformableAttention(nn.Module):
         """
         B, Nq, C = xq.shape
         H, Pt, Dh = self.heads, self.points, self.head_dim
-        # The projections of xq in one matmul (values too in self-attention, where src is xq):
-        # fewer, larger GEMMs and one bias-gradient sum instead of two or three.
-        own = src is xq
-        mods = (self.value, self.offsets, self.attn_logits) if own else (self.offsets, self.attn_logits)
-        proj = linear(xq, torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods]))
-        if own:  # one split (its backward is one concatenation), offsets and logits together
+        proj = self.in_proj(xq)
+        if self.self_attention:
+            if src is not xq:
+                raise ValueError("a self-attention takes its queries as the source (src is xq)")
+            # one split: its backward is one concatenation of the two gradients
             value, offlog = proj.split([C, proj.shape[-1] - C], dim=-1)
         else:
             value, offlog = self.value(src), proj
@@ -100,7 +127,7 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.src_proj = Linear(src_dim, dim)
         self.norm1 = FusedLayerNorm(dim, backend=norm_backend)
-        self.self_attn = DeformableAttention(dim, heads, points, knn)
+        self.self_attn = DeformableAttention(dim, heads, points, knn, self_attention=True)
         self.norm2 = FusedLayerNorm(dim, backend=norm_backend)
         self.cross_attn = DeformableAttention(dim, heads, points, knn)
         self.norm3 = FusedLayerNorm(dim, backend=norm_backend)
