@@ -153,6 +153,8 @@ def test_gpu_two_streams_at_once(fresh):
 @pytest.mark.gpu
 @gpu
 def test_gpu_warm_refuses_during_capture_and_capture_never_caches(fresh):
+    """A capture gets a buffer of its own and caches nothing; ``warm`` refuses inside capture;
+    ``warm_capture_stream`` warms torch.cuda.graph's default capture stream."""
     stream = torch.cuda.Stream()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
@@ -160,4 +162,6 @@ def test_gpu_warm_refuses_during_capture_and_capture_never_caches(fresh):
         with pytest.raises(RuntimeError, match="before CUDA-graph capture"):
             _tickets.warm("cuda", stream)
     assert buf.numel() == 4 and _tickets.cached("cuda", stream) is None
+    _tickets.warm_capture_stream()  # what the package's captures call first
     assert _tickets.graph_capture_stream() is torch.cuda.graph.default_capture_stream
+    assert _tickets.cached("cuda", torch.cuda.graph.default_capture_stream) is not None

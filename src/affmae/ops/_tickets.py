@@ -17,9 +17,10 @@ stream, call after call and CUDA-graph replay after replay, with no memset per c
   the graph's private pool. With no big-enough buffer for the capturing stream, each call gets a
   fresh ``torch.zeros`` (recorded in the graph as a memset, so correct on every replay, at one
   small memset node per kernel). ``warm(device, stream)`` creates the buffer beforehand.
-  ``torch.cuda.make_graphed_callables`` warms up on a side stream of its own and captures on
-  ``torch.cuda.graph``'s default capture stream, a different one; ``GraphedLoss``
-  (``affmae.train.graphs``) therefore warms ``graph_capture_stream()`` before it captures.
+  ``torch.cuda.make_graphed_callables``, ``triton.testing.do_bench_cudagraph`` and the usual
+  recipe warm up on a side stream and capture on ``torch.cuda.graph``'s default capture stream,
+  a different one; so the package's captures (``GraphedLoss``, the bench's graphed step and
+  ``time_op``) call ``warm_capture_stream()`` first.
 - CPU (Triton's interpreter): one buffer per device.
 
 A captured kernel keeps the buffer of the stream it was captured on, whatever stream the graph
@@ -104,6 +105,14 @@ def graph_capture_stream() -> torch.cuda.Stream | None:
     if getattr(graph, "default_capture_stream", None) is None:
         graph(torch.cuda.CUDAGraph())  # its constructor creates the class's capture stream
     return getattr(graph, "default_capture_stream", None)
+
+
+def warm_capture_stream(device: torch.device | str | None = None) -> None:
+    """``warm`` the buffer of ``graph_capture_stream()``, if that stream is on ``device``."""
+    device = _device(device)
+    stream = graph_capture_stream()
+    if stream is not None and stream.device == device:
+        warm(device, stream)
 
 
 def cached(device: torch.device | str, stream: torch.cuda.Stream | None = None

@@ -159,9 +159,7 @@ class GraphedLoss:
         quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
         if quiet is not None:
             quiet(False)
-        capture_stream = _tickets.graph_capture_stream()  # the one make_graphed_callables uses
-        if capture_stream is not None and capture_stream.device == dev:
-            _tickets.warm(dev, capture_stream)  # module docstring, "Ticket counters"
+        _tickets.warm_capture_stream(dev)  # module docstring, "Ticket counters"
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(dev)
         self.fn = torch.cuda.make_graphed_callables(
