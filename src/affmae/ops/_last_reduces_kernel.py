@@ -28,9 +28,9 @@ run can.
 
 ``last_program_reduces``: two levels for kernels with many programs (a layer-norm backward's
 1024, a merge's thousands), so that no single program reads all the partials: groups of
-``group`` programs (``plan``: about sqrt(programs) of about sqrt(programs) each); the last of
-each group sums its group's rows into a row of MID; the last of those group sums adds the MID
-rows into OUT. With one group the first level writes OUT directly. Slots used: groups, plus one
+``group`` programs (``plan``: at least 32 programs each, at most 32 groups); the last of each
+group sums its group's rows into a row of MID; the last of those group sums adds the MID rows
+into OUT. With one group the first level writes OUT directly. Slots used: groups, plus one
 when there are two levels.
 """
 
@@ -42,7 +42,7 @@ import triton.language as tl
 
 def plan(progs: int, most: int = 32) -> tuple[int, int, int]:
     """-> (programs per group, groups, counter slots) for ``progs`` programs: groups of at least
-    ``most`` programs, at most ``most`` groups unless there are more than ``most``^2 programs."""
+    ``most`` programs and at most ``most`` groups (so at most ``most`` + 1 slots)."""
     group = max(most, -(-progs // most))
     groups = -(-progs // group)
     return group, groups, groups + (groups > 1)

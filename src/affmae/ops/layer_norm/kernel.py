@@ -2,8 +2,8 @@
 
 The backward's weight and bias gradients are sums over all rows: each program reduces its rows
 to one (2, N) float32 partial row, and the last program to finish adds the partials in a fixed
-order in the same launch (``affmae.ops._last_reduces_kernel``: two levels of tickets, about
-sqrt(programs) groups), so the result is deterministic with no second reduction launch.
+order in the same launch (``affmae.ops._last_reduces_kernel``: two levels of tickets, up to
+32 groups of 32 programs), so the result is deterministic with no second reduction launch.
 """
 
 from __future__ import annotations
