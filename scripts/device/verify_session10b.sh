@@ -28,6 +28,6 @@ timeout 60 python -u scripts/device/colsum_last_reduces.py > "$R/colsum_one_pass
 tail -16 "$R/colsum_one_pass.txt"; pack
 [ $SECONDS -lt 470 ] && { timeout 50 python -u scripts/device/graph_timeline.py --models aff_small \
   --res 512 > "$R/timeline_cur.txt" 2>&1; grep -A30 "kernels per step" "$R/timeline_cur.txt"; pack; }
-left=$((575 - SECONDS)); [ $left -gt 40 ] && t $left tests/ops/test_linear.py -k colsum \
-  tests/ops/test_layer_norm.py tests/ops/test_merge_weights.py tests/ops/test_last_reduces.py
+left=$((575 - SECONDS)); [ $left -gt 40 ] && t $left tests/ops/test_linear.py \
+  tests/ops/test_layer_norm.py tests/ops/test_merge_weights.py -k "not full_size_matches_nn"
 grep -E "^==|passed|failed|rc=" "$R/gpu_tests.txt"; pack
