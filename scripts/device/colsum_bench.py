@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from triton.testing import do_bench
 
-from affmae.ops import _tickets
 from affmae.ops.linear import Linear
 from affmae.ops.linear.kernel import colsum
 
@@ -27,10 +26,7 @@ LINEARS = [(32768, 384, 384), (32768, 384, 1536)]  # (M, in features, out featur
 
 
 def graphed(fn):
-    """``fn`` captured in a CUDA graph (after warm-up runs on a side stream): its replay. The
-    capture stream's ticket counters are created first, as the package's captures do (else
-    colsum's capture records a memset per call)."""
-    _tickets.warm_capture_stream()
+    """``fn`` captured in a CUDA graph (after warm-up runs on a side stream): its replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -14,7 +14,6 @@ from affmae.ops.layer_norm import FusedLayerNorm
 
 _WORKER = r"""
 import json, sys, torch
-from affmae.ops import _tickets
 from affmae.ops.layer_norm import FusedLayerNorm, kernel
 
 def pair(n, seed):
@@ -28,11 +27,9 @@ def pair(n, seed):
 out = {}
 # (rows, features, input dtype): awkward row counts, a wide merge norm, a narrow one
 for rows, n, dt in [(37, 96, torch.float32), (130, 17, torch.float32), (9, 1536, torch.float32),
-                    (70, 384, torch.bfloat16), (1001, 96, torch.float32),
-                    (6337, 17, torch.float32)]:
-    # 1001 rows with 3 backward programs: each loops over several row tiles, the last
-    # program's final tile partly past the end; 6337 rows: 100 programs of one tile, whose
-    # partials the last programs sum in two levels (groups of 32, the last group of 4)
+                    (70, 384, torch.bfloat16), (1001, 96, torch.float32)]:
+    # the last case with 3 backward programs: each loops over several row tiles, the last
+    # program's final tile partly past the end
     kernel._PROGS_BWD = 3 if rows == 1001 else 1024
     ln, ref = pair(n, rows)
     x = (torch.randn(rows, n) * 3 + 1).to(dt)
@@ -42,14 +39,7 @@ for rows, n, dt in [(37, 96, torch.float32), (130, 17, torch.float32), (9, 1536,
     g = torch.randn(rows, n)
     y.backward(g.to(y.dtype))
     yr.backward(g.to(y.dtype).float())  # the same (rounded) upstream gradient
-    grads = [xa.grad.clone(), ln.weight.grad.clone(), ln.bias.grad.clone()]
-    xa.grad = ln.weight.grad = ln.bias.grad = None
-    ln(xa).backward(g.to(y.dtype))
-    count = _tickets.cached("cpu")
     out[f"{rows}x{n}_{dt}"] = {
-        "repeats": all(torch.equal(a, b) for a, b in zip(grads, [xa.grad, ln.weight.grad,
-                                                                ln.bias.grad])),
-        "counters_zero": count is None or not bool(count.any()),
         "dtype": str(y.dtype), "dx_dtype": str(xa.grad.dtype),
         "y": (y.float() - yr).abs().max().item(),
         "dx": (xa.grad.float() - xb.grad).abs().max().item(),
@@ -58,10 +48,6 @@ for rows, n, dt in [(37, 96, torch.float32), (130, 17, torch.float32), (9, 1536,
         "scale": yr.abs().max().item(), "gscale": xb.grad.abs().max().item(),
         "wscale": ref.weight.grad.abs().max().item()}
 kernel._PROGS_BWD = 1024
-# no rows: dx empty, zero d_weight / d_bias, no launch
-x0 = torch.empty(0, 96)
-dx0, dwb0 = kernel.backward(x0, x0, torch.ones(96), torch.empty(0), torch.empty(0))
-out["empty"] = {"dx": list(dx0.shape), "dwb": list(dwb0.shape), "zeros": not bool(dwb0.any())}
 # autocast: output in the autocast dtype, equal to the float32 result rounded once
 ln, ref = pair(96, 1)
 x = torch.randn(4, 5, 96)
@@ -117,23 +103,15 @@ def interp(tmp_path_factory):
 
 
 def test_interpreter_matches_layer_norm(interp):
-    """Also: a second backward repeats bitwise and leaves the ticket counters at zero (the
-    interpreter runs programs one after another: the memory ordering of the one-launch
-    d_weight / d_bias reduction is checked on a GPU only)."""
     for name, r in interp.items():
-        if name in ("autocast", "model", "float_out", "empty"):
+        if name in ("autocast", "model", "float_out"):
             continue
-        assert r["repeats"] and r["counters_zero"], (name, r)
         bf16 = "bfloat16" in name
         assert r["dtype"] == r["dx_dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
         tol = 2 ** -7 if bf16 else 1e-5  # bf16: one rounding of the output / dx
         assert r["y"] <= tol * max(1.0, r["scale"]), (name, r)
         assert r["dx"] <= tol * max(1.0, r["gscale"]), (name, r)
         assert r["dw"] <= 1e-4 * max(1.0, r["wscale"]) and r["db"] <= 1e-3, (name, r)
-
-
-def test_interpreter_backward_of_no_rows(interp):
-    assert interp["empty"] == {"dx": [0, 96], "dwb": [2, 96], "zeros": True}, interp["empty"]
 
 
 def test_interpreter_output_in_autocast_dtype(interp):

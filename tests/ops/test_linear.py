@@ -90,12 +90,9 @@ def compare_linear(shape, n_out, bias=True, requires=(True, True, True), autocas
 # ------------------------------------------------------------------------------------------------
 
 # name -> (M, N, dtype, layout): awkward M and N, several column blocks and row splits (1000 rows
-# are 6-8 splits, the last one short), N not a multiple of 16 (456: 8-element vectors; 17: none),
-# one split (no partials, no counter: 1 and 37 rows), 40 splits (the last program sums two
-# blocks of 32 partial rows, the second one short).
+# are 6-8 splits, the last one short), N not a multiple of 16 (456: 8-element vectors; 17: none).
 COLSUM_CASES = {
     "1x17_fp32": (1, 17, "fp32", "contiguous"),
-    "5120x17_fp32": (5120, 17, "fp32", "contiguous"),
     "37x96_bf16": (37, 96, "bf16", "contiguous"),
     "1000x456_fp32": (1000, 456, "fp32", "contiguous"),
     "1000x456_bf16": (1000, 456, "bf16", "contiguous"),
@@ -122,12 +119,7 @@ LINEAR_CASES = {
 
 
 def _colsum_case(M, N, dtype, layout):
-    """Three-way rows, SPLIT, whether a second call repeats bitwise and whether the ticket
-    counters are all zero after the calls. The interpreter runs the programs one after another,
-    so the last ticket always goes to the last split: the order-independence and the memory
-    ordering of the one-launch reduction can only be checked on a GPU."""
-    from affmae.ops import _tickets
-    from affmae.ops.linear.kernel import _config, colsum
+    from affmae.ops.linear.kernel import colsum
 
     gen = torch.Generator().manual_seed(M + N)
     if layout == "row_stride":
@@ -138,11 +130,7 @@ def _colsum_case(M, N, dtype, layout):
         g = torch.randn(1, N, generator=gen).expand(M, N)
     else:
         g = torch.randn(M, N, generator=gen) * 3 + 1
-    g = g.to(DTYPES[dtype])
-    rows = colsum_rows(g, colsum)
-    count = _tickets.cached("cpu")
-    return {"rows": rows, "split": _config(M, N)[2], "repeats": torch.equal(colsum(g), colsum(g)),
-            "counters_zero": count is None or bool((count == 0).all())}
+    return colsum_rows(g.to(DTYPES[dtype]), colsum)
 
 
 def _colsum_empty():
@@ -243,16 +231,7 @@ def interpreter_results(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(COLSUM_CASES))
 def test_interpreter_colsum_matches_float64(interpreter_results, case):
-    r = result(interpreter_results, f"colsum_{case}")
-    assert_three_way(r["rows"], case)
-    assert r["repeats"], f"{case}: two calls differ"
-    assert r["counters_zero"], f"{case}: ticket counters not back to zero"
-
-
-def test_interpreter_colsum_cases_cover_one_and_many_splits(interpreter_results):
-    splits = {case: result(interpreter_results, f"colsum_{case}")["split"]
-              for case in COLSUM_CASES}
-    assert min(splits.values()) == 1 and max(splits.values()) > 32, splits
+    assert_three_way(result(interpreter_results, f"colsum_{case}"), case)
 
 
 def test_interpreter_colsum_of_no_rows_is_zeros(interpreter_results):
@@ -363,22 +342,13 @@ def test_gpu_full_size_matches_nn_linear(shape, n_out, dtype):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("shape", [(32768, 384), (65536, 1536), (13184, 192), (2176, 512),
-                                   (100, 96), (65536, 17)])
+@pytest.mark.parametrize("shape", [(32768, 384), (65536, 1536), (13184, 192), (2176, 512)])
 def test_gpu_colsum_matches_float64_and_repeats(shape):
-    """Also the one-launch reduction's memory ordering, as far as a test can: 50 more calls (the
-    programs finish in other orders, other programs take the last ticket) repeat bitwise, and
-    the stream's ticket counters are back to zero."""
-    from affmae.ops import _tickets
     from affmae.ops.linear.kernel import colsum
 
     g = torch.randn(*shape, device="cuda").bfloat16()
     assert_three_way(colsum_rows(g, colsum), f"{shape}")
-    first = colsum(g)
-    differ = sum(not torch.equal(colsum(g), first) for _ in range(50))
-    assert differ == 0, f"{shape}: {differ} of 50 runs differ from the first"
-    count = _tickets.cached("cuda")
-    assert count is None or not count.any(), f"{shape}: ticket counters not back to zero"
+    assert torch.equal(colsum(g), colsum(g)), f"{shape}: two runs differ"
 
 
 @pytest.mark.gpu

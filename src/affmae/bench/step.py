@@ -90,13 +90,8 @@ class Trainer:
         Shapes are static for a fixed batch, resolution and mask ratio, and the step has no host
         sync, so one graph replays it with no Python or launch overhead. Warm-up steps run on a
         side stream first (allocator, autotuning, optimiser state), as the PyTorch recipe for
-        whole-network capture asks. The capture stream's ticket counters (``affmae.ops._tickets``)
-        are created before the capture, or each column sum and layer-norm or merge backward
-        would be captured with a memset of its own.
+        whole-network capture asks.
         """
-        from affmae.ops import _tickets
-
-        _tickets.warm_capture_stream(self.imgs.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -29,9 +29,6 @@ def time_op(forward: Callable[[], object], step: Callable[[], None], graph: bool
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     out = dict(fwd_ms=fwd_ms, fwdbwd_ms=fb_ms, peak_mib=peak)
     if graph:
-        from affmae.ops import _tickets
-
-        _tickets.warm_capture_stream()  # do_bench_cudagraph captures on torch.cuda.graph's stream
         try:
             with torch.no_grad():
                 out["fwd_graph_ms"] = do_bench_cudagraph(forward, return_mode="median")

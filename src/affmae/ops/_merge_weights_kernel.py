@@ -9,18 +9,17 @@ The PyTorch form (``TokenMerging``'s ``weight_net``) runs 33 aten ops forward an
 (a CPU profiler count, views included), most over (B, k, Kc*m, 5 / 4) float32 tensors, per
 merge. Here one program handles
 BLOCK_E entries in registers: the forward writes w; the backward recomputes everything from the
-positions and writes d_imp per entry and one row of parameter-gradient partials per program,
-which the last program to finish sums in a fixed order in the same launch
-(``affmae.ops._last_reduces_kernel``). Positions get no gradient (they never do in the models).
+positions and writes d_imp per entry and one row of parameter-gradient partials per program
+(summed by the caller). Positions get no gradient (they never do in the models).
 
 Everything is float32, the Linear too: under autocast the PyTorch form runs that Linear in
 bfloat16 / float16, so the kernels are the more accurate of the two (the tests' three-way rule
 measures both against float64). Products and sums are not contracted into FMAs
 (``enable_fp_fusion=False``).
 
-Partials layout (programs, 4, 8) (then the group sums), row j = output weight j: columns 0-4
-dLinear.weight[j, :], 5 dLinear.bias[j] (the bias is a sixth feature fixed at 1),
-6 dLayerNorm.weight[j], 7 dLayerNorm.bias[j].
+Partials layout (programs, 4, 8), row j = output weight j: columns 0-4 dLinear.weight[j, :],
+5 dLinear.bias[j] (the bias is a sixth feature fixed at 1), 6 dLayerNorm.weight[j],
+7 dLayerNorm.bias[j].
 """
 
 from __future__ import annotations
@@ -29,9 +28,6 @@ import torch
 import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
-
-from affmae.ops import _tickets
-from affmae.ops._last_reduces_kernel import last_program_reduces, plan
 
 _SIZES = ["E", "KK", "Np", "k"]  # runtime sizes: never specialised (no recompiles)
 
@@ -89,9 +85,9 @@ def _fwd_kernel(POS, POSK, SLOT, IMP, LW, LB, NW, NB, W, E, KK, Np, k, eps,
     tl.store(W + e64[:, None] * 4 + j[None, :], g * imp[:, None], mask=e_ok[:, None])
 
 
-@triton.jit(do_not_specialize=_SIZES + ["GROUP"])
-def _bwd_kernel(GW, POS, POSK, SLOT, IMP, LW, LB, NW, NB, GIMP, PART, OUT, COUNT, E, KK, Np, k,
-                eps, GROUP, BLOCK_E: tl.constexpr):
+@triton.jit(do_not_specialize=_SIZES)
+def _bwd_kernel(GW, POS, POSK, SLOT, IMP, LW, LB, NW, NB, GIMP, PART, E, KK, Np, k, eps,
+                BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
     e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
@@ -115,9 +111,6 @@ def _bwd_kernel(GW, POS, POSK, SLOT, IMP, LW, LB, NW, NB, GIMP, PART, OUT, COUNT
     c = tl.arange(0, 8)
     part = tl.where(c[None, :] == 6, d_nw[:, None], tl.where(c[None, :] == 7, d_nb[:, None], d_lw))
     tl.store(PART + pid.to(tl.int64) * 32 + j[:, None] * 8 + c[None, :], part)
-    progs = tl.num_programs(0)
-    last_program_reduces(PART, PART + progs.to(tl.int64) * 32, OUT, COUNT, pid, progs, GROUP, 32,
-                         64, 32)
 
 
 def _launch(E: int) -> tuple[int, dict]:
@@ -160,16 +153,11 @@ def merge_weights_bwd(gw: torch.Tensor, pos: torch.Tensor, pos_k: torch.Tensor,
     if not E:
         return d_imp, torch.zeros(4, 8, device=pos.device, dtype=torch.float32)
     grid, p = _launch(E)
-    group, groups, tickets = plan(grid)
-    # the programs' partials, then the group sums (two levels only); every row used written
-    part = torch.empty(grid + groups * (groups > 1), 4, 8, device=pos.device,
-                       dtype=torch.float32)
-    out = torch.empty(4, 8, device=pos.device, dtype=torch.float32)  # by the last program
+    part = torch.empty(grid, 4, 8, device=pos.device, dtype=torch.float32)
     _bwd_kernel[(grid,)](gw.contiguous(), pos.contiguous(), pos_k.contiguous(), slots.contiguous(),
                          imp.contiguous(), lin_w.contiguous(), lin_b, norm_w, norm_b, d_imp, part,
-                         out, _tickets.counters(pos.device, tickets), E, KK, pos.shape[1], k, eps,
-                         group, **p)
-    return d_imp, out
+                         E, KK, pos.shape[1], k, eps, **p)
+    return d_imp, part.sum(0)
 
 
 @merge_weights_bwd.register_fake

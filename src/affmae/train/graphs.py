@@ -29,12 +29,6 @@ buffer.
 
 The capture runs three warm-up iterations; the CPU and CUDA RNG states are restored after it, so
 a run (and its resume, which captures again) draws the same numbers whether or not it captured.
-
-Ticket counters: kernels whose last program reduces (column sums, layer-norm and merge-weight
-backwards) use a cached zeroed counter buffer per CUDA stream (``affmae.ops._tickets``), which
-capture cannot create. ``make_graphed_callables`` warms up on a side stream of its own and
-captures on ``torch.cuda.graph``'s default capture stream, so that stream's buffer is created
-before the capture; without it the graph would get a memset per such kernel (still correct).
 """
 
 from __future__ import annotations
@@ -45,8 +39,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-
-from affmae.ops import _tickets
 
 
 def capture_mode_kwargs() -> dict:
@@ -159,7 +151,6 @@ class GraphedLoss:
         quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
         if quiet is not None:
             quiet(False)
-        _tickets.warm_capture_stream(dev)  # module docstring, "Ticket counters"
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(dev)
         self.fn = torch.cuda.make_graphed_callables(

@@ -1,10 +1,4 @@
-"""Triton LayerNorm kernels: float32 statistics, output in a chosen dtype (see ``__init__``).
-
-The backward's weight and bias gradients are sums over all rows: each program reduces its rows
-to one (2, N) float32 partial row, and the last program to finish adds the partials in a fixed
-order in the same launch (``affmae.ops._last_reduces_kernel``: two levels of tickets, up to
-32 groups of 32 programs), so the result is deterministic with no second reduction launch.
-"""
+"""Triton LayerNorm kernels: float32 statistics, output in a chosen dtype (see ``__init__``)."""
 
 from __future__ import annotations
 
@@ -12,14 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from affmae.ops import _tickets
-from affmae.ops._last_reduces_kernel import last_program_reduces, plan
-
 MAX_N = 4096  # features per row (one row tile in registers)
 _TILE_BWD = 2048  # elements of one backward tile: TILE_M = _TILE_BWD // BLOCK_N rows
 _PROGS_BWD = 1024  # backward programs to aim for (a few per SM; each writes one partial row)
-_RED_ROWS = tl.constexpr(32)  # the final reduction's tile: partial rows ...
-_RED_COLS = tl.constexpr(64)  # ... by columns
 
 
 @triton.jit
@@ -52,14 +41,13 @@ def _fwd_kernel(X, BR, SCALE, S, W, B, Y, MEAN, RSTD, M, N, RPS, eps, BLOCK_N: t
 
 
 @triton.jit
-def _bwd_kernel(DY, X, W, MEAN, RSTD, DS, SCALE, DX, DBR, PART, DWB, COUNT, M, N, ROWS, RPS,
-                GROUP, BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, HAS_DS: tl.constexpr,
+def _bwd_kernel(DY, X, W, MEAN, RSTD, DS, SCALE, DX, DBR, PART, M, N, ROWS, RPS,
+                BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, HAS_DS: tl.constexpr,
                 HAS_SCALE: tl.constexpr, HAS_DBR: tl.constexpr):
     # Each program takes ROWS rows (a multiple of TILE_M) in (TILE_M, BLOCK_N) tiles: several
     # rows' loads in flight at once, where one row at a time left the kernel latency-bound
-    # (45-50 us for any row count up to 5k on an H200). PART: (programs + groups, 2 * N) float32:
-    # per program its d_weight then d_bias partials, then the group sums; the last program
-    # writes their sum to DWB (2, N) (``last_program_reduces``; COUNT: its counter slots).
+    # (45-50 us for any row count up to 5k on an H200). PART: (2, N, programs) float32,
+    # program-minor: d_weight then d_bias partials, reduced by the launcher in one kernel.
     # For s = x + branch * SCALE: DS is the gradient s gets from elsewhere (the residual
     # stream), added to the norm's; DX is then the gradient of x and DBR that of the branch.
     pid = tl.program_id(0)
@@ -93,11 +81,8 @@ def _bwd_kernel(DY, X, W, MEAN, RSTD, DS, SCALE, DX, DBR, PART, DWB, COUNT, M, N
             tl.store(DBR + offs, dbr.to(DBR.dtype.element_ty), mask=ok)
         dw += dy * xhat
         db += dy
-    row = PART + pid.to(tl.int64) * (2 * N)
-    tl.store(row + cols, tl.sum(dw, 0), mask=c_ok)
-    tl.store(row + N + cols, tl.sum(db, 0), mask=c_ok)
-    last_program_reduces(PART, PART + progs.to(tl.int64) * (2 * N), DWB, COUNT, pid, progs, GROUP,
-                         2 * N, _RED_ROWS, _RED_COLS)
+    tl.store(PART + cols * progs + pid, tl.sum(dw, 0), mask=c_ok)
+    tl.store(PART + (N + cols) * progs + pid, tl.sum(db, 0), mask=c_ok)
 
 
 def _params(N: int) -> tuple[int, int]:
@@ -164,20 +149,15 @@ def _backward(dy, x, weight, mean, rstd, ds, scale, branch_dtype):
     tile_m = max(1, _TILE_BWD // block_n)
     rows = tile_m * triton.cdiv(M, tile_m * _PROGS_BWD)  # per program, a multiple of tile_m
     progs = triton.cdiv(M, rows)
-    group, groups, slots = plan(progs)
-    # the programs' partial rows, then the group sums (two levels only); every row used written
-    part = torch.empty(progs + groups * (groups > 1), 2 * N, dtype=torch.float32,
-                       device=x.device)
-    dwb = torch.empty(2, N, dtype=torch.float32, device=x.device)  # written by the last program
+    part = torch.empty(2, N, progs, dtype=torch.float32, device=x.device)  # every slot written
     rps = M // x.shape[0] if x.dim() > 1 and x.shape[0] else M
     _bwd_kernel[(progs,)](dy2, x2, weight, mean, rstd, _rows2d(ds, N) if ds is not None else dy2,
                           scale if scale is not None else mean, dx,
-                          dbr if dbr is not None else dx, part, dwb,
-                          _tickets.counters(x.device, slots), M, N, rows, max(rps, 1), group,
+                          dbr if dbr is not None else dx, part, M, N, rows, max(rps, 1),
                           BLOCK_N=block_n, TILE_M=tile_m, HAS_DS=ds is not None,
                           HAS_SCALE=scale is not None, HAS_DBR=dbr is not None,
                           num_warps=max(warps, 4))
-    return dx, dbr, dwb
+    return dx, dbr, part.sum(-1)
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,

@@ -5,24 +5,14 @@ any row stride (a copy first makes the columns unit-stride if they are not); out
 summed with float32 accumulation. Unlike ``g.sum(0)`` on a half-precision ``g``, the result is
 not rounded to the input dtype.
 
-One launch, no float atomics, so the result is bitwise repeatable: a grid of (column blocks
-of BLOCK_N) x (SPLIT row splits) programs.
-1. Partials (``_colsum_partial``): each program walks its contiguous run of rows (a multiple of
-   BLOCK_M) in (BLOCK_M, BLOCK_N) tiles, loads vectorised along the columns (16 bytes per load
-   where N and the row stride allow), adds them into a (BLOCK_M, BLOCK_N) float32 register
-   tile, and at the end reduces that tile over its rows into one row of (SPLIT, N) float32
-   partials. Row offsets are int64. With SPLIT == 1 that row is the result.
-2. The last program of a column block adds them (``affmae.ops._last_reduces_kernel``): each
-   program stores its partial row, meets its other threads at ``tl.debug_barrier()`` and takes
-   a ticket from its column block's int32 counter, ``tl.atomic_add(sem="acq_rel",
-   scope="gpu")``: the release publishes its stores, and the program drawing ticket SPLIT - 1
-   acquires every earlier program's. That program loads the SPLIT partial rows from L2
-   (``.cg``: the SM's L1 is not coherent with other SMs' stores), sums them 32 rows at a time
-   in increasing row order (a fixed order, whichever program comes last), writes the (N,)
-   result and puts the counter back to 0 with ``tl.atomic_xchg``. The counters are one cached
-   zeroed buffer per CUDA stream (``affmae.ops._tickets``), so no memset per call.
-Before: the partials went to a second launch, ``partials.sum(0)`` (106 PyTorch reduce kernels
-per aff_small step); the sums are the same up to the order of the last additions.
+Two stages, no atomics, so the result is bitwise repeatable:
+1. ``_colsum_kernel``: a grid of (column blocks of BLOCK_N) x (SPLIT row splits) programs. Each
+   program walks its contiguous run of rows (a multiple of BLOCK_M) in (BLOCK_M, BLOCK_N) tiles,
+   loads vectorised along the columns (16 bytes per load where N and the row stride allow),
+   adds them into a (BLOCK_M, BLOCK_N) float32 register tile, and at the end reduces that tile
+   over its rows into one row of the (SPLIT, N) float32 partials. Row offsets are int64.
+2. ``partials.sum(0)``: one small PyTorch reduction (SPLIT <= _MAX_SPLIT rows, well under 1% of
+   g's bytes), skipped when SPLIT is 1 (the kernel then writes the result directly).
 
 SPLIT rule: about _TARGET_PROGRAMS programs in all (4 per SM of a 132-SM H200, all resident at
 once: enough loads in flight to keep HBM busy, and no tail wave), but at least _MIN_TILES row tiles
@@ -36,9 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from affmae.ops import _tickets
-from affmae.ops._last_reduces_kernel import sum_rows, take_ticket
-
 # Measured on an H200 (bf16, M = 2k-65k, N = 72-1536; profiler kernel times, L2 flushed): 64 x 64
 # tiles, 8 warps and about 528 programs were within 3% of the best of 51 configurations on
 # average (BLOCK_M 32-128, BLOCK_N 64-256, 4 or 8 warps, 264-1056 programs), 10% at worst.
@@ -48,18 +35,18 @@ _WARPS = 8
 _TARGET_PROGRAMS = 528  # about 4 per SM of a 132-SM H200
 _MIN_TILES = 2  # row tiles per program at least
 _MAX_SPLIT = 256  # partial rows at most
-_BLOCK_S = tl.constexpr(32)  # partial rows the last program loads at a time
 
 
 @triton.jit
-def _colsum_partial(G, M, N, stride_m, rows_per_split, pid_n, pid_s,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr):
-    """-> (columns, column mask, (BLOCK_N,) float32 sum of this program's rows) (step 1)."""
+def _colsum_kernel(G, PART, M, N, stride_m, rows_per_split,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr):
     # VEC divides N and stride_m (the launcher checks): written as ``x // VEC * VEC`` the
     # compiler can prove it and vectorise loads that row starts or the column mask would
     # otherwise break into single elements (N = 456 or 72 is not a multiple of 16).
     N = N // VEC * VEC
     stride_m = stride_m // VEC * VEC
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = cols < N
     row0 = pid_s * rows_per_split
@@ -70,25 +57,7 @@ def _colsum_partial(G, M, N, stride_m, rows_per_split, pid_n, pid_s,
         offs = rows.to(tl.int64)[:, None] * stride_m + cols[None, :]  # int64: M * N may pass 2^31
         tile = tl.load(G + offs, mask=(rows < row_end)[:, None] & c_ok[None, :], other=0.0)
         acc += tile.to(tl.float32)
-    return cols, c_ok, tl.sum(acc, 0)
-
-
-@triton.jit
-def _colsum_kernel(G, PART, OUT, COUNT, M, N, stride_m, rows_per_split, split,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
-                   REDUCE: tl.constexpr):
-    # PART: (split, N) float32 partial rows; REDUCE (split > 1): the last program of each column
-    # block sums them into OUT (N,) (module docstring, step 2); else PART is OUT.
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    cols, c_ok, part = _colsum_partial(G, M, N, stride_m, rows_per_split, pid_n, pid_s,
-                                       BLOCK_M, BLOCK_N, VEC)
-    tl.store(PART + pid_s.to(tl.int64) * N + cols, part, mask=c_ok)
-    if REDUCE:
-        if take_ticket(COUNT + pid_n) == split - 1:
-            total = sum_rows(PART, N, 0, split, cols, c_ok, _BLOCK_S, BLOCK_N)
-            tl.store(OUT + cols, total, mask=c_ok)
-            tl.atomic_xchg(COUNT + pid_n, 0)
+    tl.store(PART + pid_s.to(tl.int64) * N + cols, tl.sum(acc, 0), mask=c_ok)
 
 
 def _vec(t: torch.Tensor) -> int:
@@ -127,13 +96,7 @@ def colsum(g: torch.Tensor) -> torch.Tensor:
     if g.stride(1) != 1 and N > 1:  # the loads are vectorised along unit-stride columns
         g = g.contiguous()
     block_n, col_blocks, split, rows_per_split = _config(M, N)
-    out = torch.empty(N, dtype=torch.float32, device=g.device)  # every slot written
-    if split == 1:
-        part, count = out, out  # no partials, no counters (COUNT unused)
-    else:
-        part = torch.empty(split, N, dtype=torch.float32, device=g.device)  # every slot written
-        count = _tickets.counters(g.device, col_blocks)
-    _colsum_kernel[(col_blocks, split)](g, part, out, count, M, N, g.stride(0), rows_per_split,
-                                        split, BLOCK_M=BLOCK_M, BLOCK_N=block_n, VEC=_vec(g),
-                                        REDUCE=split > 1, num_warps=_WARPS)
-    return out
+    out = torch.empty(split, N, dtype=torch.float32, device=g.device)  # every slot written
+    _colsum_kernel[(col_blocks, split)](g, out, M, N, g.stride(0), rows_per_split,
+                         BLOCK_M=BLOCK_M, BLOCK_N=block_n, VEC=_vec(g), num_warps=_WARPS)
+    return out[0] if split == 1 else out.sum(0)
