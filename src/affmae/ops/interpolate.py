@@ -24,6 +24,12 @@ each way on CUDA (``affmae::interp_weights_fwd`` / ``_bwd``: distances and softm
 recomputed in the backward); ``interpolation_weights_reference`` is the PyTorch specification,
 and the CPU path runs the same arithmetic in PyTorch ops. The weighted sum of the selected
 tokens is ``gather_weighted`` (``affmae.ops.point_gather``).
+
+The decoder calls ``deformable_weights``: from its projection's raw offsets and point logits,
+the sampling points, their cells' slots (``lookup_neighbours``), the point softmax and
+``interpolation_weights``. On CUDA that is one fused Triton kernel each way
+(``affmae::deform_weights_fwd`` / ``_bwd``, instead of about nine kernels forward and eight
+backward); ``deformable_weights_reference`` is the same steps as separate ops (the CPU path).
 """
 
 from __future__ import annotations
