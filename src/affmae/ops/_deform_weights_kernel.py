@@ -82,27 +82,36 @@ def _slot_softmax(KP, s, ok3, b, px, py, t, spacing, Nk):
     return dx, dy, d, e / tl.where(ssum > 0.0, ssum, 1.0)[:, :, None]
 
 
-@triton.jit(do_not_specialize=_SIZES + ["cells", "gh", "gw"])
-def _fwd_kernel(OL, QP, LT, KP, T, SEL, W, G, H, Pt, Nq, Nk, stride_row, cells, gh, gw, spacing,
-                K: tl.constexpr, PT: tl.constexpr, BLOCK_G: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+@triton.jit
+def _tiles(OL, QP, G, H, Pt, Nq, stride_row, spacing, PT: tl.constexpr, BLOCK_G: tl.constexpr,
+           K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's groups: their points' tiles (``_points``), their (b, q) row and image, the
+    (BLOCK_G, PT, BLOCK_K) mask and offsets of their slots in the (B, Nq, H, Pt, K) outputs."""
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_ok = g < G
     p = tl.arange(0, PT)
     gp_ok, bq, h, col, lg, px, py = _points(OL, QP, g, g_ok, p, H, Pt, Nq, stride_row, spacing,
                                             PT)
-    b = bq // Nq
+    kk = tl.arange(0, BLOCK_K)
+    ok3 = gp_ok[:, :, None] & (kk < K)[None, None, :]
+    out = (g.to(tl.int64)[:, None] * Pt + p[None, :])[:, :, None] * K + kk[None, None, :]
+    return g, g_ok, gp_ok, bq, bq // Nq, h, col, lg, px, py, kk, ok3, out
+
+
+@triton.jit(do_not_specialize=_SIZES + ["cells", "gh", "gw"])
+def _fwd_kernel(OL, QP, LT, KP, T, SEL, W, G, H, Pt, Nq, Nk, stride_row, cells, gh, gw, spacing,
+                K: tl.constexpr, PT: tl.constexpr, BLOCK_G: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    g, g_ok, gp_ok, bq, b, h, col, lg, px, py, kk, ok3, out = _tiles(
+        OL, QP, G, H, Pt, Nq, stride_row, spacing, PT, BLOCK_G, K, BLOCK_K)
     # the grid cell of each point, as lookup_neighbours (a NaN coordinate counts as 0)
     cx = tl.minimum(tl.maximum(_round_half_even(tl.where(px == px, px, 0.0)), 0.0),
                     (gw - 1).to(tl.float32))
     cy = tl.minimum(tl.maximum(_round_half_even(tl.where(py == py, py, 0.0)), 0.0),
                     (gh - 1).to(tl.float32))
     cell = cy.to(tl.int64) * gw + cx.to(tl.int64)
-    kk = tl.arange(0, BLOCK_K)
-    ok3 = gp_ok[:, :, None] & (kk < K)[None, None, :]
     s = tl.load(T + (b[:, None] * cells + cell)[:, :, None] * K + kk[None, None, :], mask=ok3,
                 other=0)
-    out = (g.to(tl.int64)[:, None] * Pt + p[None, :])[:, :, None] * K + kk[None, None, :]
     tl.store(SEL + out, s, mask=ok3)
     attn = _point_softmax(lg, gp_ok)
     t = tl.exp(tl.load(LT + h, mask=g_ok, other=0.0))
@@ -114,15 +123,8 @@ def _fwd_kernel(OL, QP, LT, KP, T, SEL, W, G, H, Pt, Nq, Nk, stride_row, cells, 
 def _bwd_kernel(GW, OL, QP, LT, KP, SEL, DOL, GT, G, H, Pt, Nq, Nk, stride_row, spacing,
                 K: tl.constexpr, PT: tl.constexpr, BLOCK_G: tl.constexpr,
                 BLOCK_K: tl.constexpr):
-    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
-    g_ok = g < G
-    p = tl.arange(0, PT)
-    gp_ok, bq, h, col, lg, px, py = _points(OL, QP, g, g_ok, p, H, Pt, Nq, stride_row, spacing,
-                                            PT)
-    b = bq // Nq
-    kk = tl.arange(0, BLOCK_K)
-    ok3 = gp_ok[:, :, None] & (kk < K)[None, None, :]
-    out = (g.to(tl.int64)[:, None] * Pt + p[None, :])[:, :, None] * K + kk[None, None, :]
+    g, g_ok, gp_ok, bq, b, h, col, lg, px, py, kk, ok3, out = _tiles(
+        OL, QP, G, H, Pt, Nq, stride_row, spacing, PT, BLOCK_G, K, BLOCK_K)
     s = tl.load(SEL + out, mask=ok3, other=0)
     attn = _point_softmax(lg, gp_ok)
     t = tl.exp(tl.load(LT + h, mask=g_ok, other=0.0))
