@@ -128,3 +128,30 @@ print(fc.flops, fc.uncounted)
     flops, _, uncounted = out.stdout.strip().partition(" ")
     assert int(flops) == 2 * (2 * 4 * 3 * 1 * 6) * 16, out.stdout  # 2 * rows * K * F
     assert uncounted == "[]", out.stdout
+
+
+def test_interpreter_aff_model_has_no_uncounted_custom_ops():
+    """On the kernel path (Triton's interpreter runs what CUDA runs), every custom op of an AFF
+    model either has a FLOP formula or counts zero by convention (lookups, softmax weights,
+    normalisation): the bench prints no "ops without a FLOP formula" warning."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "ops"))
+    from kernel_checks import interpret
+
+    out = interpret("\n".join([
+        "import os",
+        "os.environ['AFFMAE_POINT_GATHER_BACKEND'] = 'triton'  # 'auto' is the reference on CPU",
+        "import torch",
+        "from affmae import create_model",
+        "from affmae.bench.flops import count_model_flops",
+        "from affmae.ops.masking import make_mask",
+        "torch.manual_seed(0)",
+        "m = create_model('aff_tiny', attention_backend='triton').eval()",
+        "mask = make_mask(1, (8, 8), 0.5, 'perlin', generator=torch.Generator().manual_seed(0))",
+        "fc = count_model_flops(m, torch.randn(1, 1, 64, 64), mask)",
+        "ops = ' '.join(fc.by_op)",
+        "print(fc.uncounted, 'cluster_attention' in ops and 'point_gather' in ops)",
+    ]), timeout=600)
+    assert out == "[] True", out

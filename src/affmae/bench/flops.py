@@ -74,12 +74,14 @@ class _OpRecorder(TorchDispatchMode):
 
 
 # The package's own custom ops that count zero by the convention above (normalisation,
-# selection by comparison, element-wise softmax weights), like their aten counterparts
-# (native_layer_norm, sort, topk, softmax): not reported as uncounted.
+# selection by comparison, table lookups, element-wise softmax weights), like their aten
+# counterparts (native_layer_norm, sort, topk, gather, softmax): not reported as uncounted.
 _ZERO_BY_CONVENTION = {("affmae", "layer_norm_fwd"), ("affmae", "layer_norm_bwd"),
                        ("affmae", "add_layer_norm_fwd"), ("affmae", "add_layer_norm_bwd"),
                        ("affmae", "smallest_k"), ("affmae", "cell_table"),
-                       ("affmae", "interp_weights_fwd"), ("affmae", "interp_weights_bwd")}
+                       ("affmae", "cell_lookup"),
+                       ("affmae", "interp_weights_fwd"), ("affmae", "interp_weights_bwd"),
+                       ("affmae", "deform_weights_fwd"), ("affmae", "deform_weights_bwd")}
 
 
 def _looks_heavy(op: Any) -> bool:
