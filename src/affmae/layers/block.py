@@ -21,6 +21,10 @@ class AFFBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cl: Clustering) -> torch.Tensor:
-        x, h = self.norm2.residual(x, self.attn(self.norm1(x), pos, cl), self.drop_path)
-        return self.drop_path.residual_add(x, self.mlp(h))
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cl: Clustering,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """``drop``: (2, B) drop-path factors of the two branches (``StochasticDepth``), or None
+        (the block's DropPath draws them)."""
+        f_attn, f_mlp = (None, None) if drop is None else drop
+        x, h = self.norm2.residual(x, self.attn(self.norm1(x), pos, cl), self.drop_path, f_attn)
+        return self.drop_path.residual_add(x, self.mlp(h), f_mlp)

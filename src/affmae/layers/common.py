@@ -30,8 +30,11 @@ class DropPath(nn.Module):
 
     A kept sample's branch is scaled by 1 / (1 - p) (float32). The per-sample factors come
     from one uniform draw and one ``where`` (``factors``); ``residual_add`` applies them and
-    adds the branch to the residual stream in one ``addcmul``, in the stream's precision (an
-    AFF block's stochastic depth was five to six small kernels per branch and step).
+    adds the branch to the residual stream in one ``addcmul``, in the stream's precision.
+
+    The encoders draw every block's factors at once (``StochasticDepth``: three kernels a
+    forward instead of two per branch) and pass each block its rows as ``given``; a DropPath
+    called without them draws its own.
     """
 
     def __init__(self, p: float = 0.0) -> None:
@@ -42,25 +45,29 @@ class DropPath(nn.Module):
         # 1 / (1 - p) rounded as float32 arithmetic rounds it (the factor of a kept sample)
         self._scale = float(torch.tensor(1.0) / torch.tensor(1.0 - p))
 
-    def factors(self, x: torch.Tensor) -> torch.Tensor | None:
+    def factors(self, x: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor | None:
         """Per-sample factors (B,) float32: 0 or 1 / (1 - p); None when inactive (p = 0 or
-        evaluation). ``forward`` and ``residual_add`` apply the same draw."""
+        evaluation). ``given``: factors drawn by the caller for this branch, used as they are.
+        ``forward`` and ``residual_add`` apply the same draw."""
         if self.p == 0.0 or not self.training:
             return None
+        if given is not None:
+            return given
         u = torch.rand(x.shape[0], device=x.device)
         return torch.where(u >= self.p, self._scale, 0.0)
 
     def _shaped(self, f: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return f.view((-1,) + (1,) * (x.dim() - 1)).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.factors(x)
+    def forward(self, x: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
+        f = self.factors(x, given)
         return x if f is None else x * self._shaped(f, x, x.dtype)
 
-    def residual_add(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    def residual_add(self, x: torch.Tensor, branch: torch.Tensor,
+                     given: torch.Tensor | None = None) -> torch.Tensor:
         """``x + self(branch)``: one kernel, the factor applied in the promoted dtype of x and
         the branch (float32 for an autocast model's float32 residual stream)."""
-        f = self.factors(branch)
+        f = self.factors(branch, given)
         if f is None:
             return x + branch
         dtype = torch.promote_types(x.dtype, branch.dtype)
@@ -68,6 +75,51 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class StochasticDepth(nn.Module):
+    """The drop-path factors of a stack of blocks, drawn in one go.
+
+    ``draw(batch, device)`` -> (blocks, branches, batch) float32 factors, or None when no block
+    drops (evaluation, or every rate 0): row [i, j] is what block i's ``DropPath`` with rate
+    ``rates[i]`` would draw for its j-th branch. One uniform draw, one comparison and one
+    ``where`` for the whole stack, where each branch drew for itself before (two kernels per
+    branch: 56 per aff_small step).
+
+    The rates and factors go to each device once and are kept here, not as buffers: buffers
+    would be in every DDP broadcast. A draw during CUDA-graph capture on a device without them
+    (a host-to-device copy is not capturable) returns None, and the blocks draw for themselves.
+    """
+
+    def __init__(self, rates: list[float], branches: int = 2) -> None:
+        super().__init__()
+        self.branches = branches
+        self.rates = [float(r) for r in rates]
+        self.active = any(r > 0 for r in self.rates)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        t = self._on.get(device)
+        if t is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            scales = [DropPath(r)._scale for r in self.rates]
+            t = self._on[device] = (torch.tensor(self.rates, dtype=torch.float32, device=device),
+                                    torch.tensor(scales, dtype=torch.float32, device=device))
+        return t
+
+    def draw(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        if not (self.training and self.active):
+            return None
+        tables = self._tables(torch.device(device))
+        if tables is None:
+            return None
+        rates, scales = tables
+        u = torch.rand(len(self.rates), self.branches, batch, device=device)
+        return torch.where(u >= rates[:, None, None], scales[:, None, None], 0.0)
+
+    def extra_repr(self) -> str:
+        return f"blocks={len(self.rates)}, branches={self.branches}"
 
 
 def sincos_embed_2d(pos: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:

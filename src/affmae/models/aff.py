@@ -20,7 +20,8 @@ from torch.profiler import record_function
 
 from affmae.layers.attention import ClusterAttention
 from affmae.layers.block import AFFBlock
-from affmae.layers.common import check_grad_checkpoint, checkpoints, init_weights, run_block
+from affmae.layers.common import (StochasticDepth, check_grad_checkpoint, checkpoints,
+                                  init_weights, run_block)
 from affmae.layers.merge import TokenMerging
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
 from affmae.ops.layer_norm import FusedLayerNorm
@@ -108,6 +109,7 @@ class AFFEncoder(nn.Module):
             if s + 1 < len(c.widths):
                 self.merges.append(TokenMerging(w, c.widths[s + 1], c.downsample_rate,
                                                 c.norm_backend))
+        self.stochastic_depth = StochasticDepth(rates)
         self.apply(init_weights)
         for mod in self.modules():
             if isinstance(mod, ClusterAttention):
@@ -131,13 +133,16 @@ class AFFEncoder(nn.Module):
         c = self.config
         x = self.embed_norm(self.patch_embed(patches))  # (B, N, C1)
         outputs: list[TokenSet] = []
+        draws = self.stochastic_depth.draw(x.shape[0], x.device)  # (blocks, 2, B) factors, one draw
+        drops = iter(draws if draws is not None else ())
         for s, blocks in enumerate(self.stages):
             with record_function("aff/cluster"):
                 cl = balanced_clustering(pos, grid_hw, c.cluster_size, c.nbr_clusters)
                 x = pad_tokens(gather_tokens(x, cl.perm, cl.inverse()), cl.n_padded)  # (B, M*m, C)
                 pos = pad_tokens(gather_tokens(pos, cl.perm), cl.n_padded)  # (B, M*m, 2)
-            for blk in blocks:
-                x = run_block(blk, checkpoints(c.grad_checkpoint, "encoder"), x, pos, cl)
+            for blk in blocks:  # each block's drop-path factors from the one draw (or None)
+                x = run_block(blk, checkpoints(c.grad_checkpoint, "encoder"), x, pos, cl,
+                              next(drops, None))
             n = cl.n_valid
             outputs.append(TokenSet(self.out_norms[s](x[:, :n]), pos[:, :n], cl))
             if s < len(self.merges):

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from affmae.layers.common import (DropPath, Mlp, check_grad_checkpoint, checkpoints,
-                                  init_weights, run_block, sincos_embed_2d)
+from affmae.layers.common import (DropPath, Mlp, StochasticDepth, check_grad_checkpoint,
+                                  checkpoints, init_weights, run_block, sincos_embed_2d)
 from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.linear import Linear
 from affmae.ops.linear.casts import casts_weights_once
@@ -177,9 +177,12 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, h = self.norm2.residual(x, self.attn(self.norm1(x)), self.drop_path)
-        return self.drop_path.residual_add(x, self.mlp(h))
+    def forward(self, x: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """``drop``: (2, B) drop-path factors of the two branches (``StochasticDepth``), or None
+        (the block's DropPath draws them)."""
+        f_attn, f_mlp = (None, None) if drop is None else drop
+        x, h = self.norm2.residual(x, self.attn(self.norm1(x)), self.drop_path, f_attn)
+        return self.drop_path.residual_add(x, self.mlp(h), f_mlp)
 
 
 class CrossBlock(nn.Module):
@@ -213,6 +216,7 @@ class ViTEncoder(nn.Module):
             for r in rates
         )
         self.norm = FusedLayerNorm(c.embed_dim, backend=c.norm_backend, autocast_out=False)
+        self.stochastic_depth = StochasticDepth(rates)
 
     def forward(
         self, patches: torch.Tensor, idx: torch.Tensor, gw: int, taps: tuple[int, ...] = ()
@@ -223,8 +227,9 @@ class ViTEncoder(nn.Module):
         x = self.patch_embed(patches)  # (B, N, C)
         x = x + _pos_embed(idx, gw, x.shape[-1], x.dtype)
         tapped = []
+        drops = self.stochastic_depth.draw(x.shape[0], x.device)  # every block's factors, one draw
         for i, blk in enumerate(self.blocks):
-            x = run_block(blk, self.checkpointed, x)
+            x = run_block(blk, self.checkpointed, x, None if drops is None else drops[i])
             if i in taps:
                 tapped.append(x)
         return self.norm(x), tapped

@@ -83,9 +83,11 @@ class FusedLayerNorm(nn.LayerNorm):
         with torch.autocast(x.device.type, enabled=False):
             return layer_norm_triton(x, self.weight, self.bias, self.eps, out_dtype)
 
-    def residual(self, x: torch.Tensor, branch: torch.Tensor, drop_path: nn.Module | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def residual(self, x: torch.Tensor, branch: torch.Tensor, drop_path: nn.Module | None = None,
+                 factors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A residual step and this norm: ``s = x + drop_path(branch)``, returns ``(s, norm(s))``.
+        ``factors``: the drop path's per-sample factors when the caller drew them
+        (``DropPath.factors``' ``given``).
 
         On the Triton backend one kernel each way: the add, the drop-path factor and the norm
         forward; the norm backward plus the gradient s gets from the residual stream, written
@@ -100,13 +102,13 @@ class FusedLayerNorm(nn.LayerNorm):
             if drop_path is None:
                 s = x + branch
             elif hasattr(drop_path, "residual_add"):
-                s = drop_path.residual_add(x, branch)
+                s = drop_path.residual_add(x, branch, factors)
             else:
                 s = x + drop_path(branch)
             return s, self(s)
         from affmae.ops.layer_norm.function import add_layer_norm_triton
 
-        scale = drop_path.factors(branch) if drop_path is not None else None
+        scale = drop_path.factors(branch, factors) if drop_path is not None else None
         out_dtype = self._out_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             return add_layer_norm_triton(x, branch, scale, self.weight, self.bias, self.eps,
