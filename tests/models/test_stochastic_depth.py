@@ -74,3 +74,31 @@ def test_block_applies_the_given_factors_as_its_own_draw():
     blk.drop_path.factors = lambda t, g=None: next(rows)  # the block's own draws, forced
     want = blk(x, pos, cl)
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_draws_in_cuda_graph_replays():
+    """With its tables on the device (any eager forward puts them there), a captured draw gives
+    fresh factors on every replay; a first draw inside a capture returns None (the blocks then
+    draw for themselves) instead of a host-to-device copy that capture forbids."""
+    dev = torch.device("cuda")
+    cold = StochasticDepth([0.1, 0.3]).train()
+    warm = StochasticDepth([0.1, 0.3]).train()
+    warm.draw(64, dev)  # eager: the tables go to the device
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        none = cold.draw(64, dev)
+        f = warm.draw(64, dev)
+    assert none is None
+    outs = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(f.clone())
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    for i, r in enumerate([0.1, 0.3]):
+        assert set(torch.cat([o[i].flatten() for o in outs]).unique().tolist()) <= {
+            0.0, DropPath(r)._scale}
