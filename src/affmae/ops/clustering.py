@@ -227,8 +227,11 @@ def inverse_permutation(idx: torch.Tensor) -> torch.Tensor:
 
 
 def _flat_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
-    B = idx.shape[0]
-    return (idx + torch.arange(B, device=idx.device, dtype=idx.dtype).view(B, 1) * n).reshape(-1)
+    """(B, N') indices into rows of (B, n, ...) -> (B * N',) rows of the flattened (B * n, ...).
+    Two kernels (a stepped arange and the add; 28 calls per aff_small forward)."""
+    B, step = idx.shape[0], max(n, 1)  # n = 0: no rows, so idx is empty (any offsets do)
+    offsets = torch.arange(0, B * step, step, device=idx.device, dtype=idx.dtype)
+    return (idx + offsets.view(B, 1)).reshape(-1)
 
 
 class _PermutedRows(torch.autograd.Function):
