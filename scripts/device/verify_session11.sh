@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# For the next session's first GPU call (fresh machine, .whl and .cache carried, 600 s).
+# Session 10's last three changes were never run on a GPU:
+#  - StochasticDepth: every encoder block's drop-path factors from one draw (56 fewer small
+#    kernels per aff_small step; the ViT baseline has drop_path 0 and is unaffected);
+#  - gather_tokens' flat rows in two kernels instead of three (28 calls per aff_small forward);
+#  - the deform-weights kernels' shared preamble moved into a jit helper (same code inlined).
+# Before the call: rm -rf .cache/base && mkdir -p .cache/base &&
+#   git archive b85f158 src | tar -x -C .cache/base   (b85f158: call 3's 20.2 ms at 512 px)
+# Then: a same-machine A/B of the replayed aff_small step at 512 px (cur, base, cur, base);
+# the GPU tests of the changed paths; the replayed step's kernels. Keep the changes only if
+# cur is not slower than base; the issue-4 table (448-1024 px, both models) is a second call.
+# Usage: bash scripts/device/verify_session11.sh OUT
+OUT=${1:?OUT}
+source "$(dirname "$0")/lib.sh"
+[ -d .cache/base/src ] || { echo ".cache/base/src is missing (see the header)"; exit 2; }
+bench() {  # bench WHICH MODEL LIMIT
+  local P=/tmp/site:$PWD/src; [ "$1" = base ] && P=/tmp/site:$PWD/.cache/base/src
+  PYTHONPATH=$P timeout "$3" python -u -m affmae.cli bench --models "$2" --resolutions 512 \
+    --cuda-graph > "$R/ab_${SECONDS}_$1_$2.txt" 2>&1
+  echo "== $1 $2 $SECONDS s"; grep -hE "^$2 " "$R"/ab_*_$1_$2.txt | tail -1; pack
+}
+bench cur aff_small 240
+bench base aff_small 150
+bench cur aff_small 60
+bench base aff_small 60
+t 120 tests/models/test_stochastic_depth.py tests/ops/test_deformable_weights.py
+t 150 tests/train/test_pretrain.py -k "resumes or graphed"
+grep -E "^==|passed|failed|rc=" "$R/gpu_tests.txt"
+[ $SECONDS -lt 500 ] && { timeout 60 python -u scripts/device/graph_timeline.py --models aff_small \
+  --res 512 > "$R/timeline_cur.txt" 2>&1; grep -A30 "kernels per step" "$R/timeline_cur.txt"; pack; }
