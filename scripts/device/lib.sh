@@ -3,6 +3,8 @@
 # call cut by its time limit still brings back what it finished.
 #   pack            re-pack $OUT/r
 #   t LIMIT ARGS..  pytest -m gpu ARGS with a time limit, appended to $R/gpu_tests.txt
+#   ab_bench WHICH MODEL LIMIT   a replayed-step bench at 512 px of the current sources
+#                   (WHICH=cur) or of .cache/base/src (WHICH=base), to $R/ab_<s>_WHICH_MODEL.txt
 set -u
 R=$OUT/r
 mkdir -p "$R"
@@ -10,3 +12,9 @@ pack() { tar czf "$OUT/all.tgz" -C "$OUT" r; }
 t() { local lim=$1; shift; echo "== $*" >> "$R/gpu_tests.txt"
   timeout "$lim" python -m pytest -q -m gpu -p no:cacheprovider --tb=short "$@" >> "$R/gpu_tests.txt" 2>&1
   echo "rc=$?" >> "$R/gpu_tests.txt"; pack; }
+ab_bench() {
+  local P=/tmp/site:$PWD/src; [ "$1" = base ] && P=/tmp/site:$PWD/.cache/base/src
+  PYTHONPATH=$P timeout "$3" python -u -m affmae.cli bench --models "$2" --resolutions 512 \
+    --cuda-graph > "$R/ab_${SECONDS}_$1_$2.txt" 2>&1
+  echo "== $1 $2 $SECONDS s"; grep -hE "^$2 " "$R"/ab_*_$1_$2.txt | tail -1; pack
+}

@@ -10,18 +10,12 @@
 # kernels and an eager op breakdown. Usage: bash scripts/device/verify_session10b.sh OUT
 OUT=${1:?OUT}
 source "$(dirname "$0")/lib.sh"
-bench() {  # bench WHICH MODEL LIMIT
-  local P=/tmp/site:$PWD/src; [ "$1" = base ] && P=/tmp/site:$PWD/.cache/base/src
-  PYTHONPATH=$P timeout "$3" python -m affmae.cli bench --models "$2" --resolutions 512 \
-    --cuda-graph > "$R/ab_${SECONDS}_$1_$2.txt" 2>&1
-  echo "== $1 $2 $SECONDS s"; grep -hE "^$2 " "$R"/ab_*_$1_$2.txt | tail -1; pack
-}
-bench cur aff_small 240
-bench base aff_small 150
-bench cur aff_small 60
-bench base aff_small 60
-bench cur vit_small 60
-bench base vit_small 60
+ab_bench cur aff_small 240
+ab_bench base aff_small 150
+ab_bench cur aff_small 60
+ab_bench base aff_small 60
+ab_bench cur vit_small 60
+ab_bench base vit_small 60
 t 150 tests/ops/test_deformable_weights.py tests/ops/test_tickets.py
 grep -E "^==|passed|failed|rc=" "$R/gpu_tests.txt"
 timeout 60 python -u scripts/device/colsum_last_reduces.py > "$R/colsum_one_pass.txt" 2>&1

@@ -14,16 +14,10 @@
 OUT=${1:?OUT}
 source "$(dirname "$0")/lib.sh"
 [ -d .cache/base/src ] || { echo ".cache/base/src is missing (see the header)"; exit 2; }
-bench() {  # bench WHICH MODEL LIMIT
-  local P=/tmp/site:$PWD/src; [ "$1" = base ] && P=/tmp/site:$PWD/.cache/base/src
-  PYTHONPATH=$P timeout "$3" python -u -m affmae.cli bench --models "$2" --resolutions 512 \
-    --cuda-graph > "$R/ab_${SECONDS}_$1_$2.txt" 2>&1
-  echo "== $1 $2 $SECONDS s"; grep -hE "^$2 " "$R"/ab_*_$1_$2.txt | tail -1; pack
-}
-bench cur aff_small 240
-bench base aff_small 150
-bench cur aff_small 60
-bench base aff_small 60
+ab_bench cur aff_small 240
+ab_bench base aff_small 150
+ab_bench cur aff_small 60
+ab_bench base aff_small 60
 t 120 tests/models/test_stochastic_depth.py tests/ops/test_deformable_weights.py
 t 150 tests/train/test_pretrain.py -k "resumes or graphed"
 grep -E "^==|passed|failed|rc=" "$R/gpu_tests.txt"

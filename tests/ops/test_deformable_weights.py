@@ -193,13 +193,12 @@ def test_gpu_aff_small_step_same_with_separate_ops(monkeypatch):
 
     import affmae.layers.decoder as decoder
     from affmae import create_model
+    from affmae.ops.masking import make_mask
 
     B, res = 2, 256
     g = torch.Generator().manual_seed(0)
     imgs = torch.randn(B, 1, res, res, generator=g).cuda()
-    n = (res // 8) ** 2
-    is_masked = torch.zeros(B, n, dtype=torch.bool)
-    is_masked.scatter_(1, torch.rand(B, n, generator=g).argsort(1)[:, : n // 2], True)
+    is_masked = make_mask(B, (res // 8, res // 8), 0.5, "uniform", generator=g)
     model = create_model("aff_small", drop_path=0.0).cuda().train()
     results = []
     for backend in ("auto", "torch"):
