@@ -4,7 +4,10 @@
 #  - StochasticDepth: every encoder block's drop-path factors from one draw (56 fewer small
 #    kernels per aff_small step; the ViT baseline has drop_path 0 and is unaffected);
 #  - gather_tokens' flat rows in two kernels instead of three (28 calls per aff_small forward);
-#  - the deform-weights kernels' shared preamble moved into a jit helper (same code inlined).
+#  - the deform-weights kernels' shared preamble moved into a jit helper (same code inlined);
+#  - nearest_clusters as one fused kernel (distances in registers + the k argmin rounds; ten
+#    searches per aff_small step, each three to four kernels and a (B, Mq, Mk, 2) temporary
+#    before).
 # Before the call: rm -rf .cache/base && mkdir -p .cache/base &&
 #   git archive b85f158 src | tar -x -C .cache/base   (b85f158: call 3's 20.2 ms at 512 px)
 # Then: a same-machine A/B of the replayed aff_small step at 512 px (cur, base, cur, base);
@@ -18,7 +21,8 @@ ab_bench cur aff_small 240
 ab_bench base aff_small 150
 ab_bench cur aff_small 60
 ab_bench base aff_small 60
-t 120 tests/models/test_stochastic_depth.py tests/ops/test_deformable_weights.py
+t 150 tests/models/test_stochastic_depth.py tests/ops/test_deformable_weights.py \
+  tests/ops/test_smallest_k.py
 t 150 tests/train/test_pretrain.py -k "resumes or graphed"
 grep -E "^==|passed|failed|rc=" "$R/gpu_tests.txt"
 [ $SECONDS -lt 500 ] && { timeout 60 python -u scripts/device/graph_timeline.py --models aff_small \

@@ -64,3 +64,67 @@ def test_gpu_kernel_selects_what_the_reference_selects():
         assert torch.equal(smallest_k(d, k), smallest_k_ref(d, k)), (d.shape, k)
     d = torch.randint(0, 50, (16, 4096, 96), device="cuda").float()  # full size, ties
     assert torch.equal(smallest_k(d, 4), smallest_k_ref(d, 4))
+
+
+_NEAREST = """
+import torch
+import affmae.ops.clustering as C
+from affmae.ops.clustering import nearest_clusters
+import affmae.ops._smallest_k_kernel as kernel
+kernel._MIN_PROGRAMS = 8  # several rows per program at interpreter-sized inputs
+calls = []
+fused = kernel.nearest_k_triton
+kernel.nearest_k_triton = lambda *a: calls.append(1) or fused(*a)
+g = torch.Generator().manual_seed(0)
+cases = [
+    (torch.rand(3, 37, 2, generator=g) * 20, torch.rand(3, 37, 2, generator=g) * 20, 8, True),
+    # integer centroids on a grid: many exact distance ties
+    (torch.randint(0, 6, (2, 50, 2), generator=g).float(), None, 6, True),
+    # one query set (tile centres) for every image, keys not a power of two, FAR padding
+    (torch.rand(1, 16, 2, generator=g) * 9, torch.rand(4, 19, 2, generator=g) * 9, 5, False),
+    (torch.rand(2, 5, 2, generator=g), torch.rand(2, 3, 2, generator=g), 8, False),  # k > Mk
+]
+cases[2][1][:, -2:] = 1e4
+bad = []
+for q, keys, k, self_first in cases:
+    keys = q if keys is None else keys
+    got = nearest_clusters(q, keys, k, self_first=self_first)  # the fused kernel (interpreter)
+    C._nearest_kernel_ok = lambda *a: False
+    want = nearest_clusters(q, keys, k, self_first=self_first)  # distances, then smallest_k
+    C._nearest_kernel_ok = ok
+    if not torch.equal(got, want):
+        bad.append((tuple(q.shape), tuple(keys.shape), k, self_first))
+print(bad or ("ok" if len(calls) == len(cases) else f"the fused kernel ran {len(calls)} times"))
+"""
+
+
+def test_interpreter_fused_nearest_search_selects_what_the_two_step_search_selects():
+    """``nearest_clusters`` through the fused kernel (distances in registers) returns the same
+    indices as the PyTorch distances + ``smallest_k`` path: ties, self-first, a broadcast
+    query set, padding far away, k above the key count."""
+    code = _NEAREST.replace("bad = []", "ok = C._nearest_kernel_ok\nbad = []")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.stdout, out.stderr[-2000:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_nearest_search_selects_what_the_two_step_search_selects():
+    import affmae.ops.clustering as C
+    from affmae.ops.clustering import nearest_clusters
+
+    g = torch.Generator().manual_seed(0)
+    for B, Mq, Mk, k, self_first in [(16, 256, 256, 8, True), (16, 1024, 1024, 8, True),
+                                     (16, 256, 517, 8, False)]:
+        q = (torch.randint(0, 64, (B, Mq, 2), generator=g).float() / 2).cuda()
+        keys = q if self_first else (torch.rand(B, Mk, 2, generator=g) * 64).cuda()
+        got = nearest_clusters(q, keys, k, self_first=self_first)
+        ok = C._nearest_kernel_ok
+        try:
+            C._nearest_kernel_ok = lambda *a: False
+            want = nearest_clusters(q, keys, k, self_first=self_first)
+        finally:
+            C._nearest_kernel_ok = ok
+        assert torch.equal(got, want), (B, Mq, Mk, k, self_first)

@@ -78,7 +78,8 @@ class _OpRecorder(TorchDispatchMode):
 # counterparts (native_layer_norm, sort, topk, gather, softmax): not reported as uncounted.
 _ZERO_BY_CONVENTION = {("affmae", "layer_norm_fwd"), ("affmae", "layer_norm_bwd"),
                        ("affmae", "add_layer_norm_fwd"), ("affmae", "add_layer_norm_bwd"),
-                       ("affmae", "smallest_k"), ("affmae", "cell_table"),
+                       ("affmae", "smallest_k"), ("affmae", "nearest_k"),
+                       ("affmae", "cell_table"),
                        ("affmae", "cell_lookup"),
                        ("affmae", "interp_weights_fwd"), ("affmae", "interp_weights_bwd"),
                        ("affmae", "deform_weights_fwd"), ("affmae", "deform_weights_bwd")}

@@ -183,6 +183,10 @@ def nearest_clusters(
     Mq = query.shape[1]
     B, Mk = max(query.shape[0], keys.shape[0]), keys.shape[1]  # a query batch of 1 broadcasts
     k = min(k, Mk)
+    if _nearest_kernel_ok(query, keys, k):  # one kernel, distances in registers, same indices
+        from affmae.ops._smallest_k_kernel import nearest_k_triton
+
+        return nearest_k_triton(query.float(), keys.float(), k, self_first)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Mk))
     out = []
     for start in range(0, Mq, chunk):
@@ -194,6 +198,23 @@ def nearest_clusters(
             d.diagonal(offset=start, dim1=1, dim2=2).fill_(-1.0)
         out.append(smallest_k(d, k))
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def _nearest_kernel_ok(query: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
+    """Whether ``nearest_clusters`` may use the fused Triton search (CUDA or the interpreter,
+    the selection kernel's limits: at most MAX_N keys and MAX_K neighbours)."""
+    from affmae.ops.dispatch import package_kernels, triton_device
+    from affmae.ops.smallest_k import MAX_K, MAX_N
+
+    if not triton_device(keys) or not package_kernels() or keys.shape[0] == 0:
+        return False
+    if not (1 <= k <= MAX_K and keys.shape[1] <= MAX_N and query.shape[0] in (1, keys.shape[0])):
+        return False
+    try:
+        from affmae.ops import _smallest_k_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def balanced_clustering(
