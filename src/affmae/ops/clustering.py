@@ -172,6 +172,10 @@ def nearest_clusters(
 ) -> torch.Tensor:
     """Indices of the ``k`` key centroids nearest to each query centroid.
 
+    On CUDA (and in Triton's interpreter), within ``smallest_k``'s limits, one fused kernel
+    (``affmae::nearest_k``) computes the squared distances in registers and selects; elsewhere
+    the distances are written out in chunks and ``smallest_k`` selects. Same indices.
+
     Args:
         query: (B, Mq, 2) centroids, or (1, Mq, 2) for the same points in every image.
         keys: (B, Mk, 2) centroids.
