@@ -8,8 +8,10 @@ speed, 3.1 ms of a 28 ms step in all.
 What: ``Linear`` (``nn.Linear``: same parameters, state dict and forward) and the functional
 ``linear`` compute y = x @ W^T + b with the same matrix products as ``F.linear``, in the same
 dtypes (autocast's casts done inside the autograd Function), so the output, dx and dW are
-bitwise F.linear's; the bias gradient is a deterministic Triton column sum accumulated in
-float32 (``kernel.colsum``), cast once to the bias dtype. Under autocast that is at least as
+bitwise F.linear's (except on CUDA under autocast, where a float32 weight's or input's gradient
+comes out of the GEMM in float32 instead of being rounded to bf16 / fp16 and cast: more
+accurate, see ``function``); the bias gradient is a deterministic Triton column sum accumulated
+in float32 (``kernel.colsum``), cast once to the bias dtype. Under autocast that is at least as
 accurate as torch, which rounds the sum to bf16 / fp16 first. One difference: autocast caches
 its cast of a weight used twice in one autocast region, this casts it at every call.
 

@@ -10,6 +10,13 @@ folds it by ``matmul`` and adds the bias separately; here it is copied and goes 
 inputs on F.linear.) Only the bias gradient differs, by being more accurate: the float32 column
 sum is cast once to the bias dtype, where torch rounds ``grad.sum(0)`` to the compute dtype (bf16
 under autocast) before autocast's cast back to float32.
+
+On CUDA, where a half-precision product's gradient goes to a float32 tensor (dW of a float32
+weight under autocast; dx of a float32 input), the GEMM writes float32 itself (``torch.mm``'s
+``out_dtype``, torch >= 2.8): one kernel instead of the product and a cast (about 100 casts per
+aff_small step), and the float32 accumulation is kept instead of being rounded to bf16 / fp16
+first. Those gradients are then more accurate than F.linear's, not bitwise equal (GPU tests:
+float64 reference); on CPU and in the interpreter the product is cast as before.
 """
 
 from __future__ import annotations
@@ -46,6 +53,18 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
         return t
     return t.to(dtype)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch >= 2.8 (CUDA kernels)
+
+
+def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``a @ b`` in ``out_dtype``: float32 straight from the GEMM for half-precision CUDA
+    operands (see the module docstring), else the product cast."""
+    if out_dtype == torch.float32 and a.dtype in _HALF and a.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.mm(b).to(out_dtype)
 
 
 def _column_major(t: Tensor) -> bool:
@@ -87,11 +106,12 @@ class LinearFunction(torch.autograd.Function):
             g2 = g.reshape(-1, g.shape[-1])  # (M, N)
             # the products (and their operand order) that AddmmBackward0 uses for these layouts
             if need_x:
-                dx2 = wc.t().mm(g2.t()).t() if ctx.x_column_major else g2.mm(wc)  # (M, K)
-                dx = dx2.reshape(ctx.x_shape).to(x_dtype)
+                dx2 = (_mm(wc.t(), g2.t(), x_dtype).t() if ctx.x_column_major
+                       else _mm(g2, wc, x_dtype))  # (M, K)
+                dx = dx2.reshape(ctx.x_shape)
             if need_w:
-                dw = g2.t().mm(x2) if ctx.w_column_major else x2.t().mm(g2).t()  # (N, K)
-                dw = dw.to(w_dtype)
+                dw = (_mm(g2.t(), x2, w_dtype) if ctx.w_column_major
+                      else _mm(x2.t(), g2, w_dtype).t())  # (N, K)
             if need_b and b_dtype is not None:
                 db = colsum(g2).to(b_dtype)
         return dx, dw, db, None, None, None
