@@ -336,7 +336,7 @@ def test_fake_shapes_and_flop_formula():
             )
     assert out.shape == (B, N, H, D) and out.dtype == torch.bfloat16, f"out {out.shape} {out.dtype}"
     assert lse.shape == (B, H, N) and lse.dtype == torch.float32, f"lse {lse.shape} {lse.dtype}"
-    want_shapes = [(B, N, H, D)] * 3 + [(H, 8 + 2 * D)]
+    want_shapes = [(B, N, H, D)] * 3 + [(6 * H + 2 * H * D,)]
     assert [tuple(g.shape) for g in grads] == want_shapes, f"grad shapes {[g.shape for g in grads]}"
     fwd = 4 * B * N * H * (Kc * m + 1) * D
     counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}

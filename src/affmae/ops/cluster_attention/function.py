@@ -53,7 +53,7 @@ def cluster_attention_bwd(
     n_valid: int, bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
     scale: float, dkdv: str, nbr_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward: dq, dk, dv and the packed (H, 8 + 2 D) float32 parameter gradients
+    """Backward: dq, dk, dv and the packed (6 H + 2 H D,) float32 parameter gradients
     (``kernel.unpack_param_grads``). ``nbr_t``: the transposed neighbourhood, if known."""
     return kernel.attention_backward(
         do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
@@ -67,7 +67,7 @@ def _bwd_fake(do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank
     H, D = blank_k.shape
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-        q.new_empty(H, 8 + 2 * D, dtype=torch.float32),
+        q.new_empty(6 * H + 2 * H * D, dtype=torch.float32),
     )
 
 

@@ -19,7 +19,8 @@ How it is computed:
    (not rowsum(dO * O) with O rounded to the input dtype: the bias-weight gradient sums dS over
    all query-key pairs, where that rounding does not cancel and gave ~10x the reference's error).
    dQ in registers; the bias-weight and blank gradients reduced over the tile and written as one
-   partial row per program ((B * M, H, 8 + 2 D) floats, summed by torch; never per query-key).
+   partial column per program ((6 H + 2 H D, B * M) floats, summed by torch; never per
+   query-key), parameter-major, so each parameter's gradient is a contiguous piece of the sum.
 3. dK / dV, two ways (``dkdv`` argument; docs/BENCHMARKS.md has the measurement):
    "two_pass" (default, 1.9-2.7x faster on an H100): a second kernel over the transposed
    neighbourhood (for each key cluster, the query clusters that list it, built by a small
@@ -296,21 +297,24 @@ def _bwd_q_kernel(
     # ROWS: (2, B, H, N) float32, the corrected log-sum-exp then delta.
     tl.store(ROWS + b * slb + h * slh + tq, lse + tl.log2(tl.where(q_row, p_sum, 1.0)), mask=q_row)
     tl.store(ROWS + rows_stride + b * slb + h * slh + tq, delta, mask=q_row)
-    # GP is (H, 8 + 2D, P) with P = B * M programs per head, program-minor: the launcher's
-    # reduction then runs over the contiguous last dim (PyTorch's column sums over dim 0 of
-    # a (P, 8 + 2D) layout took 8-20 us per call on an H200).
+    # GP is (6 H + 2 H D, P) with P = B * M programs per head, program-minor: the launcher's
+    # reduction then runs over the contiguous last dim (PyTorch's column sums over dim 0 of a
+    # (P, rows) layout took 8-20 us per call on an H200). Rows are parameter-major: bias
+    # weight (H, 5), bias bias (H,), blank k (H, D), blank v (H, D), so each parameter's
+    # gradient is a contiguous piece of the sum that autograd takes as it is (a piece of a
+    # per-head row layout was copied once per parameter: 64 copies per aff_small step).
     P = (tl.num_programs(1) // H) * M
-    col = GP + h * (8 + 2 * D) * P + (b * M + c)
-    tl.store(col, tl.sum(g0, 0))
-    tl.store(col + P, tl.sum(g1, 0))
-    tl.store(col + 2 * P, tl.sum(g2, 0))
-    tl.store(col + 3 * P, tl.sum(g3, 0))
-    tl.store(col + 4 * P, tl.sum(g4, 0))
-    tl.store(col + 5 * P, tl.sum(g5, 0))
-    tl.store(col + 6 * P, 0.0)  # unused rows, written so the sum holds no uninitialised memory
-    tl.store(col + 7 * P, 0.0)
-    tl.store(col + (8 + rd) * P, tl.sum(ds_b[:, None] * q.to(tl.float32), 0) * scale, mask=d_ok)
-    tl.store(col + (8 + D + rd) * P, tl.sum(p_b[:, None] * do.to(tl.float32), 0), mask=d_ok)
+    col = GP + (b * M + c)
+    tl.store(col + (h * 5) * P, tl.sum(g0, 0))
+    tl.store(col + (h * 5 + 1) * P, tl.sum(g1, 0))
+    tl.store(col + (h * 5 + 2) * P, tl.sum(g2, 0))
+    tl.store(col + (h * 5 + 3) * P, tl.sum(g3, 0))
+    tl.store(col + (h * 5 + 4) * P, tl.sum(g4, 0))
+    tl.store(col + (5 * H + h) * P, tl.sum(g5, 0))
+    tl.store(col + (6 * H + h * D + rd) * P,
+             tl.sum(ds_b[:, None] * q.to(tl.float32), 0) * scale, mask=d_ok)
+    tl.store(col + (6 * H + (H + h) * D + rd) * P,
+             tl.sum(p_b[:, None] * do.to(tl.float32), 0), mask=d_ok)
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -558,9 +562,9 @@ def attention_backward(
     do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
     dkdv: str = "two_pass", num_warps: int | None = None, nbr_t: torch.Tensor | None = None,
 ):
-    """Backward kernels. Returns dq, dk, dv (input dtype) and g (H, 8 + 2 D) float32, the packed
-    small gradients: d bias_weight = g[:, :5], d bias_bias = g[:, 5], d blank_k = g[:, 8 : 8 + D],
-    d blank_v = g[:, 8 + D :] (``unpack_param_grads``).
+    """Backward kernels. Returns dq, dk, dv (input dtype) and g (6 H + 2 H D,) float32, the
+    packed small gradients, parameter after parameter: d bias_weight (H, 5), d bias_bias (H,),
+    d blank_k (H, D), d blank_v (H, D) (``unpack_param_grads``).
 
     ``dkdv``: "two_pass" (key-major second kernel) or "atomic" (float32 atomics in pass 1).
     ``num_warps`` overrides the default launch width (for ``affmae.bench.attention``).
@@ -583,7 +587,7 @@ def attention_backward(
 
     dq = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
     rows = torch.empty(2, B, H, N, device=dev, dtype=torch.float32)  # corrected lse, delta
-    parts = torch.empty(H, 8 + 2 * D, B * M, device=dev, dtype=torch.float32)  # a column per program
+    parts = torch.empty(6 * H + 2 * H * D, B * M, device=dev, dtype=torch.float32)  # a column per program
     # float32 dK, dV accumulators for the atomic mode (unused otherwise)
     dkv32 = torch.zeros(2, B, N, H, D, device=dev, dtype=torch.float32) if atomic else parts
     _bwd_q_kernel[(M, B * H)](
@@ -611,14 +615,14 @@ def attention_backward(
             H, M, Kc, n_valid, float(scale),
             **tiles,
         )
-    return dq, dk, dv, parts.sum(-1)  # (H, 8 + 2D)
+    return dq, dk, dv, parts.sum(-1)  # (6 H + 2 H D,)
 
 
 def unpack_param_grads(g: torch.Tensor, bias_weight, bias_bias, blank_k, blank_v):
-    """Split the packed (H, 8 + 2 D) float32 gradient of ``attention_backward`` into the four
-    parameter gradients, in the parameters' dtypes."""
-    D = blank_k.shape[-1]
-    return (
-        g[:, :5].to(bias_weight.dtype), g[:, 5].to(bias_bias.dtype),
-        g[:, 8 : 8 + D].to(blank_k.dtype), g[:, 8 + D :].to(blank_v.dtype),
-    )
+    """Split the packed (6 H + 2 H D,) float32 gradient of ``attention_backward`` into the four
+    parameter gradients, in the parameters' dtypes: contiguous views for float32 parameters
+    (autograd then keeps them as the ``.grad``s without a copy)."""
+    H, D = blank_k.shape
+    w, wb, bk, bv = g.split([5 * H, H, H * D, H * D])
+    return (w.view(H, 5).to(bias_weight.dtype), wb.to(bias_bias.dtype),
+            bk.view(H, D).to(blank_k.dtype), bv.view(H, D).to(blank_v.dtype))
