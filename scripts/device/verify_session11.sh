@@ -29,11 +29,14 @@ ab_bench cur aff_small 60
 ab_bench base aff_small 60
 ab_bench cur vit_small 60   # the Linear change speeds the ViT up too
 ab_bench base vit_small 60
-t 150 tests/models/test_stochastic_depth.py tests/ops/test_deformable_weights.py \
-  tests/ops/test_smallest_k.py
-t 150 tests/ops/test_cluster_attention_triton.py -k "aff_small or full_size"
-t 150 tests/ops/test_linear.py
-t 150 tests/train/test_pretrain.py -k "resumes or graphed"
+# GPU tests, most important first, each within what is left of the call (run the rest in a
+# second call if the first is cut)
+tt() { local lim=$1; shift; local left=$((575 - SECONDS)); [ $left -lt 40 ] && return
+  [ $lim -gt $left ] && lim=$left; t $lim "$@"; }
+tt 150 tests/ops/test_linear.py tests/models/test_stochastic_depth.py
+tt 150 tests/ops/test_smallest_k.py tests/ops/test_deformable_weights.py
+tt 150 tests/ops/test_cluster_attention_triton.py -k "aff_small or full_size"
+tt 150 tests/train/test_pretrain.py -k "resumes or graphed"
 grep -E "^==|passed|failed|rc=" "$R/gpu_tests.txt"
 [ $SECONDS -lt 500 ] && { timeout 60 python -u scripts/device/graph_timeline.py --models aff_small \
   --res 512 > "$R/timeline_cur.txt" 2>&1; grep -A30 "kernels per step" "$R/timeline_cur.txt"; pack; }
