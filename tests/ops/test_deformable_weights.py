@@ -105,7 +105,8 @@ def test_interpreter_offsets_rounding_to_cell_edges_and_nan_points():
         s2, _ = deformable_weights_reference(*args)
         offlog[0, 2, 0] = float("nan")  # query 2, point 0: x is NaN
         s3, _ = deformable_weights(*args, backend="triton")
-        nan_ok = torch.equal(s3[0, 2, 0, 0], table[0, 3 * gw + 0])  # x -> 0, y = 3 and torch.equal(s3[0, :2], s1[0, :2])
+        nan_ok = (torch.equal(s3[0, 2, 0, 0], table[0, 3 * gw + 0])  # x -> 0, y = 3
+                  and torch.equal(s3[0, :2], s1[0, :2]))
         print("ok" if torch.equal(s1, s2) and nan_ok else f"{s1.flatten().tolist()} != "
               f"{s2.flatten().tolist()} or NaN point {s3[0, 2, 0, 0].tolist()}")
     """))

@@ -366,7 +366,8 @@ class _DeformableWeights(torch.autograd.Function):
         if gw is None:
             gw = torch.zeros(sel.shape, dtype=torch.float32, device=sel.device)
         args = (gw, offlog, qpos, log_temp, key_pos, sel, ctx.spacing)
-        fn = K.deform_weights_bwd if plain_eager(*args[:-1]) else torch.ops.affmae.deform_weights_bwd
+        eager = plain_eager(*args[:-1])
+        fn = K.deform_weights_bwd if eager else torch.ops.affmae.deform_weights_bwd
         d_ol, d_lt = fn(*args)
         need = ctx.needs_input_grad
         return (d_ol if need[0] else None, None, d_lt.to(log_temp.dtype) if need[2] else None,

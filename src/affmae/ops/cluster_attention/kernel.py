@@ -587,7 +587,8 @@ def attention_backward(
 
     dq = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
     rows = torch.empty(2, B, H, N, device=dev, dtype=torch.float32)  # corrected lse, delta
-    parts = torch.empty(6 * H + 2 * H * D, B * M, device=dev, dtype=torch.float32)  # a column per program
+    # a column per program
+    parts = torch.empty(6 * H + 2 * H * D, B * M, device=dev, dtype=torch.float32)
     # float32 dK, dV accumulators for the atomic mode (unused otherwise)
     dkv32 = torch.zeros(2, B, N, H, D, device=dev, dtype=torch.float32) if atomic else parts
     _bwd_q_kernel[(M, B * H)](
