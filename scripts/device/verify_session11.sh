@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # For the next session's first GPU call (fresh machine, .whl and .cache carried, 600 s).
-# Session 10's last six changes were never run on a GPU:
+# Session 10's last seven changes were never run on a GPU:
 #  - StochasticDepth: every encoder block's drop-path factors from one draw (56 fewer small
 #    kernels per aff_small step; vit_small has drop_path 0, so this one does not touch it);
 #  - gather_tokens' flat rows in two kernels instead of three (28 calls per aff_small forward);
@@ -12,12 +12,13 @@
 #    half-precision product's gradient goes to a float32 tensor (about 100 cast kernels per
 #    aff_small step, about 50 per vit_small step; more accurate gradients);
 #  - cluster attention's parameter-gradient partials stored parameter-major, so autograd keeps
-#    the four gradients as views instead of copying them (64 copies per aff_small step).
+#    the four gradients as views instead of copying them (64 copies per aff_small step);
+#  - the same for the merge backward's parameter gradients (12 copies).
 # Before the call: rm -rf .cache/base && mkdir -p .cache/base &&
 #   git archive b85f158 src | tar -x -C .cache/base   (b85f158: call 3's 20.2 ms at 512 px)
 # Then: a same-machine A/B of the replayed step at 512 px (aff_small cur, base, cur, base;
 # vit_small cur, base); the GPU tests of the changed paths; the replayed step's kernels. Keep
-# a change only if cur is not slower than base (bisect the six commits otherwise); the
+# a change only if cur is not slower than base (bisect the seven commits otherwise); the
 # issue-4 table (448-1024 px, both models) is a second call.
 # Usage: bash scripts/device/verify_session11.sh OUT
 OUT=${1:?OUT}
@@ -36,6 +37,7 @@ tt() { local lim=$1; shift; local left=$((575 - SECONDS)); [ $left -lt 40 ] && r
 tt 150 tests/ops/test_linear.py tests/models/test_stochastic_depth.py
 tt 150 tests/ops/test_smallest_k.py tests/ops/test_deformable_weights.py
 tt 150 tests/ops/test_cluster_attention_triton.py -k "aff_small or full_size"
+tt 100 tests/ops/test_merge_weights.py
 tt 150 tests/train/test_pretrain.py -k "resumes or graphed"
 grep -E "^==|passed|failed|rc=" "$R/gpu_tests.txt"
 [ $SECONDS -lt 500 ] && { timeout 60 python -u scripts/device/graph_timeline.py --models aff_small \

@@ -111,7 +111,7 @@ def test_fake_shapes_and_flop_formula():
             w = torch.ops.affmae.merge_weights_fwd(pos, pos_k, slots, imp, *params, 1e-5)
             d_imp, part = torch.ops.affmae.merge_weights_bwd(w, pos, pos_k, slots, imp, *params,
                                                               1e-5)
-    assert w.shape == (B, k, K, 4) and d_imp.shape == (B, k, K) and part.shape == (4, 8)
+    assert w.shape == (B, k, K, 4) and d_imp.shape == (B, k, K) and part.shape == (32,)
     counts = {str(op): n for op, n in fc.get_flop_counts()["Global"].items()}
     entries = B * k * K  # the Linear(5 -> 4): 2 * 5 * 4 per entry, forward and weight gradient
     assert counts == {"affmae.merge_weights_fwd": 40 * entries,

@@ -164,8 +164,8 @@ class _MergeWeights(torch.autograd.Function):
             d_imp, part = K.merge_weights_bwd(*args)
         else:
             d_imp, part = torch.ops.affmae.merge_weights_bwd(*args)
-        return (None, None, None, d_imp, part[:, :5].contiguous(), part[:, 5].contiguous(),
-                part[:, 6].contiguous(), part[:, 7].contiguous(), None)
+        d_lw, d_lb, d_nw, d_nb = part.split([20, 4, 4, 4])  # contiguous, kept as the .grads
+        return (None, None, None, d_imp, d_lw.view(4, 5), d_lb, d_nw, d_nb, None)
 
 
 def merge_sums(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,10 @@ bfloat16 / float16, so the kernels are the more accurate of the two (the tests' 
 measures both against float64). Products and sums are not contracted into FMAs
 (``enable_fp_fusion=False``).
 
-Partials layout (programs, 4, 8), row j = output weight j: columns 0-4 dLinear.weight[j, :],
-5 dLinear.bias[j] (the bias is a sixth feature fixed at 1), 6 dLayerNorm.weight[j],
-7 dLayerNorm.bias[j].
+Partials layout (programs, 32), parameter after parameter: dLinear.weight (4, 5) row-major,
+dLinear.bias (4,) (the bias is a sixth feature fixed at 1), dLayerNorm.weight (4,),
+dLayerNorm.bias (4,). Their sum splits into four contiguous gradients that autograd keeps as
+they are (a (4, 8) per-row layout needed a copy of each: 12 small kernels per aff_small step).
 """
 
 from __future__ import annotations
@@ -110,7 +111,10 @@ def _bwd_kernel(GW, POS, POSK, SLOT, IMP, LW, LB, NW, NB, GIMP, PART, E, KK, Np,
     d_lw = tl.sum(dy[:, :, None] * f[:, None, :], 0)  # (4, 8): weight columns 0-4, bias 5
     c = tl.arange(0, 8)
     part = tl.where(c[None, :] == 6, d_nw[:, None], tl.where(c[None, :] == 7, d_nb[:, None], d_lw))
-    tl.store(PART + pid.to(tl.int64) * 32 + j[:, None] * 8 + c[None, :], part)
+    # parameter-major: weight (4, 5), then bias, LayerNorm weight, LayerNorm bias (4 each)
+    slot = tl.where(c[None, :] < 5, j[:, None] * 5 + c[None, :],
+                    20 + (c[None, :] - 5) * 4 + j[:, None])
+    tl.store(PART + pid.to(tl.int64) * 32 + slot, part)
 
 
 def _launch(E: int) -> tuple[int, dict]:
@@ -145,15 +149,15 @@ def merge_weights_bwd(gw: torch.Tensor, pos: torch.Tensor, pos_k: torch.Tensor,
                       slots: torch.Tensor, imp: torch.Tensor, lin_w: torch.Tensor,
                       lin_b: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> d_imp (B, k, K) and the parameter gradients as one (4, 8) float32 tensor (module
+    """-> d_imp (B, k, K) and the parameter gradients as one (32,) float32 tensor (module
     docstring: columns 0-4 Linear weight, 5 Linear bias, 6 LayerNorm weight, 7 its bias)."""
     B, k, KK = slots.shape
     E = B * k * KK
     d_imp = torch.empty(slots.shape, device=pos.device, dtype=torch.float32)
     if not E:
-        return d_imp, torch.zeros(4, 8, device=pos.device, dtype=torch.float32)
+        return d_imp, torch.zeros(32, device=pos.device, dtype=torch.float32)
     grid, p = _launch(E)
-    part = torch.empty(grid, 4, 8, device=pos.device, dtype=torch.float32)
+    part = torch.empty(grid, 32, device=pos.device, dtype=torch.float32)
     _bwd_kernel[(grid,)](gw.contiguous(), pos.contiguous(), pos_k.contiguous(), slots.contiguous(),
                          imp.contiguous(), lin_w.contiguous(), lin_b, norm_w, norm_b, d_imp, part,
                          E, KK, pos.shape[1], k, eps, **p)
@@ -162,7 +166,7 @@ def merge_weights_bwd(gw: torch.Tensor, pos: torch.Tensor, pos_k: torch.Tensor,
 
 @merge_weights_bwd.register_fake
 def _bwd_fake(gw, pos, pos_k, slots, imp, lin_w, lin_b, norm_w, norm_b, eps):
-    return imp.new_empty(slots.shape), imp.new_empty(4, 8)
+    return imp.new_empty(slots.shape), imp.new_empty(32)
 
 
 def _entries(slots_shape) -> int:
