@@ -130,14 +130,13 @@ print(fc.flops, fc.uncounted)
     assert uncounted == "[]", out.stdout
 
 
-def test_interpreter_aff_model_has_no_uncounted_custom_ops():
+def test_interpreter_aff_model_has_no_uncounted_custom_ops(monkeypatch):
     """On the kernel path (Triton's interpreter runs what CUDA runs), every custom op of an AFF
     model either has a FLOP formula or counts zero by convention (lookups, softmax weights,
     normalisation): the bench prints no "ops without a FLOP formula" warning."""
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "ops"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "ops"))
     from kernel_checks import interpret
 
     out = interpret("\n".join([

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from affmae.ops.smallest_k import smallest_k
+from affmae.ops.smallest_k import kernel_ok, smallest_k
 
 _CHUNK_ELEMENTS = 1 << 24  # cap on a (B, chunk, Mk) distance block (its (.., 2) difference is twice that)
 
@@ -205,20 +205,10 @@ def nearest_clusters(
 
 
 def _nearest_kernel_ok(query: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
-    """Whether ``nearest_clusters`` may use the fused Triton search (CUDA or the interpreter,
-    the selection kernel's limits: at most MAX_N keys and MAX_K neighbours)."""
-    from affmae.ops.dispatch import package_kernels, triton_device
-    from affmae.ops.smallest_k import MAX_K, MAX_N
-
-    if not triton_device(keys) or not package_kernels() or keys.shape[0] == 0:
-        return False
-    if not (1 <= k <= MAX_K and keys.shape[1] <= MAX_N and query.shape[0] in (1, keys.shape[0])):
-        return False
-    try:
-        from affmae.ops import _smallest_k_kernel  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether ``nearest_clusters`` may use the fused Triton search (``smallest_k``'s kernel
+    limits, and one query set per image or one for all)."""
+    return (k >= 1 and query.shape[0] in (1, keys.shape[0])
+            and kernel_ok(keys, keys.shape[1], k))
 
 
 def balanced_clustering(

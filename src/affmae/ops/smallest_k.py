@@ -27,10 +27,12 @@ def smallest_k_ref(d: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(d, dim=-1, stable=True).indices[..., :k]
 
 
-def _triton_ok(d: torch.Tensor, k: int) -> bool:
-    if not triton_device(d) or not package_kernels():
+def kernel_ok(t: torch.Tensor, n: int, k: int) -> bool:
+    """Whether the selection kernels (``smallest_k``, ``nearest_clusters``' fused search) can
+    take rows of ``n`` candidates and ``k`` picks on ``t``'s device."""
+    if not triton_device(t) or not package_kernels():
         return False
-    if d.shape[-1] > MAX_N or k > MAX_K or d.numel() == 0:
+    if n > MAX_N or k > MAX_K or t.numel() == 0:
         return False
     try:
         from affmae.ops import _smallest_k_kernel  # noqa: F401
@@ -44,7 +46,7 @@ def smallest_k(d: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, d.shape[-1])
     if d.shape[-1] > MAX_N:
         return torch.topk(d, k, dim=-1, largest=False, sorted=True).indices
-    if not _triton_ok(d, k):
+    if not kernel_ok(d, d.shape[-1], k):
         return smallest_k_ref(d, k)
     from affmae.ops._smallest_k_kernel import smallest_k_triton
 
