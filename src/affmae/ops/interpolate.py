@@ -42,7 +42,7 @@ import torch
 
 from affmae.ops import point_gather
 from affmae.ops.clustering import Clustering, nearest_clusters
-from affmae.ops.dispatch import package_kernels, plain_eager, triton_device
+from affmae.ops.dispatch import KERNELS_ENV, package_kernels, plain_eager, triton_device
 from affmae.ops.smallest_k import MAX_K, MAX_N, smallest_k
 
 FAR = 1.0e6  # position of padding slots: never nearer than a real token
@@ -402,15 +402,16 @@ def deformable_weights(offlog: torch.Tensor, qpos: torch.Tensor, log_temp: torch
     if backend == "torch":
         return deformable_weights_reference(offlog, qpos, log_temp, key_pos, table, grid_hw,
                                             spacing, heads, points)
-    reason = None
-    if backend == "triton" or package_kernels():
+    if backend == "auto" and not package_kernels():
+        reason = f"{KERNELS_ENV}=torch"
+    else:
         reason = _deformable_kernel_why_not(offlog, qpos, log_temp, key_pos, table, heads, points)
         if reason and backend == "triton":
             raise RuntimeError(f"backend='triton' requested but {reason}")
-    if backend == "triton" or (package_kernels() and reason is None):
+    if reason is None:
         return _DeformableWeights.apply(offlog, qpos, log_temp, key_pos, table, tuple(grid_hw),
                                         spacing, heads, points)
-    if reason and offlog.is_cuda:
+    if offlog.is_cuda and package_kernels():  # chosen by the user otherwise: no warning
         warnings.warn(f"deformable_weights: backend 'auto' uses separate ops because {reason}",
                       stacklevel=2)
     return deformable_weights_reference(offlog, qpos, log_temp, key_pos, table, grid_hw,
