@@ -181,9 +181,38 @@ def checkpoints(mode: str, part: str) -> bool:
     return mode in (part, "all")
 
 
-def run_block(block: nn.Module, checkpointed: bool, *args):
-    """``block(*args)``, or the same through ``torch.utils.checkpoint`` (non-reentrant, RNG state
-    preserved so drop-path draws the same in the recomputation) when training with gradients."""
+def run_block(block: nn.Module, checkpointed: bool, *args, **kwargs):
+    """``block(*args, **kwargs)``, or the same through ``torch.utils.checkpoint`` (non-reentrant,
+    RNG state preserved so drop-path draws the same in the recomputation) when training with
+    gradients."""
     if checkpointed and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
+    return block(*args, **kwargs)
+
+
+def run_chained(blocks, checkpointed: bool, x: torch.Tensor, *args, per_block=None,
+                each=None) -> torch.Tensor:
+    """Run pre-norm blocks in order (``run_block`` each) and return the last output.
+
+    Block i's last residual step is fused with block i+1's input norm: block i gets
+    ``next_norm=blocks[i + 1].input_norm`` and returns ``(x, next_norm(x))`` from one
+    ``FusedLayerNorm.residual``; block i+1 gets that norm as ``h``. Without the fusion the
+    residual stream x feeds two ops, its input norm and its next residual add, and autograd
+    sums their two gradients in a separate add over (B, N, C), one per block. Fused, the
+    residual step's backward takes the other gradient as its ``ds`` inside the norm's kernel
+    (and the forward saves a separate norm kernel). Same function: on the PyTorch path
+    ``residual`` is the plain add and norm, bitwise.
+
+    Blocks take ``(x, *args, [per_block[i]], h=..., next_norm=...)`` and have ``input_norm``.
+    ``per_block``: an optional sequence of one extra positional argument per block.
+    ``each``: optional ``each(i, x)`` called with every block's output.
+    """
+    h = None
+    for i, blk in enumerate(blocks):
+        nxt = blocks[i + 1].input_norm if i + 1 < len(blocks) else None
+        extra = () if per_block is None else (per_block[i],)
+        out = run_block(blk, checkpointed, x, *args, *extra, h=h, next_norm=nxt)
+        x, h = out if nxt is not None else (out, None)
+        if each is not None:
+            each(i, x)
+    return x

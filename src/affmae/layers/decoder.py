@@ -133,14 +133,24 @@ class DecoderBlock(nn.Module):
         self.norm3 = FusedLayerNorm(dim, backend=norm_backend)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
+    @property
+    def input_norm(self) -> FusedLayerNorm:
+        """The norm of the block's input (fused into the previous block's last residual step)."""
+        return self.norm1
+
     def forward(self, x, qpos, qpos_far, table_self, spacing_self, src, src_pos, table, spacing,
-                grid_hw):
-        """-> (block output, features right after the cross-attention) both (B, Nq, C)."""
-        h = self.norm1(x)
+                grid_hw, h=None, next_norm=None):
+        """-> (block output, features right after the cross-attention) both (B, Nq, C).
+        ``h``: ``norm1(x)`` when the caller has it. ``next_norm``: the next block's input norm,
+        fused with the last residual step; the block then returns (output, next_norm(output),
+        cross) (see ``affmae.layers.common.run_chained``)."""
+        h = self.norm1(x) if h is None else h
         x, h = self.norm2.residual(
             x, self.self_attn(h, qpos, h, qpos_far, table_self, grid_hw, spacing_self))
         cross, h = self.norm3.residual(
             x, self.cross_attn(h, qpos, src, src_pos, table, grid_hw, spacing))
+        if next_norm is not None:
+            return *next_norm.residual(cross, self.mlp(h)), cross
         return cross + self.mlp(h), cross
 
 
@@ -212,6 +222,9 @@ class PointDecoder(nn.Module):
             x = x + pad_tokens(gather_tokens(query_init, qcl.perm), qcl.n_padded)
         inverse = qcl.inverse()  # (B, Nq) clustered slot of each query
         outs = []
+        # each block's last residual step is fused with the next block's input norm (h)
+        flat = [blk for blocks in self.blocks for blk in blocks]
+        h, i = None, 0
         for blocks, st in zip(self.blocks, reversed(stages)):
             cl: Clustering = st.clustering
             with record_function("decoder/cluster"):
@@ -221,8 +234,12 @@ class PointDecoder(nn.Module):
             for blk in blocks:
                 src = blk.src_proj(st.x) + sincos_embed_2d(st.pos, self.dim).to(st.x.dtype)
                 src = pad_tokens(src, cl.n_padded)
-                x, cross = run_block(blk, self.grad_checkpoint, x, qpos_c, qpos_far, table_self,
-                                     spacing_self, src, spos, table, spacing, grid_hw)
+                i += 1
+                nxt = flat[i].input_norm if i < len(flat) else None
+                out = run_block(blk, self.grad_checkpoint, x, qpos_c, qpos_far, table_self,
+                                spacing_self, src, spos, table, spacing, grid_hw, h=h,
+                                next_norm=nxt)
+                x, h, cross = out if nxt is not None else (out[0], None, out[1])
             # qpos order; qcl.perm inverts ``inverse`` (a gather backward, no atomics)
             outs.append(gather_tokens(cross if after == "cross" else x, inverse, qcl.perm))
         return outs

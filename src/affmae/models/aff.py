@@ -21,7 +21,7 @@ from torch.profiler import record_function
 from affmae.layers.attention import ClusterAttention
 from affmae.layers.block import AFFBlock
 from affmae.layers.common import (StochasticDepth, check_grad_checkpoint, checkpoints,
-                                  init_weights, run_block)
+                                  init_weights, run_chained)
 from affmae.layers.merge import TokenMerging
 from affmae.ops.clustering import Clustering, balanced_clustering, gather_tokens, pad_tokens
 from affmae.ops.layer_norm import FusedLayerNorm
@@ -140,9 +140,9 @@ class AFFEncoder(nn.Module):
                 cl = balanced_clustering(pos, grid_hw, c.cluster_size, c.nbr_clusters)
                 x = pad_tokens(gather_tokens(x, cl.perm, cl.inverse()), cl.n_padded)  # (B, M*m, C)
                 pos = pad_tokens(gather_tokens(pos, cl.perm), cl.n_padded)  # (B, M*m, 2)
-            for blk in blocks:  # each block's drop-path factors from the one draw (or None)
-                x = run_block(blk, checkpoints(c.grad_checkpoint, "encoder"), x, pos, cl,
-                              next(drops, None))
+            # each block's drop-path factors from the one draw (or None)
+            x = run_chained(blocks, checkpoints(c.grad_checkpoint, "encoder"), x, pos, cl,
+                            per_block=[next(drops, None) for _ in blocks])
             n = cl.n_valid
             outputs.append(TokenSet(self.out_norms[s](x[:, :n]), pos[:, :n], cl))
             if s < len(self.merges):

@@ -38,7 +38,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from affmae.layers.common import (DropPath, Mlp, StochasticDepth, check_grad_checkpoint,
-                                  checkpoints, init_weights, run_block, sincos_embed_2d)
+                                  checkpoints, init_weights, run_chained, sincos_embed_2d)
 from affmae.ops.layer_norm import FusedLayerNorm
 from affmae.ops.linear import Linear
 from affmae.ops.linear.casts import casts_weights_once
@@ -177,11 +177,22 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def input_norm(self) -> FusedLayerNorm:
+        """The norm of the block's input (``run_chained`` fuses it into the previous block)."""
+        return self.norm1
+
+    def forward(self, x: torch.Tensor, drop: torch.Tensor | None = None,
+                h: torch.Tensor | None = None, next_norm: FusedLayerNorm | None = None):
         """``drop``: (2, B) drop-path factors of the two branches (``StochasticDepth``), or None
-        (the block's DropPath draws them)."""
+        (the block's DropPath draws them). ``h``: ``norm1(x)`` when the caller has it;
+        ``next_norm``: the next block's input norm, fused with the last residual step, which
+        then returns ``(x, next_norm(x))`` (``run_chained``)."""
         f_attn, f_mlp = (None, None) if drop is None else drop
-        x, h = self.norm2.residual(x, self.attn(self.norm1(x)), self.drop_path, f_attn)
+        h = self.norm1(x) if h is None else h
+        x, h = self.norm2.residual(x, self.attn(h), self.drop_path, f_attn)
+        if next_norm is not None:
+            return next_norm.residual(x, self.mlp(h), self.drop_path, f_mlp)
         return self.drop_path.residual_add(x, self.mlp(h), f_mlp)
 
 
@@ -197,8 +208,18 @@ class CrossBlock(nn.Module):
         self.norm2 = FusedLayerNorm(dim, backend=norm_backend)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
-        x, h = self.norm2.residual(x, self.attn(self.norm_q(x), self.norm_kv(mem)))
+    @property
+    def input_norm(self) -> FusedLayerNorm:
+        """The norm of the queries (``run_chained`` fuses it into the previous block)."""
+        return self.norm_q
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, h: torch.Tensor | None = None,
+                next_norm: FusedLayerNorm | None = None):
+        """``h``, ``next_norm``: as ``Block.forward``'s."""
+        h = self.norm_q(x) if h is None else h
+        x, h = self.norm2.residual(x, self.attn(h, self.norm_kv(mem)))
+        if next_norm is not None:
+            return next_norm.residual(x, self.mlp(h))
         return x + self.mlp(h)
 
 
@@ -228,10 +249,13 @@ class ViTEncoder(nn.Module):
         x = x + _pos_embed(idx, gw, x.shape[-1], x.dtype)
         tapped = []
         drops = self.stochastic_depth.draw(x.shape[0], x.device)  # every block's factors, one draw
-        for i, blk in enumerate(self.blocks):
-            x = run_block(blk, self.checkpointed, x, None if drops is None else drops[i])
+
+        def tap(i: int, y: torch.Tensor) -> None:
             if i in taps:
-                tapped.append(x)
+                tapped.append(y)
+
+        x = run_chained(self.blocks, self.checkpointed, x,
+                        per_block=drops, each=tap)
         return self.norm(x), tapped
 
 
@@ -267,8 +291,7 @@ class MAEDecoder(nn.Module):
         full = full.scatter(1, visible_idx.unsqueeze(-1).expand(-1, -1, Cd), y)  # (B, L, Cd)
         all_idx = torch.arange(L, device=y.device).expand(B, L)
         full = full + _pos_embed(all_idx, gw, Cd, y.dtype)
-        for blk in self.blocks:
-            full = run_block(blk, self.checkpointed, full)
+        full = run_chained(self.blocks, self.checkpointed, full)
         out = full.gather(1, query_idx.unsqueeze(-1).expand(-1, -1, Cd))  # (B, Nq, Cd)
         return self.norm(out)
 
@@ -302,8 +325,7 @@ class CrossDecoder(nn.Module):
         Cd = mem.shape[-1]
         mem = mem + _pos_embed(visible_idx, gw, Cd, mem.dtype)
         q = self.mask_token.to(mem.dtype) + _pos_embed(query_idx, gw, Cd, mem.dtype)  # (B, Nq, Cd)
-        for blk in self.blocks:
-            q = run_block(blk, self.checkpointed, q, mem)
+        q = run_chained(self.blocks, self.checkpointed, q, mem)
         return self.norm(q)
 
 
