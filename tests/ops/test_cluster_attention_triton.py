@@ -11,7 +11,8 @@ nothing in this process depends on import order. Interpreter-specific: bfloat16 
 widened to float32 (exact) because the interpreter multiplies bfloat16 as integers, and its
 float32 -> bfloat16 casts truncate instead of rounding (hence ``FACTOR`` 3, not 2).
 GPU (``@pytest.mark.gpu``): full aff_small stage sizes in bf16 / fp16 (both dK / dV modes), large
-logits, torch.compile (fullgraph), and a whole aff_small training step on either backend.
+logits, torch.compile (fullgraph), a whole aff_small training step on either backend, and the
+packed-qkv entry against unbound q, k, v (bitwise).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from kernel_checks import (DTYPES, FACTOR, FLOOR, assert_three_way, error_rows, result,
                            run_interpreter, write_results)
 
-from affmae.ops.cluster_attention import cluster_attention, why_not_triton
+from affmae.ops.cluster_attention import cluster_attention, cluster_attention_packed, why_not_triton
 from affmae.ops.cluster_attention.reference import cluster_attention_ref
 from affmae.ops.clustering import balanced_clustering, gather_tokens, pad_tokens
 
@@ -93,6 +94,53 @@ def three_way(inp, dtype, kernel_fn):
     return error_rows(NAMES, exact, same, kern)
 
 
+PACKED_NAMES = ("out", "dqkv", "d_bias_weight", "d_bias_bias", "d_blank_k", "d_blank_v")
+
+
+def packed_vs_unpacked(inp, dtype, dkdv) -> list[str]:
+    """The packed entry (one (B, N, 3, H, D) qkv; the backward writes its gradient packed) against
+    q, k, v unbound from it (three gradients, stacked into qkv's). The same kernels compute the
+    same values and only the addresses of dq, dk, dv change, so the output and every gradient
+    must be bitwise equal; so must the packed custom op, its eager launcher and the unpacked
+    launcher's three gradients stacked. Returns one message per difference."""
+    from affmae.ops.cluster_attention import kernel
+    from affmae.ops.cluster_attention.function import (cluster_attention_triton,
+                                                       cluster_attention_triton_packed)
+
+    qkv = torch.stack([inp[n] for n in "qkv"], 2).to(dtype)  # (B, N, 3, H, D)
+    do = inp["do"].to(dtype)
+    rest = (inp["pos"], inp["nbr"], inp["n_valid"])
+    label = f"{tuple(qkv.shape)} {dtype} {dkdv}"
+
+    # Autograd: q, k, v as views of one tensor (a fused projection's layout), then packed.
+    q, k, v = (t.detach().requires_grad_() for t in qkv.clone().unbind(2))
+    params = [p.clone().requires_grad_() for p in inp["params"]]
+    out = cluster_attention_triton(q, k, v, *rest, *params, dkdv=dkdv)
+    out.backward(do)
+    unpacked = [out, torch.stack([q.grad, k.grad, v.grad], 2), *(p.grad for p in params)]
+    leaf = qkv.clone().requires_grad_()
+    params = [p.clone().requires_grad_() for p in inp["params"]]
+    out = cluster_attention_triton_packed(leaf, *rest, *params, dkdv=dkdv)
+    out.backward(do)
+    packed = [out, leaf.grad, *(p.grad for p in params)]
+    bad = [f"{label} {name}: packed differs from unpacked by {(a.double() - b.double()).abs().max()}"
+           for name, a, b in zip(PACKED_NAMES, unpacked, packed) if not torch.equal(a, b)]
+    if not leaf.grad.is_contiguous():
+        bad.append(f"{label}: dqkv strides {leaf.grad.stride()} are not contiguous")
+
+    # Launchers and custom ops (what torch.compile and FLOP counters see).
+    args = (*qkv.unbind(2), *rest, *inp["params"], qkv.shape[-1] ** -0.5)
+    _, lse = kernel.attention_forward(*args)
+    bwd = (lse, *args[3:], dkdv)
+    *grads, g = kernel.attention_backward(do, *args[:3], *bwd)
+    stacked = (torch.stack(grads, 2), g)
+    for name, got in (("launcher", kernel.attention_backward_packed(do, qkv, *bwd)),
+                      ("custom op", torch.ops.affmae.cluster_attention_bwd_packed(do, qkv, *bwd))):
+        if not all(torch.equal(a, b) for a, b in zip(stacked, got)):
+            bad.append(f"{label}: packed {name} differs from the unpacked launcher, stacked")
+    return bad
+
+
 # ------------------------------------------------------------------------------------------------
 # Interpreter cases (CPU, run in one subprocess): name -> (make_inputs kwargs, dtype, dkdv)
 # Each case costs ~0.2 s of interpreter time per (batch, head, cluster).
@@ -115,6 +163,17 @@ CASES = {
     # dK / dV by float32 atomics.
     "atomic_n50_fp16": (dict(B=1, n_valid=50, m=8, H=2, D=16, Kc=4), "fp16", "atomic"),
     "atomic_global_kc10_fp32": (dict(B=1, n_valid=21, m=8, H=2, D=16, Kc=10, repeat_nbr=True), "fp32", "atomic"),
+}
+
+
+# Packed qkv against unbound q, k, v (bitwise): name -> (make_inputs kwargs, dtype, dkdv).
+PACKED_CASES = {
+    # N = 217 real tokens padded to 28 clusters of 8.
+    "packed_n217_fp16": (dict(B=1, n_valid=217, m=8, H=1, D=16, Kc=4), "fp16", "two_pass"),
+    # Head dim 24 (padded to 32 in the kernels), two heads and images; the atomic mode copies
+    # its float32 dK / dV into the packed slices.
+    "packed_d24_bf16_atomic": (dict(B=2, n_valid=45, m=8, H=2, D=24, Kc=3), "bf16", "atomic"),
+    "packed_d24_fp32": (dict(B=2, n_valid=45, m=8, H=2, D=24, Kc=3), "fp32", "two_pass"),
 }
 
 
@@ -228,6 +287,91 @@ def _given_nbr_t() -> dict:
                 cached=cached, reused=reused, no_grad_skips=no_grad_skips)
 
 
+def _packed_layer() -> dict:
+    """ClusterAttention on the Triton backend (packed qkv) against the layer's forward as it was
+    before packing (q, k, v unbound from the projection, then ``cluster_attention``): output
+    and every gradient bitwise equal, and the packed backward neither has an unbind / stack
+    autograd node nor dispatches aten.stack / aten.cat (the unpacked one does, the control)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from affmae.layers.attention import ClusterAttention
+
+    torch.manual_seed(0)
+    C, H = 48, 2
+    layer = ClusterAttention(C, H, backend="triton")
+    with torch.no_grad():  # non-zero bias and blank weights, so every gradient path is exercised
+        for p in (layer.rel_bias.weight, layer.rel_bias.bias, layer.blank_k, layer.blank_v):
+            p.normal_()
+    side = 8
+    cells = torch.stack([torch.randperm(side * side)[:37] for _ in range(2)])
+    pos = torch.stack([cells % side, cells // side], -1).float()  # (2, 37, 2)
+    cl = balanced_clustering(pos, (side, side), m=8, num_nbr_clusters=3)
+    B, N = 2, cl.n_padded  # 37 tokens padded to 40
+    pos_c = pad_tokens(gather_tokens(pos, cl.perm), N)
+
+    def unpacked(x):
+        q, k, v = layer.qkv(x).view(B, N, 3, H, C // H).unbind(2)
+        out = cluster_attention(q, k, v, pos_c, cl.nbr, cl.n_valid, layer.rel_bias.weight,
+                                layer.rel_bias.bias, layer.blank_k, layer.blank_v, backend="triton",
+                                nbr_t=cl.transposed())
+        return layer.proj(out.reshape(B, N, C))
+
+    class StackCount(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.stacks, self.ops = 0, set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            self.ops.add(name)
+            self.stacks += name in ("aten.stack", "aten.cat")
+            return func(*args, **(kwargs or {}))
+
+    x0 = torch.randn(B, N, C)
+    gy = torch.randn(B, N, C)
+    found = {}
+    for name, fn in (("unpacked", unpacked), ("packed", lambda x: layer(x, pos_c, cl))):
+        x = x0.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        y = fn(x)
+        nodes, todo = set(), [y.grad_fn]
+        while todo:  # every autograd node of the backward graph
+            node = todo.pop()
+            if node is not None and node not in nodes:
+                nodes.add(node)
+                todo.extend(f for f, _ in node.next_functions)
+        with StackCount() as count:  # a dispatch mode: the backward goes through the custom op
+            y.backward(gy)
+        found[name] = dict(values=[y.detach(), x.grad] + [p.grad for p in layer.parameters()],
+                           nodes=sorted({type(n).__name__ for n in nodes}), stacks=count.stacks,
+                           ops=sorted(count.ops))
+    same = all(torch.equal(a, b) for a, b in zip(found["unpacked"]["values"], found["packed"]["values"]))
+    return dict(same=same, **{f"{k}_{name}": v[k] for name, v in found.items()
+                              for k in ("nodes", "stacks", "ops")})
+
+
+def _packed_compiled() -> list[str]:
+    """The packed entry traced by torch.compile (fullgraph, aot_eager: the custom ops' fake
+    implementations and the autograd Function with k = v = None) against eager: bitwise."""
+    inp = make_inputs(B=1, n_valid=20, m=8, H=2, D=16, Kc=2)
+    qkv = torch.stack([inp[n] for n in "qkv"], 2)  # (B, N, 3, H, D)
+
+    def loss(qkv, *params):
+        out = cluster_attention_packed(qkv, inp["pos"], inp["nbr"], inp["n_valid"], *params,
+                                       backend="triton")
+        return (out * inp["do"]).sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+        leaves = [qkv.clone().requires_grad_()] + [p.clone().requires_grad_() for p in inp["params"]]
+        value = fn(*leaves)
+        value.backward()
+        results.append([value.detach()] + [t.grad for t in leaves])
+    names = ("loss",) + PACKED_NAMES[1:]
+    return [f"compiled {name} differs from eager" for name, e, c in zip(names, *results)
+            if not torch.equal(e, c)]
+
+
 def _worker(path: str) -> None:
     """Run every interpreter case (TRITON_INTERPRET=1 is set by the caller) and write JSON."""
     from affmae.ops.cluster_attention.function import cluster_attention_triton
@@ -236,9 +380,14 @@ def _worker(path: str) -> None:
         fn = lambda *a: cluster_attention_triton(*a, dkdv=dkdv)  # noqa: E731
         return lambda: three_way(make_inputs(**kw), DTYPES[dtype], fn)
 
+    def packed(kw, dtype, dkdv):
+        return lambda: packed_vs_unpacked(make_inputs(**kw), DTYPES[dtype], dkdv)
+
     jobs = {name: case(*spec) for name, spec in CASES.items()}
+    jobs.update({name: packed(*spec) for name, spec in PACKED_CASES.items()})
     write_results(path, {**jobs, "csr": _csr_mismatches, "custom_op": _custom_op_path_difference,
-                         "nbr_t": _given_nbr_t})
+                         "nbr_t": _given_nbr_t, "packed_layer": _packed_layer,
+                         "packed_compiled": _packed_compiled})
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +414,28 @@ def test_interpreter_given_transposed_neighbourhood_is_the_same_function(interpr
     assert not r["cached_before"] and r["cached"], "the layer did not cache the stage's nbr_t"
     assert r["reused"], "the second block of a stage rebuilt the transposed neighbourhood"
     assert r["no_grad_skips"], "a forward without gradients built the transposed neighbourhood"
+
+
+@pytest.mark.parametrize("case", list(PACKED_CASES))
+def test_interpreter_packed_qkv_is_bitwise_unpacked(interpreter_results, case):
+    bad = result(interpreter_results, case)
+    assert bad == [], "\n".join(bad)
+
+
+def test_interpreter_packed_layer_has_no_stack(interpreter_results):
+    r = result(interpreter_results, "packed_layer")
+    assert r["same"], "the packed layer's output or gradients differ from the unpacked forward's"
+    # The control: unbinding q, k, v makes autograd stack their gradients.
+    assert "UnbindBackward0" in r["nodes_unpacked"] and r["stacks_unpacked"] > 0, r
+    assert "ClusterAttentionFunctionBackward" in r["nodes_packed"], r["nodes_packed"]
+    assert not {"UnbindBackward0", "StackBackward0"} & set(r["nodes_packed"]), r["nodes_packed"]
+    assert r["stacks_packed"] == 0, f"the packed backward stacks or concatenates: {r['ops_packed']}"
+    assert "affmae.cluster_attention_bwd_packed" in r["ops_packed"], r["ops_packed"]
+
+
+def test_interpreter_packed_compiles(interpreter_results):
+    bad = result(interpreter_results, "packed_compiled")
+    assert bad == [], "\n".join(bad)
 
 
 def test_interpreter_custom_ops_match_eager_path(interpreter_results):
@@ -334,15 +505,41 @@ def test_fake_shapes_and_flop_formula():
             grads = torch.ops.affmae.cluster_attention_bwd(
                 out, q, q, q, lse, pos, nbr, N - 3, w, wb, bk, bv, 0.2, "two_pass"
             )
+            qkv = torch.empty(B, N, 3, H, D, dtype=torch.bfloat16)
+            dqkv, g = torch.ops.affmae.cluster_attention_bwd_packed(
+                out, qkv, lse, pos, nbr, N - 3, w, wb, bk, bv, 0.2, "two_pass"
+            )
     assert out.shape == (B, N, H, D) and out.dtype == torch.bfloat16, f"out {out.shape} {out.dtype}"
     assert lse.shape == (B, H, N) and lse.dtype == torch.float32, f"lse {lse.shape} {lse.dtype}"
     want_shapes = [(B, N, H, D)] * 3 + [(6 * H + 2 * H * D,)]
     assert [tuple(g.shape) for g in grads] == want_shapes, f"grad shapes {[g.shape for g in grads]}"
+    # The packed backward's dqkv is contiguous (B, N, 3, H, D), as the launcher allocates it.
+    assert dqkv.shape == qkv.shape and dqkv.is_contiguous() and dqkv.dtype == torch.bfloat16, (
+        f"dqkv {dqkv.shape} {dqkv.stride()} {dqkv.dtype}")
+    assert g.shape == (6 * H + 2 * H * D,) and g.dtype == torch.float32, f"g {g.shape} {g.dtype}"
     fwd = 4 * B * N * H * (Kc * m + 1) * D
     counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
-    assert counts == {"affmae.cluster_attention_fwd": fwd, "affmae.cluster_attention_bwd": 5 * fwd // 2}, (
-        f"FLOP counts {counts}, expected fwd {fwd} and bwd {5 * fwd // 2}"
-    )
+    want = {"affmae.cluster_attention_fwd": fwd, "affmae.cluster_attention_bwd": 5 * fwd // 2,
+            "affmae.cluster_attention_bwd_packed": 5 * fwd // 2}
+    assert counts == want, f"FLOP counts {counts}, expected {want}"
+
+
+def test_packed_reference_is_unbound_reference():
+    """The torch backend of ``cluster_attention_packed`` is the reference of qkv.unbind(2):
+    same output and qkv gradient, bitwise. A tensor that is not (B, N, 3, H, D) is refused."""
+    inp = make_inputs(B=2, n_valid=21, m=8, H=2, D=16, Kc=2)
+    qkv = torch.stack([inp[n] for n in "qkv"], 2)  # (B, N, 3, H, D)
+    rest = (inp["pos"], inp["nbr"], inp["n_valid"], *inp["params"])
+    values = []
+    for fn in (lambda t: cluster_attention(*t.unbind(2), *rest, backend="torch"),
+               lambda t: cluster_attention_packed(t, *rest, backend="torch")):
+        leaf = qkv.clone().requires_grad_()
+        out = fn(leaf)
+        out.backward(inp["do"])
+        values.append((out.detach(), leaf.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*values)), "packed reference differs from unbound"
+    with pytest.raises(ValueError, match=r"qkv must be \(B, N, 3, H, D\)"):
+        cluster_attention_packed(inp["q"], *rest, backend="torch")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,13 +588,18 @@ def test_gpu_large_logits_stay_finite(dtype):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_torch_compile_fullgraph():
+@pytest.mark.parametrize("packed", [False, True])
+def test_gpu_torch_compile_fullgraph(packed):
     inp = make_inputs(B=2, n_valid=300, m=8, H=6, D=32, Kc=8, device="cuda")
 
     do = inp["do"]
 
     def loss(q, k, v, pos, nbr, n_valid, w, wb, bk, bv):
-        out = cluster_attention(q, k, v, pos, nbr, n_valid, w, wb, bk, bv, backend="triton")
+        if packed:  # the packed custom backward op
+            qkv = torch.stack([q, k, v], 2)
+            out = cluster_attention_packed(qkv, pos, nbr, n_valid, w, wb, bk, bv, backend="triton")
+        else:
+            out = cluster_attention(q, k, v, pos, nbr, n_valid, w, wb, bk, bv, backend="triton")
         return (out.float() * do).sum()
 
     compiled = torch.compile(loss, fullgraph=True)
@@ -412,6 +614,19 @@ def test_gpu_torch_compile_fullgraph():
         results.append([value.detach()] + [t.grad for t in leaves])
     for name, e, c in zip(("loss",) + NAMES[1:], *results):
         torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-3, msg=lambda s, n=name: f"compiled {n}: {s}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("stage", range(4))
+def test_gpu_packed_qkv_is_bitwise_unpacked(dtype, stage):
+    # "two_pass" only: the atomic mode's float32 atomics add in a different order each run, so
+    # its dK / dV are not bitwise reproducible on a GPU (the interpreter checks it bitwise).
+    n, H = STAGES_512[stage]
+    inp = make_inputs(B=16, n_valid=n, m=8, H=H, D=32, Kc=8, seed=stage, device="cuda")
+    bad = packed_vs_unpacked(inp, DTYPES[dtype], "two_pass")
+    assert bad == [], "\n".join(bad)
 
 
 @pytest.mark.gpu

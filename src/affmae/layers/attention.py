@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from affmae.ops.cluster_attention import cluster_attention, resolve_backend
+from affmae.ops.cluster_attention import cluster_attention_packed, resolve_backend
 from affmae.ops.clustering import Clustering
 from affmae.ops.linear import Linear
 from affmae.ops.relpos import NUM_RELPOS_FEATURES
@@ -41,17 +41,18 @@ class ClusterAttention(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cl: Clustering) -> torch.Tensor:
         """x: (B, M*m, C) clustered tokens, pos: (B, M*m, 2) -> (B, M*m, C)."""
         B, N, C = x.shape
+        # Packed, not unbound: the Triton backward then writes q, k, v's gradients into one
+        # (B, N, 3, H, D) tensor, where autograd would otherwise stack three (one copy a layer).
         qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)  # (B, N, 3, H, D)
-        q, k, v = qkv.unbind(2)
         with record_function("aff/attention"):
-            backend = resolve_backend(self.backend, q)
+            backend = resolve_backend(self.backend, qkv[:, :, 0])
             # The Triton backward walks the transposed neighbourhood; the blocks of a stage
             # share one clustering, so it is built once per stage (cached on ``cl``). Not
             # while torch.compile traces a block: the custom op then builds its own, as before.
-            train = (backend == "triton" and torch.is_grad_enabled() and q.requires_grad
+            train = (backend == "triton" and torch.is_grad_enabled() and qkv.requires_grad
                      and not torch.compiler.is_compiling())
-            out = cluster_attention(
-                q, k, v, pos, cl.nbr, cl.n_valid,
+            out = cluster_attention_packed(
+                qkv, pos, cl.nbr, cl.n_valid,
                 self.rel_bias.weight, self.rel_bias.bias,
                 self.blank_k, self.blank_v,  # float32: both backends read them in float32
                 backend=backend, nbr_t=cl.transposed() if train else None,

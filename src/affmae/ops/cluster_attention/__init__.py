@@ -3,7 +3,9 @@
 ``cluster_attention(..., backend="auto" | "triton" | "torch")``. Both backends share one signature
 and compute the same function (see ``reference.py`` for the specification). "auto" uses Triton on
 CUDA tensors when it can and otherwise the reference; ``why_not_triton`` says why it refused, and
-"auto" warns with that reason when it falls back on CUDA tensors.
+"auto" warns with that reason when it falls back on CUDA tensors. ``cluster_attention_packed``
+takes q, k, v packed as one (B, N, 3, H, D) tensor (a fused projection's output): the same
+function, and on Triton the backward returns that tensor's gradient packed (no stack of three).
 The environment variable ``AFFMAE_ATTENTION_BACKEND`` overrides "auto" for users.
 
 Files: ``reference.py`` (specification, CPU path), ``kernel.py`` (Triton kernels and launchers),
@@ -98,4 +100,39 @@ def cluster_attention(
     )
 
 
-__all__ = ["cluster_attention", "cluster_attention_ref", "resolve_backend", "why_not_triton"]
+def cluster_attention_packed(
+    qkv: torch.Tensor,
+    pos: torch.Tensor,
+    nbr: torch.Tensor,
+    n_valid: int,
+    bias_weight: torch.Tensor,
+    bias_bias: torch.Tensor,
+    blank_k: torch.Tensor,
+    blank_v: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+    nbr_t: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``cluster_attention`` of q, k, v = ``qkv.unbind(2)``, for a packed (B, N, 3, H, D) ``qkv``.
+
+    Same output and gradients. Unbinding before the call makes autograd stack the three token
+    gradients into qkv's (one copy kernel per layer); the Triton backward instead writes them
+    into one packed gradient. The reference unbinds (its autograd forms qkv's gradient anyway).
+    Other arguments and the result as ``cluster_attention``.
+    """
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be (B, N, 3, H, D), got shape {tuple(qkv.shape)}")
+    chosen = resolve_backend(backend, qkv[:, :, 0])
+    if chosen == "triton":
+        from affmae.ops.cluster_attention.function import cluster_attention_triton_packed
+
+        return cluster_attention_triton_packed(
+            qkv, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, nbr_t=nbr_t,
+        )
+    return cluster_attention_ref(
+        *qkv.unbind(2), pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale
+    )
+
+
+__all__ = ["cluster_attention", "cluster_attention_packed", "cluster_attention_ref", "resolve_backend",
+           "why_not_triton"]

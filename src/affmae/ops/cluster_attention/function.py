@@ -1,11 +1,17 @@
 """Cluster attention, Triton backend: custom ops, FLOP formulas and the autograd Function.
 
-The kernels of ``kernel.py`` are wrapped as two ``torch.library`` custom ops,
-``affmae::cluster_attention_fwd`` and ``affmae::cluster_attention_bwd``, each with a fake
+The kernels of ``kernel.py`` are wrapped as ``torch.library`` custom ops,
+``affmae::cluster_attention_fwd``, ``affmae::cluster_attention_bwd`` and
+``affmae::cluster_attention_bwd_packed`` (the backward for a packed qkv), each with a fake
 (meta) implementation, so ``torch.compile`` traces through them without graph breaks, and with a
 FLOP formula (``torch.utils.flop_counter.register_flop_formula``), so FLOP counters see them
 (DESIGN section 3; existing AFF counts silently omitted their custom kernels).
-``ClusterAttentionFunction`` (one ``torch.autograd.Function``) ties the two ops together.
+``ClusterAttentionFunction`` (one ``torch.autograd.Function``) ties the ops together.
+
+Packed qkv: a fused projection gives q, k, v as slices of one (B, N, 3, H, D) tensor. Unbound
+before the Function, their three gradients are stacked by autograd's ``UnbindBackward`` (one
+copy kernel per attention layer); ``cluster_attention_triton_packed`` passes the packed tensor
+itself, and the backward writes dq, dk, dv into the slices of one packed gradient instead.
 
 Host overhead: in plain eager mode (not compiling, no dispatch mode such as FlopCounterMode or
 FakeTensorMode active, no functorch transform, plain tensors) the Function calls the launchers
@@ -71,6 +77,27 @@ def _bwd_fake(do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank
     )
 
 
+@torch.library.custom_op("affmae::cluster_attention_bwd_packed", mutates_args=())
+def cluster_attention_bwd_packed(
+    do: Tensor, qkv: Tensor, lse: Tensor, pos: Tensor, nbr: Tensor, n_valid: int,
+    bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
+    scale: float, dkdv: str, nbr_t: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Backward for q, k, v = ``qkv.unbind(2)``: dqkv (B, N, 3, H, D), contiguous, and the packed
+    parameter gradients (``kernel.attention_backward_packed``)."""
+    return kernel.attention_backward_packed(
+        do, qkv, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
+        dkdv=dkdv, nbr_t=nbr_t,
+    )
+
+
+@cluster_attention_bwd_packed.register_fake
+def _bwd_packed_fake(do, qkv, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
+                     scale, dkdv, nbr_t=None):
+    H, D = blank_k.shape
+    return qkv.new_empty(qkv.shape), qkv.new_empty(6 * H + 2 * H * D, dtype=torch.float32)
+
+
 def _forward_flops(q_shape, nbr_shape) -> int:
     B, N, H, D = q_shape
     M, Kc = nbr_shape[1:]
@@ -89,14 +116,24 @@ def _bwd_flop(do_shape, q_shape, k_shape, v_shape, lse_shape, pos_shape, nbr_sha
     return 5 * _forward_flops(q_shape, nbr_shape) // 2
 
 
+@register_flop_formula(torch.ops.affmae.cluster_attention_bwd_packed)
+def _bwd_packed_flop(do_shape, qkv_shape, lse_shape, pos_shape, nbr_shape, *args, out_shape=None,
+                     **kwargs) -> int:
+    return 5 * _forward_flops(do_shape, nbr_shape) // 2  # dO has q's shape (B, N, H, D)
+
+
 class ClusterAttentionFunction(torch.autograd.Function):
-    """Autograd over the two custom ops. Positions and neighbourhoods get no gradient."""
+    """Autograd over the custom ops. Positions and neighbourhoods get no gradient.
+
+    Tokens are q, k, v, or one packed (B, N, 3, H, D) qkv in q's place with k = v = None: its
+    gradient is then the backward's packed dqkv as it is (module docstring)."""
 
     @staticmethod
     def forward(ctx, q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv,
                 nbr_t):
-        args = (q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale)
-        if plain_eager(q, k, v, pos, nbr):
+        tokens = q.unbind(2) if k is None else (q, k, v)  # views of a packed qkv: no copy
+        args = (*tokens, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale)
+        if plain_eager(*tokens, pos, nbr):
             out, lse = kernel.attention_forward(*args)
         else:
             out, lse = torch.ops.affmae.cluster_attention_fwd(*args)
@@ -107,15 +144,23 @@ class ClusterAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v, nbr_t = ctx.saved_tensors
-        args = (do, q, k, v, lse, pos, nbr, ctx.n_valid, bias_weight, bias_bias, blank_k, blank_v,
+        packed = k is None  # q is the packed qkv
+        tokens = (q,) if packed else (q, k, v)
+        args = (do, *tokens, lse, pos, nbr, ctx.n_valid, bias_weight, bias_bias, blank_k, blank_v,
                 ctx.scale, ctx.dkdv, nbr_t)
-        if plain_eager(do, q, k, v, pos, nbr):
-            dq, dk, dv, g = kernel.attention_backward(*args[:-1], nbr_t=nbr_t)
+        if packed:
+            launch, op = kernel.attention_backward_packed, torch.ops.affmae.cluster_attention_bwd_packed
         else:
-            dq, dk, dv, g = torch.ops.affmae.cluster_attention_bwd(*args)
+            launch, op = kernel.attention_backward, torch.ops.affmae.cluster_attention_bwd
+        if plain_eager(do, *tokens, pos, nbr):
+            *token_grads, g = launch(*args[:-1], nbr_t=nbr_t)
+        else:
+            *token_grads, g = op(*args)
+        if packed:  # dqkv in q's place; k and v are None
+            token_grads += [None, None]
         dw, dwb, dbk, dbv = kernel.unpack_param_grads(g, bias_weight, bias_bias, blank_k, blank_v)
         need = ctx.needs_input_grad
-        grads = (dq, dk, dv, None, None, None, dw, dwb, dbk, dbv, None, None, None)
+        grads = (*token_grads, None, None, None, dw, dwb, dbk, dbv, None, None, None)
         return tuple(g if n else None for g, n in zip(grads, need))
 
 
@@ -138,9 +183,29 @@ def cluster_attention_triton(
     Returns:
         (B, N, H, D) in q's dtype.
     """
+    return _apply(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv,
+                  nbr_t)
+
+
+def cluster_attention_triton_packed(
+    qkv: Tensor, pos: Tensor, nbr: Tensor, n_valid: int,
+    bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
+    scale: float | None = None, dkdv: str = "two_pass", nbr_t: Tensor | None = None,
+) -> Tensor:
+    """``cluster_attention_triton`` of q, k, v = ``qkv.unbind(2)`` for a packed (B, N, 3, H, D)
+    ``qkv``: the same kernels and values, but the gradient of qkv comes out of the backward as
+    one packed tensor, with no stack of three (module docstring). Other arguments and the
+    result as ``cluster_attention_triton``.
+    """
+    kernel.check_packed(qkv)
+    return _apply(qkv, None, None, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
+                  scale, dkdv, nbr_t)
+
+
+def _apply(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv, nbr_t):
     if dkdv not in kernel.DKDV_MODES:
         raise ValueError(f"dkdv must be one of {kernel.DKDV_MODES}, got {dkdv!r}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # D, packed or not
     return ClusterAttentionFunction.apply(
         q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv, nbr_t
     )

@@ -78,8 +78,9 @@ def why_not(q: torch.Tensor) -> str | None:
 # Kernels. Under TRITON_INTERPRET=1 (set before triton is first imported: triton.language's own
 # functions are wrapped at import) they run through Triton's interpreter on CPU tensors.
 # Logits and log-sum-exp are kept in base 2 (x * log2(e)) so the softmax uses exp2.
-# Token tensors: q, k, v share strides (sb, sn, sh); out, dO, dq, dk, dv are contiguous
-# (B, N, H, D) with strides (ob, on, oh); the head dim has stride 1 everywhere.
+# Token tensors: q, k, v share strides (sb, sn, sh); out and dO are contiguous (B, N, H, D) with
+# strides (ob, on, oh); dq, dk, dv share strides (gb, gn, gh): contiguous (B, N, H, D) too, or
+# the three slices of one packed (B, N, 3, H, D) gradient. The head dim has stride 1 everywhere.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -204,7 +205,7 @@ def _bwd_tile(q, do, lse, pqx, pqy, q_row, K, V, POS, NBR, b, c, h, start, Kn, n
 @triton.jit(do_not_specialize=_SIZES)
 def _bwd_q_kernel(
     Q, K, V, DO, POS, NBR, W, WB, BK, BV, LSE, ROWS, DQ, GP, DKV32,
-    sb, sn, sh, ob, on, oh, spb, spn, snb, snm, slb, slh, rows_stride,
+    sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, snb, snm, slb, slh, rows_stride,
     H, N, M, n_valid, Kc, scale,
     m: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -281,7 +282,7 @@ def _bwd_q_kernel(
         if ATOMIC:
             dk_t = tl.dot(tl.trans(ds).to(DOT_T), q.to(DOT_T), input_precision=DOT_PREC) * scale
             dv_t = tl.dot(tl.trans(p).to(DOT_T), do.to(DOT_T), input_precision=DOT_PREC)
-            # float32 (2, B, N, H, D) buffer: dK then dV
+            # float32 (2, B, N, H, D) buffer in dO's layout: dK then dV
             off = b * ob + h * oh + tk[:, None] * on + rd[None, :]
             kv_ok = k_ok[:, None] & d_ok[None, :]
             tl.atomic_add(DKV32 + off, dk_t, mask=kv_ok)
@@ -292,7 +293,7 @@ def _bwd_q_kernel(
     p_b = p_b * inv_sum
     ds_b = p_b * (dp_b - delta)
     dq += ds_b[:, None] * bk[None, :]
-    tl.store(DQ + b * ob + h * oh + tq[:, None] * on + rd[None, :],
+    tl.store(DQ + b * gb + h * gh + tq[:, None] * gn + rd[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_ok)
     # ROWS: (2, B, H, N) float32, the corrected log-sum-exp then delta.
     tl.store(ROWS + b * slb + h * slh + tq, lse + tl.log2(tl.where(q_row, p_sum, 1.0)), mask=q_row)
@@ -320,7 +321,7 @@ def _bwd_q_kernel(
 @triton.jit(do_not_specialize=_SIZES)
 def _bwd_kv_kernel(
     Q, K, V, DO, POS, CSR, W, WB, ROWS, DK, DV,
-    sb, sn, sh, ob, on, oh, spb, spn, slb, slh, rows_stride,
+    sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, slb, slh, rows_stride,
     H, M, Kc, n_valid, scale,
     m: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -379,9 +380,9 @@ def _bwd_kv_kernel(
         dk += tl.dot(ds.to(DOT_T), q.to(DOT_T), input_precision=DOT_PREC)
 
     # 3. Written once, in the input dtype (padded keys get exact zeros).
-    tl.store(DK + b * ob + h * oh + tk[:, None] * on + rd[None, :],
+    tl.store(DK + b * gb + h * gh + tk[:, None] * gn + rd[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
-    tl.store(DV + b * ob + h * oh + tk[:, None] * on + rd[None, :],
+    tl.store(DV + b * gb + h * gh + tk[:, None] * gn + rd[None, :],
              dv.to(DV.dtype.element_ty), mask=kd_ok)
 
 
@@ -561,6 +562,7 @@ def transposed_neighbourhood(nbr: torch.Tensor, method: str = "auto") -> torch.T
 def attention_backward(
     do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
     dkdv: str = "two_pass", num_warps: int | None = None, nbr_t: torch.Tensor | None = None,
+    dqkv: torch.Tensor | None = None,
 ):
     """Backward kernels. Returns dq, dk, dv (input dtype) and g (6 H + 2 H D,) float32, the
     packed small gradients, parameter after parameter: d bias_weight (H, 5), d bias_bias (H,),
@@ -570,6 +572,9 @@ def attention_backward(
     ``num_warps`` overrides the default launch width (for ``affmae.bench.attention``).
     ``nbr_t``: ``transposed_neighbourhood(nbr)`` if the caller has it (the blocks of a stage share
     one neighbourhood, so the model builds it once per stage); built here otherwise.
+    ``dqkv``: a (B, N, 3, H, D) tensor in q's dtype, unit stride on the head dim, that the kernels
+    write dq, dk, dv into (returned as its three slices) instead of three new tensors; see
+    ``attention_backward_packed``.
     """
     if dkdv not in DKDV_MODES:
         raise ValueError(f"dkdv must be one of {DKDV_MODES}, got {dkdv!r}")
@@ -577,15 +582,22 @@ def attention_backward(
     q, k, v = _token_views(q, k, v)
     B, N, H, D = q.shape
     M, Kc = nbr.shape[1:]
-    do = _ensure(do, q.dtype)  # (B, N, H, D), the layout of out / dq / dk / dv
+    do = _ensure(do, q.dtype)  # (B, N, H, D), the layout of out
     pos, nbr = _ensure(pos, torch.float32), _ensure(nbr)  # (B, N, 2), (B, M, Kc)
     w, wb, bk, bv = (_ensure(t) for t in (bias_weight, bias_bias, blank_k, blank_v))
     dev = q.device
     tiles = _tiles(m, D, q.dtype, num_warps)
     atomic = dkdv == "atomic"
-    strides = (q.stride(0), q.stride(1), q.stride(2), N * H * D, H * D, D, N * 2, 2)
 
-    dq = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
+    if dqkv is None:
+        dq = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
+    else:
+        if tuple(dqkv.shape) != (B, N, 3, H, D) or dqkv.dtype != q.dtype or dqkv.stride(-1) != 1:
+            raise ValueError(f"dqkv must be ({B}, {N}, 3, {H}, {D}) {q.dtype} with a unit stride on "
+                             f"the head dim, got {tuple(dqkv.shape)} {dqkv.dtype} strides {dqkv.stride()}")
+        dq, dk, dv = dqkv.unbind(2)
+    # dq, dk, dv share strides: all contiguous (B, N, H, D), or all slices of dqkv.
+    strides = (*q.stride()[:3], N * H * D, H * D, D, *dq.stride()[:3], N * 2, 2)
     rows = torch.empty(2, B, H, N, device=dev, dtype=torch.float32)  # corrected lse, delta
     # a column per program
     parts = torch.empty(6 * H + 2 * H * D, B * M, device=dev, dtype=torch.float32)
@@ -598,7 +610,11 @@ def attention_backward(
         SINGLE_TILE=Kc * m <= BLOCK_K, ATOMIC=atomic, **tiles,
     )
     if atomic:
-        dk, dv = dkv32[0].to(q.dtype), dkv32[1].to(q.dtype)
+        if dqkv is None:
+            dk, dv = dkv32[0].to(q.dtype), dkv32[1].to(q.dtype)
+        else:  # the same rounding as ``.to``, into dqkv's slices
+            dk.copy_(dkv32[0])
+            dv.copy_(dkv32[1])
     else:
         if nbr_t is None:
             csr = transposed_neighbourhood(nbr)
@@ -608,8 +624,9 @@ def attention_backward(
                                  f"(transposed_neighbourhood(nbr)), got {tuple(nbr_t.shape)} "
                                  f"{nbr_t.dtype}")
             csr = _ensure(nbr_t)
-        dk = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
-        dv = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
+        if dqkv is None:
+            dk = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
+            dv = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
         _bwd_kv_kernel[(M, B * H)](
             q, k, v, do, pos, csr, w, wb, rows, dk, dv,
             *strides, H * N, N, B * H * N,
@@ -617,6 +634,32 @@ def attention_backward(
             **tiles,
         )
     return dq, dk, dv, parts.sum(-1)  # (6 H + 2 H D,)
+
+
+def check_packed(qkv: torch.Tensor) -> None:
+    """Raise unless ``qkv`` is a packed (B, N, 3, H, D) tensor."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be (B, N, 3, H, D), got shape {tuple(qkv.shape)}")
+
+
+def attention_backward_packed(
+    do, qkv, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
+    dkdv: str = "two_pass", num_warps: int | None = None, nbr_t: torch.Tensor | None = None,
+):
+    """``attention_backward`` for q, k, v = ``qkv.unbind(2)`` of a packed (B, N, 3, H, D) ``qkv``
+    (a fused projection's output). Returns dqkv (B, N, 3, H, D), contiguous, in qkv's dtype, and g.
+
+    The kernels write dq, dk, dv straight into dqkv's slices, so dqkv is the gradient of the
+    packed tensor as it is; three separate gradients would need autograd's ``UnbindBackward``
+    to stack them (one copy kernel per attention layer). Same kernels, same values.
+    """
+    check_packed(qkv)
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    *_, g = attention_backward(
+        do, *qkv.unbind(2), lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
+        dkdv=dkdv, num_warps=num_warps, nbr_t=nbr_t, dqkv=dqkv,
+    )
+    return dqkv, g
 
 
 def unpack_param_grads(g: torch.Tensor, bias_weight, bias_bias, blank_k, blank_v):
