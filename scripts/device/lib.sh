@@ -4,7 +4,7 @@
 #   pack            re-pack $OUT/r
 #   t LIMIT ARGS..  pytest -m gpu ARGS with a time limit, appended to $R/gpu_tests.txt
 #   ab_bench WHICH MODEL LIMIT   a replayed-step bench at 512 px of the current sources
-#                   (WHICH=cur) or of .cache/base/src (WHICH=base), to $R/ab_<s>_WHICH_MODEL.txt
+#                   (WHICH=cur) or of .cache/WHICH/src (e.g. WHICH=base), to $R/ab_<s>_WHICH_MODEL.txt
 set -u
 R=$OUT/r
 mkdir -p "$R"
@@ -13,7 +13,7 @@ t() { local lim=$1; shift; echo "== $*" >> "$R/gpu_tests.txt"
   timeout "$lim" python -m pytest -q -m gpu -p no:cacheprovider --tb=short "$@" >> "$R/gpu_tests.txt" 2>&1
   echo "rc=$?" >> "$R/gpu_tests.txt"; pack; }
 ab_bench() {
-  local P=/tmp/site:$PWD/src; [ "$1" = base ] && P=/tmp/site:$PWD/.cache/base/src
+  local P=/tmp/site:$PWD/src; [ "$1" != cur ] && P=/tmp/site:$PWD/.cache/$1/src
   PYTHONPATH=$P timeout "$3" python -u -m affmae.cli bench --models "$2" --resolutions 512 \
     --cuda-graph > "$R/ab_${SECONDS}_$1_$2.txt" 2>&1
   echo "== $1 $2 $SECONDS s"; grep -hE "^$2 " "$R"/ab_*_$1_$2.txt | tail -1; pack
