@@ -25,10 +25,8 @@ How it is computed (rows r are the flattened (B, Nq, H, Pt) index, row-major):
 4. Shared slots (token merging: ``sel`` with Pt = 1, ``weights`` with Pt = J > 1, every weight
    set of a row over the same K slots): ``_fwd_shared_kernel`` gathers each table row once for
    the J outputs, and ``_bwd_shared_kernel`` sums the J contributions before its one atomic add
-   per (row, slot, feature): J times fewer gathers and atomics than J separate rows. Rows of
-   one program with the same image, head and slot list (the kept tokens of one cluster) sum
-   their contributions in registers and add once. "sorted" d_table expands ``sel`` to the J
-   points and runs step 3.
+   per (row, slot, feature): J times fewer gathers and atomics than J separate rows. "sorted"
+   d_table expands ``sel`` to the J points and runs step 3.
 
 Supported: table float32, bfloat16 or float16 (output and d_table in that dtype), weights any
 float dtype (read as float32; d_weights returned in the weights' dtype), sel int64 or int32,
@@ -179,14 +177,10 @@ def _fwd_shared_kernel(
 def _bwd_shared_kernel(
     T, SEL, W, DO, DT32, DW, R, HP, QHP, Pt, stb, stn, sth, sdb, sdn, sdh,
     F: tl.constexpr, K: tl.constexpr, J: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-    NEED_DT: tl.constexpr, NEED_DW: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr, NEED_DT: tl.constexpr, NEED_DW: tl.constexpr,
 ):
     # As _bwd_kernel, with the J weight sets of a row summed before the atomic add: one float32
-    # atomic per (row, slot, feature) instead of J. Rows of the program with the same image,
-    # head and whole slot list (merging's kept tokens of one cluster: about three in a row)
-    # add to the same table rows: their contributions are summed in registers first and only
-    # the first of them adds, so the atomics (the kernel's cost) drop by that factor.
+    # atomic per (row, slot, feature) instead of J.
     r, r_ok, b, h, base = _rows(tl.program_id(0), R, HP, QHP, Pt, stb, sth, BLOCK_R)
     rj = tl.arange(0, BLOCK_J)
     rf = tl.arange(0, BLOCK_F)
@@ -198,15 +192,6 @@ def _bwd_shared_kernel(
     do = tl.load(DO + (rowj * F)[:, :, None] + rf[None, None, :],
                  mask=mrj[:, :, None] & rf_ok[None, None, :], other=0.0).to(tl.float32)
     dbase = b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-    if NEED_DT:
-        kk = tl.arange(0, BLOCK_K)
-        s_all = tl.load(SEL + r64[:, None] * K + kk[None, :],
-                        mask=r_ok[:, None] & (kk < K)[None, :], other=-1).to(tl.int32)
-        diff = tl.sum((s_all[:, None, :] != s_all[None, :, :]).to(tl.int32), 2)  # (R, R)
-        group = ((diff == 0) & (b[:, None] == b[None, :]) & (h[:, None] == h[None, :])
-                 & r_ok[:, None] & r_ok[None, :])  # (BLOCK_R, BLOCK_R): same table rows
-        ri = tl.arange(0, BLOCK_R)
-        first = tl.sum((group & (ri[None, :] < ri[:, None])).to(tl.int32), 1) == 0
     for k in tl.static_range(K):
         s = tl.load(SEL + r64 * K + k, mask=r_ok, other=0).to(tl.int64)
         if NEED_DW:
@@ -214,10 +199,8 @@ def _bwd_shared_kernel(
             tl.store(DW + rowj * K + k, tl.sum(do * t.to(tl.float32)[:, None, :], 2), mask=mrj)
         if NEED_DT:
             w = tl.load(W + rowj * K + k, mask=mrj, other=0.0).to(tl.float32)
-            c = tl.sum(w[:, :, None] * do, 1)  # (BLOCK_R, BLOCK_F)
-            c = tl.sum(tl.where(group[:, :, None], c[None, :, :], 0.0), 1)  # the group's sum
-            tl.atomic_add(DT32 + (dbase + s * sdn)[:, None] + rf[None, :], c,
-                          mask=m2 & first[:, None], sem="relaxed")
+            tl.atomic_add(DT32 + (dbase + s * sdn)[:, None] + rf[None, :],
+                          tl.sum(w[:, :, None] * do, 1), mask=m2, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["Nq", "Nk", "H", "Pt"])
@@ -422,7 +405,7 @@ def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, we
                 table, sel, weights, do, placeholder if dt32 is None else dt32,
                 placeholder if dw is None else dw, R, H, Nq * H, 1,
                 table.stride(0), table.stride(1), table.stride(2), Nk * H * F, H * F, F,
-                BLOCK_K=triton.next_power_of_2(K), NEED_DT=atomic, NEED_DW=need_weights, **p,
+                NEED_DT=atomic, NEED_DW=need_weights, **p,
             )
         sel_full = sel.expand(weights.shape).contiguous() if need_table and not atomic else sel
         return _finish(do, table, sel_full, weights, dt32, dw, need_table, need_weights, atomic,
