@@ -12,7 +12,9 @@ the host's launch overhead; not for FlexAttention), peak memory of forward + bac
 bytes / time). Results: docs/BENCHMARKS.md, section "Cluster attention kernel".
 
 Implementations (one function, same inputs):
-- ``triton``: ``cluster_attention(backend="triton")`` (the autograd path the model uses), plus
+- ``triton``: ``cluster_attention(backend="triton")`` (the kernels and autograd Function the
+  model uses; the model passes q, k, v packed, ``cluster_attention_packed``, which saves the
+  one stack of their three gradients that these unpacked calls still pay), plus
   ``triton_atomic`` (dK / dV by float32 atomics instead of the key-major second pass).
 - ``torch``: ``cluster_attention_ref`` (gather, matmul, softmax).
 - ``flex``: ``torch.nn.attention.flex_attention`` compiled: the blank key / value appended as key
