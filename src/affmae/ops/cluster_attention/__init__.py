@@ -101,16 +101,9 @@ def cluster_attention(
 
 
 def cluster_attention_packed(
-    qkv: torch.Tensor,
-    pos: torch.Tensor,
-    nbr: torch.Tensor,
-    n_valid: int,
-    bias_weight: torch.Tensor,
-    bias_bias: torch.Tensor,
-    blank_k: torch.Tensor,
-    blank_v: torch.Tensor,
-    scale: float | None = None,
-    backend: str = "auto",
+    qkv: torch.Tensor, pos: torch.Tensor, nbr: torch.Tensor, n_valid: int,
+    bias_weight: torch.Tensor, bias_bias: torch.Tensor, blank_k: torch.Tensor,
+    blank_v: torch.Tensor, scale: float | None = None, backend: str = "auto",
     nbr_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``cluster_attention`` of q, k, v = ``qkv.unbind(2)``, for a packed (B, N, 3, H, D) ``qkv``.
