@@ -201,7 +201,9 @@ def run_chained(blocks, checkpointed: bool, x: torch.Tensor, *args, per_block=No
     sums their two gradients in a separate add over (B, N, C), one per block. Fused, the
     residual step's backward takes the other gradient as its ``ds`` inside the norm's kernel
     (and the forward saves a separate norm kernel). Same function: on the PyTorch path
-    ``residual`` is the plain add and norm, bitwise.
+    ``residual`` is the plain add and norm, the same ops; where the stream has a third consumer
+    (the decoder's per-stage outputs) autograd may sum its gradients in another order (last
+    bits in float32; within 3e-15 in float64).
 
     Blocks take ``(x, *args, [per_block[i]], h=..., next_norm=...)`` and have ``input_norm``.
     ``per_block``: an optional sequence of one extra positional argument per block.
