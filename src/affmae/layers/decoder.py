@@ -222,9 +222,11 @@ class PointDecoder(nn.Module):
             x = x + pad_tokens(gather_tokens(query_init, qcl.perm), qcl.n_padded)
         inverse = qcl.inverse()  # (B, Nq) clustered slot of each query
         outs = []
-        # each block's last residual step is fused with the next block's input norm (h)
+        # each block's last residual step is fused with the next block's input norm (h), as in
+        # ``run_chained``; the blocks of all stages form one chain
         flat = [blk for blocks in self.blocks for blk in blocks]
-        h, i = None, 0
+        next_norms = iter([blk.input_norm for blk in flat[1:]] + [None])
+        h = None
         for blocks, st in zip(self.blocks, reversed(stages)):
             cl: Clustering = st.clustering
             with record_function("decoder/cluster"):
@@ -234,8 +236,7 @@ class PointDecoder(nn.Module):
             for blk in blocks:
                 src = blk.src_proj(st.x) + sincos_embed_2d(st.pos, self.dim).to(st.x.dtype)
                 src = pad_tokens(src, cl.n_padded)
-                i += 1
-                nxt = flat[i].input_norm if i < len(flat) else None
+                nxt = next(next_norms)
                 out = run_block(blk, self.grad_checkpoint, x, qpos_c, qpos_far, table_self,
                                 spacing_self, src, spos, table, spacing, grid_hw, h=h,
                                 next_norm=nxt)

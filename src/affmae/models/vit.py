@@ -254,8 +254,7 @@ class ViTEncoder(nn.Module):
             if i in taps:
                 tapped.append(y)
 
-        x = run_chained(self.blocks, self.checkpointed, x,
-                        per_block=drops, each=tap)
+        x = run_chained(self.blocks, self.checkpointed, x, per_block=drops, each=tap)
         return self.norm(x), tapped
 
 
