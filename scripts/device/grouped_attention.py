@@ -34,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--res", type=int, nargs="+", default=[512, 768])
-    ap.add_argument("--configs", nargs="+", default=["2:64", "2:32", "4:64", "8:64"])
+    ap.add_argument("--configs", nargs="+", default=["2:32", "2:16", "1:32", "4:32"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1")
     a = ap.parse_args()
@@ -53,6 +53,8 @@ def main() -> None:
             ref = (out0, *kernel.attention_backward(*bargs, nbr_t=nbr_t))
             fb, bb = min_bytes(s, 2)
             row = dict(res=res, stage=stage + 1, N=s["N"], H=s["H"],
+                       base_nbr_t_count=bench(lambda: kernel.transposed_neighbourhood(s["nbr"], "count")),
+                       base_nbr_t_sort=bench(lambda: kernel.transposed_neighbourhood(s["nbr"], "sort")),
                        base_fwd=bench(lambda: kernel.attention_forward(*args)),
                        base_bwd=bench(lambda: kernel.attention_backward(*bargs, nbr_t=nbr_t)))
             for cfg in a.configs:
@@ -68,16 +70,22 @@ def main() -> None:
                 row[f"{cfg}_lse_diff"] = (lse - lse0).abs().max().item()
                 row[f"{cfg}_fwd"] = bench(lambda: grouped.grouped_forward(*args, grp=grp, **kw))
                 row[f"{cfg}_bwd"] = bench(lambda: grouped.grouped_backward(*gb, grp=grp, grp_t=grp_t, **kw))
-                row[f"{cfg}_build"] = bench(lambda: (grouped.group_neighbourhood(s["nbr"], G),
-                                                     grouped.group_neighbourhood(s["nbr"], G, True)))
-                off = grp[:, : -(-s["M"] // G) + 1].long()
-                row[f"{cfg}_union"] = ((off[:, -1] - off[:, 0]).float().mean() / (off.shape[1] - 1)).item()
+                row[f"{cfg}_bwd_q"] = bench(lambda: grouped.grouped_backward(*gb, grp=grp, grp_t=grp_t, passes="q", **kw))
+                row[f"{cfg}_build"] = bench(lambda: grouped.group_neighbourhood(s["nbr"], G))
+                for meth in ("count", "sort"):
+                    row[f"{cfg}_build_t_{meth}"] = bench(
+                        lambda: grouped.group_neighbourhood(s["nbr"], G, transpose=True, method=meth))
+                nG = grouped.num_groups(s["M"], G)
+                row[f"{cfg}_union"] = (grp[:, nG:2 * nG] - grp[:, :nG]).float().mean().item()
             parts = [f"{res}px s{stage + 1} N={s['N']} H={s['H']} | base fwd {row['base_fwd'] * 1e3:.1f} "
-                     f"bwd {row['base_bwd'] * 1e3:.1f} us (bw {100 * fb / (row['base_fwd'] * 1e-3) / ceil:.0f}% / "
+                     f"bwd {row['base_bwd'] * 1e3:.1f} nbr_t count/sort {row['base_nbr_t_count'] * 1e3:.1f}/"
+                     f"{row['base_nbr_t_sort'] * 1e3:.1f} us (bw {100 * fb / (row['base_fwd'] * 1e-3) / ceil:.0f}% / "
                      f"{100 * (fb + bb) / ((row['base_fwd'] + row['base_bwd']) * 1e-3) / ceil:.0f}%)"]
             for cfg in a.configs:
                 f_, b_ = row[f"{cfg}_fwd"], row[f"{cfg}_bwd"]
-                parts.append(f"G{cfg} fwd {f_ * 1e3:.1f} bwd {b_ * 1e3:.1f} build {row[f'{cfg}_build'] * 1e3:.1f} "
+                parts.append(f"G{cfg} fwd {f_ * 1e3:.1f} bwd {b_ * 1e3:.1f} (q {row[f'{cfg}_bwd_q'] * 1e3:.1f}) "
+                             f"build {row[f'{cfg}_build'] * 1e3:.1f} t {row[f'{cfg}_build_t_count'] * 1e3:.1f}/"
+                             f"{row[f'{cfg}_build_t_sort'] * 1e3:.1f} "
                              f"(bw {100 * fb / (f_ * 1e-3) / ceil:.0f}% / {100 * (fb + bb) / ((f_ + b_) * 1e-3) / ceil:.0f}%) "
                              f"union/grp {row[f'{cfg}_union']:.1f} diff {row[f'{cfg}_diff']:.1e}")
             print(" | ".join(parts), flush=True)

@@ -229,8 +229,9 @@ def test_gpu_small_step_same_with_triton_norms(name):
     imgs = torch.randn(4, 1, 128, 128, generator=g).cuda()
     mask = make_mask(4, (16, 16), 0.5, "perlin", generator=g).cuda()
     res = {}
-    for run, backend, amp in (("fp32", "torch", False), ("torch", "torch", True),
-                              ("torch_again", "torch", True), ("triton", "triton", True)):
+    again = [(f"torch_again{i}", "torch", True) for i in range(3)]
+    for run, backend, amp in (("fp32", "torch", False), ("torch", "torch", True), *again,
+                              ("triton", "triton", True)):
         torch.manual_seed(0)
         m = create_model(name, norm_backend=backend, drop_path=0.0).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -241,8 +242,9 @@ def test_gpu_small_step_same_with_triton_norms(name):
     (le, names, ge), (lt, _, gt), (lk, _, gk) = res["fp32"], res["torch"], res["triton"]
     assert abs(lk - le) <= 3 * abs(lt - le) + 1e-3 * abs(le), (le, lt, lk)
     # the bf16 steps are not deterministic (float32 atomics in AFF's gathers): the bound also
-    # takes the torch-norm step's run-to-run spread (tests/model_checks.py)
-    grad_three_way(names, ge, gt, gk, "triton norms", same_again=res["torch_again"][2])
+    # takes the torch-norm step's run-to-run spread over three reruns (tests/model_checks.py;
+    # one rerun left the scalar score biases' bound a single noisy draw)
+    grad_three_way(names, ge, gt, gk, "triton norms", same_again=[res[r][2] for r, _, _ in again])
 
 
 @pytest.mark.gpu

@@ -191,7 +191,8 @@ def _graphed_vs_eager_steps(model, graphed, named, n, g):
         mask = make_mask(4, (16, 16), 0.5, "perlin", generator=g).cuda()
         grads = {}
         # graph first: the capture must not meet autograd nodes of an eager step still alive
-        for run in ("graph", "eager", "eager_again", "fp32"):
+        again = [f"eager_again{i}" for i in range(3)]
+        for run in ("graph", "eager", *again, "fp32"):
             model.zero_grad(set_to_none=False)
             losses = []
             for _ in range(2):
@@ -207,9 +208,10 @@ def _graphed_vs_eager_steps(model, graphed, named, n, g):
         assert math.isclose(le, lg, rel_tol=1e-4), f"step {step}: loss eager {le} graph {lg}"
         # Eager bf16 is not deterministic (float32 atomics in the gathers' backward); on an
         # H200 the merges' score biases (near-cancelling sums) failed the plain rule in 2 of 4
-        # runs, so the bound also takes eager's own run-to-run spread.
+        # runs, so the bound also takes eager's own run-to-run spread, over three reruns (one
+        # draw of a scalar's noise is too noisy a bound: tests/model_checks.py).
         grad_three_way([k for k, _ in named], gf, ge, gg, f"step {step} graph",
-                       same_again=grads["eager_again"][1])
+                       same_again=[grads[r][1] for r in again])
 
 
 @pytest.mark.gpu

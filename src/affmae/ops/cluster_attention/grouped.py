@@ -35,10 +35,142 @@ from affmae.ops.cluster_attention.kernel import (
 )
 
 MAX_GROUP = 16  # the masks are int32 bit sets over the group's row clusters
-_GSIZES = ["H", "M", "n_valid", "nG", "E"]  # never specialised
+_GSIZES = ["H", "M", "n_valid", "nG", "CAP"]  # never specialised
+TRANSPOSE_METHODS = ("auto", "count", "sort")
+#: "auto" sorts from this many entries (M * Kc) per image up (as ``kernel.SORT_FROM_ENTRIES``).
+SORT_FROM_ENTRIES = 2048
 
 
-def group_neighbourhood(nbr: torch.Tensor, G: int, transpose: bool = False) -> torch.Tensor:
+def num_groups(M: int, G: int) -> int:
+    return -(-M // G)
+
+
+def groups_width(M: int, Kc: int, G: int, transpose: bool = False) -> int:
+    """Row length of a group structure: [start nG][end nG][clusters CAP][masks CAP]."""
+    nG = num_groups(M, G)
+    return 2 * nG + 2 * (M * Kc if transpose else nG * G * Kc)
+
+
+def group_neighbourhood_ref(nbr: torch.Tensor, G: int, transpose: bool = False) -> list:
+    """Plain-Python specification of ``group_neighbourhood``: per batch element, per group, the
+    set of (cluster, mask) union entries (for tests; any order within a group)."""
+    B, M, Kc = nbr.shape
+    out = []
+    for b in range(B):
+        groups = [dict() for _ in range(num_groups(M, G))]
+        for i in range(M):
+            seen: dict[int, int] = {}
+            for j in range(Kc):
+                v = int(nbr[b, i, j])
+                o = seen.get(v, 0)
+                seen[v] = o + 1
+                owner, listed = (v, i) if transpose else (i, v)
+                d = groups[owner // G]
+                d[(listed, o)] = d.get((listed, o), 0) | (1 << (owner % G))
+        out.append([sorted((c, mk) for (c, _o), mk in d.items()) for d in groups])
+    return out
+
+
+def group_entries(grp: torch.Tensor, M: int, Kc: int, G: int, transpose: bool = False) -> list:
+    """The union entries of a group structure in ``group_neighbourhood_ref``'s form."""
+    nG = num_groups(M, G)
+    cap = (grp.shape[1] - 2 * nG) // 2
+    g = grp.cpu().tolist()
+    return [[sorted(zip(row[2 * nG + row[i]: 2 * nG + row[nG + i]],
+                        row[2 * nG + cap + row[i]: 2 * nG + cap + row[nG + i]])) for i in range(nG)]
+            for row in g]
+
+
+@triton.jit
+def _groups_kernel(NBR, OUT, M, Kc, nG, CAP, G: tl.constexpr, GP: tl.constexpr, KCP: tl.constexpr,
+                   GB: tl.constexpr):
+    """Program (GB groups, batch element b): each group's union of its G rows' neighbour lists,
+    as (cluster, mask) entries at the group's fixed slots g * G * Kc .. (first occurrences in
+    row order; a cluster listed twice in a row is two entries, see the module docstring)."""
+    b = tl.program_id(1).to(tl.int64)
+    GK: tl.constexpr = GP * KCP  # GP, KCP: G and Kc rounded up to powers of two
+    ga = tl.program_id(0) * GB + tl.arange(0, GB)  # (GB,) groups
+    a = tl.arange(0, GK)  # slot a = row r of the group, column j
+    r = a // KCP
+    j = a % KCP
+    row = ga[:, None] * G + r[None, :]  # (GB, GK)
+    ok = (j[None, :] < Kc) & (r[None, :] < G) & (row < M) & (ga[:, None] < nG)
+    v = tl.load(NBR + b * M * Kc + row * Kc + j[None, :], mask=ok, other=-1).to(tl.int32)
+    # occurrence index of v among the earlier columns of its row
+    earlier = (r[:, None] == r[None, :]) & (j[None, :] < j[:, None])  # (GK, GK): [a, a']
+    same = (v[:, :, None] == v[:, None, :]) & earlier[None, :, :] & ok[:, None, :]
+    key = tl.where(ok, v * Kc + tl.sum(same.to(tl.int32), 2), -1)  # (cluster, repeat)
+    eq = (key[:, :, None] == key[:, None, :]) & ok[:, :, None] & ok[:, None, :]  # (GB, GK, GK)
+    first = ok & (tl.sum((eq & (a[None, :] < a[:, None])[None, :, :]).to(tl.int32), 2) == 0)
+    bit = tl.full([GK], 1, tl.int32) << r
+    mask = tl.sum(tl.where(eq, bit[None, None, :], 0), 2)  # rows listing it: distinct bits
+    pos = tl.cumsum(first.to(tl.int32), 1) - 1
+    base = OUT + b * (2 * nG + 2 * CAP)
+    start = ga * (G * Kc)
+    tl.store(base + ga, start, mask=ga < nG)
+    tl.store(base + nG + ga, start + tl.sum(first.to(tl.int32), 1), mask=ga < nG)
+    dest = base + 2 * nG + start[:, None] + pos
+    tl.store(dest, v, mask=first)
+    tl.store(dest + CAP, mask, mask=first)
+
+
+@triton.jit
+def _key_groups_kernel(NBR, VAL, TMASK, M, Kc, nG, G: tl.constexpr, KCP: tl.constexpr,
+                       RB: tl.constexpr):
+    """Program (RB rows, batch element b), for the key-major structure: per entry (row i,
+    column j) listing cluster v, VAL = its key group v // G if it is the first entry of row i
+    with that key group and repeat index, else nG (no entry); TMASK = the bits v' % G of all
+    entries of row i with that key group and repeat index."""
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * RB + tl.arange(0, RB)  # (RB,) rows
+    j = tl.arange(0, KCP)
+    ok = (i[:, None] < M) & (j[None, :] < Kc)  # (RB, KCP)
+    off = b * M * Kc + i[:, None] * Kc + j[None, :]
+    v = tl.load(NBR + off, mask=ok, other=-1).to(tl.int32)
+    before = j[None, :] < j[:, None]  # (KCP, KCP): [j, j']
+    both = ok[:, :, None] & ok[:, None, :]
+    occ = tl.sum(((v[:, :, None] == v[:, None, :]) & before[None, :, :] & both).to(tl.int32), 2)
+    key = (v // G) * Kc + occ
+    eq = (key[:, :, None] == key[:, None, :]) & both
+    first = ok & (tl.sum((eq & before[None, :, :]).to(tl.int32), 2) == 0)
+    bits = tl.sum(tl.where(eq, (tl.full([RB, KCP], 1, tl.int32) << (v % G))[:, None, :], 0), 2)
+    tl.store(VAL + off, tl.where(first, v // G, nG), mask=ok)
+    tl.store(TMASK + off, bits, mask=ok)
+
+
+@triton.jit
+def _csr_groups_kernel(VAL, TMASK, OUT, E, Kc, nG, CAP, KB: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (KB key groups, batch element b): the entries with VAL == group, in entry order,
+    by counting (``kernel._transpose_kernel`` with groups for clusters and a sentinel nG):
+    start / end of each group, the listing row (entry // Kc) and its mask."""
+    b = tl.program_id(1).to(tl.int64)
+    kc = tl.program_id(0) * KB + tl.arange(0, KB)  # (KB,) key groups; nG itself for the end
+    base = OUT + b * (2 * nG + 2 * CAP)
+    less = tl.zeros([KB], tl.int32)
+    for e0 in range(0, E, CHUNK):
+        e = e0 + tl.arange(0, CHUNK)
+        val = tl.load(VAL + b * E + e, mask=e < E, other=nG)
+        less += tl.sum((val[:, None] < kc[None, :]).to(tl.int32), 0)
+    tl.store(base + kc, less, mask=kc < nG)
+    tl.store(base + nG + kc - 1, less, mask=(kc >= 1) & (kc <= nG))
+    seen = less
+    for e0 in range(0, E, CHUNK):
+        e = e0 + tl.arange(0, CHUNK)
+        val = tl.load(VAL + b * E + e, mask=e < E, other=nG)
+        match = ((val[:, None] == kc[None, :]) & (kc < nG)[None, :]).to(tl.int32)  # (CHUNK, KB)
+        dest = tl.sum(match * (tl.cumsum(match, 0) - match + seen[None, :]), 1)
+        hit = tl.sum(match, 1) > 0
+        tl.store(base + 2 * nG + dest, e // Kc, mask=hit)
+        tl.store(base + 2 * nG + CAP + dest, tl.load(TMASK + b * E + e, mask=hit, other=0), mask=hit)
+        seen += tl.sum(match, 0)
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def group_neighbourhood(nbr: torch.Tensor, G: int, transpose: bool = False,
+                        method: str = "auto") -> torch.Tensor:
     """Union of the neighbourhoods of each G consecutive clusters, with membership masks.
 
     Args:
@@ -46,40 +178,51 @@ def group_neighbourhood(nbr: torch.Tensor, G: int, transpose: bool = False) -> t
         G: clusters per group, 1 .. ``MAX_GROUP``.
         transpose: group key clusters instead, listing the query clusters whose neighbourhood
             names them (for the key-major backward pass).
+        method: for ``transpose``, how the entries are grouped: "count" (one Triton launch
+            counting over all entries, fast for small stages), "sort" (a stable ``torch.sort``,
+            a few launches, any size) or "auto" ("sort" from ``SORT_FROM_ENTRIES`` entries).
     Returns:
-        (B, nG + 1 + 2 E) int32, E = M * Kc, nG = ceil(M / G): offsets, clusters, masks
-        (module docstring). Deterministic; entries of a group ascend by cluster.
+        (B, ``groups_width(M, Kc, G, transpose)``) int32: [start (nG)][end (nG)][clusters
+        (CAP)][masks (CAP)]; group g's entries are start[g] .. end[g]. Deterministic.
     """
     if not 1 <= G <= MAX_GROUP:
         raise ValueError(f"group size G={G} must be in [1, {MAX_GROUP}]")
+    if method not in TRANSPOSE_METHODS:
+        raise ValueError(f"method must be one of {TRANSPOSE_METHODS}, got {method!r}")
+    nbr = _ensure(nbr)
     B, M, Kc = nbr.shape
-    E, nG = M * Kc, -(-M // G)
-    dev = nbr.device
-    nb = nbr.to(torch.int64)
-    # occurrence index of each entry's cluster among the earlier entries of its row
-    same = nb[:, :, :, None] == nb[:, :, None, :]  # (B, M, Kc, Kc)
-    occ = torch.tril(same, diagonal=-1).sum(-1)  # (B, M, Kc)
-    row = torch.arange(M, device=dev).view(1, M, 1).expand(B, M, Kc)
-    owner, listed = (nb, row) if transpose else (row, nb)  # group rows, union entries
-    key = ((owner // G) * M + listed) * Kc + occ  # unique per (group, entry cluster, repeat)
-    skey, order = torch.sort(key.reshape(B, E), dim=1)
-    bit = torch.ones_like(skey) << (owner.reshape(B, E) % G).gather(1, order)
-    new = torch.ones_like(skey, dtype=torch.bool)
-    new[:, 1:] = skey[:, 1:] != skey[:, :-1]
-    uid = new.cumsum(1) - 1  # union entry of each sorted entry
-    masks = torch.zeros_like(skey).scatter_add_(1, uid, bit)  # distinct bits: a sum is an OR
-    clusters = torch.zeros_like(skey).scatter_(1, uid, (skey // Kc) % M)
-    groups = torch.full_like(skey, nG).scatter_(1, uid, skey // (M * Kc))  # tail: nG
-    bounds = torch.arange(nG + 1, device=dev).expand(B, nG + 1).contiguous()
-    off = torch.searchsorted(groups, bounds)
-    return torch.cat([off, clusters, masks], dim=1).to(torch.int32)
+    nG, E = num_groups(M, G), M * Kc
+    KCP, GP = triton.next_power_of_2(Kc), triton.next_power_of_2(G)
+    out = torch.empty(B, groups_width(M, Kc, G, transpose), device=nbr.device, dtype=torch.int32)
+    if not transpose:
+        GB = _pow2_at_most(2048 // (GP * KCP) ** 2)  # groups per program: (GB, GK, GK) tiles
+        _groups_kernel[(triton.cdiv(nG, GB), B)](nbr, out, M, Kc, nG, nG * G * Kc, G=G, GP=GP, KCP=KCP,
+                                                 GB=GB)
+        return out
+    val = torch.empty(B, E, device=nbr.device, dtype=torch.int32)
+    tmask = torch.empty_like(val)
+    RB = _pow2_at_most(1024 // KCP ** 2)
+    _key_groups_kernel[(triton.cdiv(M, RB), B)](nbr, val, tmask, M, Kc, nG, G=G, KCP=KCP, RB=RB)
+    if method == "auto":
+        method = "sort" if E >= SORT_FROM_ENTRIES else "count"
+    if method == "count":
+        KB = 16
+        _csr_groups_kernel[(triton.cdiv(nG + 1, KB), B)](val, tmask, out, E, Kc, nG, E, KB=KB,
+                                                          CHUNK=512, num_warps=8)
+        return out
+    sval, order = torch.sort(val, dim=1, stable=True)
+    bounds = torch.arange(nG + 1, device=nbr.device, dtype=torch.int32).expand(B, nG + 1)
+    off = torch.searchsorted(sval, bounds.contiguous()).to(torch.int32)  # (B, nG + 1)
+    return torch.cat([off[:, :-1], off[:, 1:], torch.div(order, Kc, rounding_mode="floor").to(torch.int32),
+                      tmask.gather(1, order)], dim=1)
 
 
-def check_groups(grp: torch.Tensor, B: int, M: int, Kc: int, G: int, what: str) -> torch.Tensor:
-    nG, E = -(-M // G), M * Kc
-    if tuple(grp.shape) != (B, nG + 1 + 2 * E) or grp.dtype != torch.int32:
-        raise ValueError(f"{what} must be ({B}, {nG + 1 + 2 * E}) int32 (group_neighbourhood with "
-                         f"G={G}), got {tuple(grp.shape)} {grp.dtype}")
+def check_groups(grp: torch.Tensor, B: int, M: int, Kc: int, G: int, transpose: bool,
+                 what: str) -> torch.Tensor:
+    width = groups_width(M, Kc, G, transpose)
+    if tuple(grp.shape) != (B, width) or grp.dtype != torch.int32:
+        raise ValueError(f"{what} must be ({B}, {width}) int32 (group_neighbourhood with G={G}, "
+                         f"transpose={transpose}), got {tuple(grp.shape)} {grp.dtype}")
     return _ensure(grp)
 
 
@@ -90,14 +233,14 @@ def check_groups(grp: torch.Tensor, B: int, M: int, Kc: int, G: int, what: str) 
 
 
 @triton.jit
-def _union_tile(GRP, sgb, b, u0, start, Kn, nG, E, m: tl.constexpr, BLOCK_K: tl.constexpr):
+def _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m: tl.constexpr, BLOCK_K: tl.constexpr):
     """Flat index t = start .. start + BLOCK_K over a group's union entries (m tokens each):
     token index, in-range flag and membership mask of each column."""
     t = start + tl.arange(0, BLOCK_K)
     t_ok = t < Kn
-    e = GRP + b * sgb + nG + 1 + u0 + t // m
+    e = GRP + b * sgb + 2 * nG + u0 + t // m
     cl = tl.load(e, mask=t_ok, other=0)
-    bits = tl.load(e + E, mask=t_ok, other=0)
+    bits = tl.load(e + CAP, mask=t_ok, other=0)
     return cl * m + t % m, t_ok, bits
 
 
@@ -105,7 +248,7 @@ def _union_tile(GRP, sgb, b, u0, start, Kn, nG, E, m: tl.constexpr, BLOCK_K: tl.
 def _fwd_group_kernel(
     Q, K, V, POS, GRP, W, WB, BK, BV, O, LSE,
     sb, sn, sh, ob, on, oh, spb, spn, sgb, slb, slh,
-    H, M, n_valid, nG, E, scale,
+    H, M, n_valid, nG, CAP, scale,
     m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -137,9 +280,9 @@ def _fwd_group_kernel(
 
     # 3. Stream over the union of the group's neighbourhoods.
     u0 = tl.load(GRP + b * sgb + g)
-    Kn = (tl.load(GRP + b * sgb + g + 1) - u0) * m
+    Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
     for start in range(0, Kn, BLOCK_K):
-        tk, t_ok, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, E, m, BLOCK_K)
+        tk, t_ok, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m, BLOCK_K)
         pkx = tl.load(POS + b * spb + tk * spn, mask=t_ok, other=0.0)
         pky = tl.load(POS + b * spb + tk * spn + 1, mask=t_ok, other=0.0)
         kd_ok = t_ok[:, None] & d_ok[None, :]
@@ -165,12 +308,12 @@ def _fwd_group_kernel(
 
 @triton.jit
 def _bwd_group_tile(q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn,
-                    nG, E, n_valid, sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd,
+                    nG, CAP, n_valid, sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd,
                     d_ok, m: tl.constexpr, BLOCK_K: tl.constexpr, DOT_T: tl.constexpr,
                     DOT_PREC: tl.constexpr):
     """One key tile of a group's union: P (before the row correction), dP, and what the
     gradients need."""
-    tk, t_ok, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, E, m, BLOCK_K)
+    tk, t_ok, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m, BLOCK_K)
     pkx = tl.load(POS + b * spb + tk * spn, mask=t_ok, other=0.0)
     pky = tl.load(POS + b * spb + tk * spn + 1, mask=t_ok, other=0.0)
     kd_ok = t_ok[:, None] & d_ok[None, :]
@@ -191,7 +334,7 @@ def _bwd_group_tile(q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u
 def _bwd_q_group_kernel(
     Q, K, V, DO, POS, GRP, W, WB, BK, BV, LSE, ROWS, DQ, GP,
     sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride,
-    H, M, n_valid, nG, E, scale,
+    H, M, n_valid, nG, CAP, scale,
     m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -224,12 +367,12 @@ def _bwd_q_group_kernel(
     p_sum = p_b
     pdp_sum = p_b * dp_b
     u0 = tl.load(GRP + b * sgb + g)
-    Kn = (tl.load(GRP + b * sgb + g + 1) - u0) * m
+    Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
     single = Kn <= BLOCK_K
     if not single:  # several key tiles: one extra sweep for the row sums
         for start in range(0, Kn, BLOCK_K):
             p, dp, k, dx, dy, rr, inv_r = _bwd_group_tile(
-                q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, E,
+                q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, CAP,
                 n_valid, sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
                 m, BLOCK_K, DOT_T, DOT_PREC)
             p_sum += tl.sum(p, 1)
@@ -246,7 +389,7 @@ def _bwd_q_group_kernel(
     delta = pdp_sum * inv_sum
     for start in range(0, Kn, BLOCK_K):
         p, dp, k, dx, dy, rr, inv_r = _bwd_group_tile(
-            q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, E,
+            q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, CAP,
             n_valid, sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
             m, BLOCK_K, DOT_T, DOT_PREC)
         if single:  # the only tile: the row sums are complete after it
@@ -290,7 +433,7 @@ def _bwd_q_group_kernel(
 def _bwd_kv_group_kernel(
     Q, K, V, DO, POS, GRP, W, WB, ROWS, DK, DV,
     sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride,
-    H, M, n_valid, nG, E, scale,
+    H, M, n_valid, nG, CAP, scale,
     m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -317,11 +460,11 @@ def _bwd_kv_group_kernel(
     w0, w1, w2, w3, w4, wb = _bias_weights(W, WB, h)
 
     u0 = tl.load(GRP + b * sgb + g)
-    n_in = (tl.load(GRP + b * sgb + g + 1) - u0) * m
+    n_in = (tl.load(GRP + b * sgb + nG + g) - u0) * m
     dk = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for start in range(0, n_in, BLOCK_K):
-        tq, u_ok, bits = _union_tile(GRP, sgb, b, u0, start, n_in, nG, E, m, BLOCK_K)
+        tq, u_ok, bits = _union_tile(GRP, sgb, b, u0, start, n_in, nG, CAP, m, BLOCK_K)
         qd = u_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :], mask=qd, other=0.0)
         do = tl.load(DO + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd, other=0.0)
@@ -360,7 +503,7 @@ def _group_tiles(m: int, D: int, dtype, G: int, block_k: int, num_warps: int | N
 
 
 def grouped_forward(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
-                    G: int = 2, grp: torch.Tensor | None = None, block_k: int = 64,
+                    G: int = 2, grp: torch.Tensor | None = None, block_k: int = 32,
                     num_warps: int | None = None):
     """Forward over groups of G clusters. Returns out (B, N, H, D) and lse (B, H, N) float32
     (base 2), as ``kernel.attention_forward``. ``grp``: ``group_neighbourhood(nbr, G)`` if the
@@ -369,8 +512,8 @@ def grouped_forward(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k,
     q, k, v = _token_views(q, k, v)
     B, N, H, D = q.shape
     M, Kc = nbr.shape[1:]
-    grp = group_neighbourhood(nbr, G) if grp is None else check_groups(grp, B, M, Kc, G, "grp")
-    nG, E = -(-M // G), M * Kc
+    grp = group_neighbourhood(nbr, G) if grp is None else check_groups(grp, B, M, Kc, G, False, "grp")
+    nG = num_groups(M, G)
     pos = _ensure(pos, torch.float32)
     w, wb, bk, bv = (_ensure(t) for t in (bias_weight, bias_bias, blank_k, blank_v))
     out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
@@ -378,7 +521,7 @@ def grouped_forward(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k,
     _fwd_group_kernel[(nG, B * H)](
         q, k, v, pos, grp, w, wb, bk, bv, out, lse,
         q.stride(0), q.stride(1), q.stride(2), N * H * D, H * D, D, N * 2, 2, grp.shape[1], H * N, N,
-        H, M, n_valid, nG, E, float(scale),
+        H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale),
         **_group_tiles(m, D, q.dtype, G, block_k, num_warps),
     )
     return out, lse
@@ -386,21 +529,24 @@ def grouped_forward(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k,
 
 def grouped_backward(do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
                      scale, G: int = 2, grp: torch.Tensor | None = None,
-                     grp_t: torch.Tensor | None = None, block_k: int = 64,
-                     num_warps: int | None = None, dqkv: torch.Tensor | None = None):
+                     grp_t: torch.Tensor | None = None, block_k: int = 32,
+                     num_warps: int | None = None, dqkv: torch.Tensor | None = None,
+                     passes: str = "qkv"):
     """Backward over groups of G clusters: dq, dk, dv and the packed (6 H + 2 H D,) float32
     parameter gradients, as ``kernel.attention_backward``. ``grp`` / ``grp_t``:
-    ``group_neighbourhood(nbr, G)`` and ``group_neighbourhood(nbr, G, transpose=True)``."""
+    ``group_neighbourhood(nbr, G)`` and ``group_neighbourhood(nbr, G, transpose=True)``.
+    ``passes``: "q" runs only the query-major pass (dq and the parameter gradients; dk, dv
+    are left unwritten), for timing each pass alone."""
     m = check_inputs(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v)
     q, k, v = _token_views(q, k, v)
     B, N, H, D = q.shape
     M, Kc = nbr.shape[1:]
-    grp = group_neighbourhood(nbr, G) if grp is None else check_groups(grp, B, M, Kc, G, "grp")
+    grp = group_neighbourhood(nbr, G) if grp is None else check_groups(grp, B, M, Kc, G, False, "grp")
     if grp_t is None:
         grp_t = group_neighbourhood(nbr, G, transpose=True)
     else:
-        grp_t = check_groups(grp_t, B, M, Kc, G, "grp_t")
-    nG, E = -(-M // G), M * Kc
+        grp_t = check_groups(grp_t, B, M, Kc, G, True, "grp_t")
+    nG = num_groups(M, G)
     do = _ensure(do, q.dtype)
     pos = _ensure(pos, torch.float32)
     w, wb, bk, bv = (_ensure(t) for t in (bias_weight, bias_bias, blank_k, blank_v))
@@ -412,16 +558,18 @@ def grouped_backward(do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias
         dv = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
     else:
         dq, dk, dv = dqkv.unbind(2)
-    strides = (*q.stride()[:3], N * H * D, H * D, D, *dq.stride()[:3], N * 2, 2, grp.shape[1])
+    strides = (*q.stride()[:3], N * H * D, H * D, D, *dq.stride()[:3], N * 2, 2)
     rows = torch.empty(2, B, H, N, device=dev, dtype=torch.float32)
     parts = torch.empty(6 * H + 2 * H * D, B * nG, device=dev, dtype=torch.float32)
-    sizes = (H, M, n_valid, nG, E, float(scale))
     _bwd_q_group_kernel[(nG, B * H)](
         q, k, v, do, pos, grp, w, wb, bk, bv, lse, rows, dq, parts,
-        *strides, H * N, N, B * H * N, *sizes, **tiles,
+        *strides, grp.shape[1], H * N, N, B * H * N,
+        H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale), **tiles,
     )
-    _bwd_kv_group_kernel[(nG, B * H)](
-        q, k, v, do, pos, grp_t, w, wb, rows, dk, dv,
-        *strides, H * N, N, B * H * N, *sizes, **tiles,
-    )
+    if passes != "q":
+        _bwd_kv_group_kernel[(nG, B * H)](
+            q, k, v, do, pos, grp_t, w, wb, rows, dk, dv,
+            *strides, grp_t.shape[1], H * N, N, B * H * N,
+            H, M, n_valid, nG, (grp_t.shape[1] - 2 * nG) // 2, float(scale), **tiles,
+        )
     return dq, dk, dv, parts.sum(-1)
