@@ -10,7 +10,7 @@ in one subprocess (``python this_file.py --worker out.json``) and the tests here
 nothing in this process depends on import order. Interpreter-specific: bfloat16 products are
 widened to float32 (exact) because the interpreter multiplies bfloat16 as integers, and its
 float32 -> bfloat16 casts truncate instead of rounding (hence ``FACTOR`` 3, not 2).
-GPU (``@pytest.mark.gpu``): full aff_small stage sizes in bf16 / fp16 (both dK / dV modes), large
+GPU (``@pytest.mark.gpu``): full aff_small stage sizes in bf16 / fp16, large
 logits, torch.compile (fullgraph), a whole aff_small training step on either backend, and the
 packed-qkv entry against unbound q, k, v (bitwise).
 """
@@ -97,7 +97,7 @@ def three_way(inp, dtype, kernel_fn):
 PACKED_NAMES = ("out", "dqkv", "d_bias_weight", "d_bias_bias", "d_blank_k", "d_blank_v")
 
 
-def packed_vs_unpacked(inp, dtype, dkdv) -> list[str]:
+def packed_vs_unpacked(inp, dtype) -> list[str]:
     """The packed entry (one (B, N, 3, H, D) qkv; the backward writes its gradient packed) against
     q, k, v unbound from it (three gradients, stacked into qkv's). The same kernels compute the
     same values and only the addresses of dq, dk, dv change, so the output and every gradient
@@ -110,17 +110,17 @@ def packed_vs_unpacked(inp, dtype, dkdv) -> list[str]:
     qkv = torch.stack([inp[n] for n in "qkv"], 2).to(dtype)  # (B, N, 3, H, D)
     do = inp["do"].to(dtype)
     rest = (inp["pos"], inp["nbr"], inp["n_valid"])
-    label = f"{tuple(qkv.shape)} {dtype} {dkdv}"
+    label = f"{tuple(qkv.shape)} {dtype}"
 
     # Autograd: q, k, v as views of one tensor (a fused projection's layout), then packed.
     q, k, v = (t.detach().requires_grad_() for t in qkv.clone().unbind(2))
     params = [p.clone().requires_grad_() for p in inp["params"]]
-    out = cluster_attention_triton(q, k, v, *rest, *params, dkdv=dkdv)
+    out = cluster_attention_triton(q, k, v, *rest, *params)
     out.backward(do)
     unpacked = [out, torch.stack([q.grad, k.grad, v.grad], 2), *(p.grad for p in params)]
     leaf = qkv.clone().requires_grad_()
     params = [p.clone().requires_grad_() for p in inp["params"]]
-    out = cluster_attention_triton_packed(leaf, *rest, *params, dkdv=dkdv)
+    out = cluster_attention_triton_packed(leaf, *rest, *params)
     out.backward(do)
     packed = [out, leaf.grad, *(p.grad for p in params)]
     bad = [f"{label} {name}: packed differs from unpacked by {(a.double() - b.double()).abs().max()}"
@@ -131,7 +131,7 @@ def packed_vs_unpacked(inp, dtype, dkdv) -> list[str]:
     # Launchers and custom ops (what torch.compile and FLOP counters see).
     args = (*qkv.unbind(2), *rest, *inp["params"], qkv.shape[-1] ** -0.5)
     _, lse = kernel.attention_forward(*args)
-    bwd = (lse, *args[3:], dkdv)
+    bwd = (lse, *args[3:])
     *grads, g = kernel.attention_backward(do, *args[:3], *bwd)
     stacked = (torch.stack(grads, 2), g)
     for name, got in (("launcher", kernel.attention_backward_packed(do, qkv, *bwd)),
@@ -142,68 +142,63 @@ def packed_vs_unpacked(inp, dtype, dkdv) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Interpreter cases (CPU, run in one subprocess): name -> (make_inputs kwargs, dtype, dkdv)
-# Each case costs ~0.2 s of interpreter time per (batch, head, cluster).
+# Interpreter cases (CPU, run in one subprocess): name -> (make_inputs kwargs, dtype)
+# Each case costs ~0.2 s of interpreter time per (batch, head, cluster). The kernels take
+# G = 16 // m clusters per program: m = 8 -> 2, m = 4 -> 4, m = 2 -> 8, m = 16 -> 1, m = 6 -> 2.
 # ------------------------------------------------------------------------------------------------
 
 CASES = {
     # N = 217 real tokens, padded to 28 clusters of 8.
-    "n217_m8_d16_fp16": (dict(B=1, n_valid=217, m=8, H=1, D=16, Kc=4), "fp16", "two_pass"),
-    "n217_m8_d16_bf16": (dict(B=1, n_valid=217, m=8, H=1, D=16, Kc=4), "bf16", "two_pass"),
-    "n57_m8_d32_fp32": (dict(B=2, n_valid=57, m=8, H=2, D=32, Kc=3), "fp32", "two_pass"),
-    # Global case, Kc > M (clusters repeat): 3 clusters, 10 neighbour slots = 80 keys, 2 key tiles.
-    "global_kc10_m3_fp32": (dict(B=2, n_valid=21, m=8, H=2, D=16, Kc=10, repeat_nbr=True), "fp32", "two_pass"),
-    "global_kc10_m3_bf16": (dict(B=1, n_valid=21, m=8, H=2, D=16, Kc=10, repeat_nbr=True), "bf16", "two_pass"),
+    "n217_m8_d16_fp16": (dict(B=1, n_valid=217, m=8, H=1, D=16, Kc=4), "fp16"),
+    "n217_m8_d16_bf16": (dict(B=1, n_valid=217, m=8, H=1, D=16, Kc=4), "bf16"),
+    "n57_m8_d32_fp32": (dict(B=2, n_valid=57, m=8, H=2, D=32, Kc=3), "fp32"),
+    # Global case, Kc > M (clusters repeat): 3 clusters, 10 neighbour slots = 80 keys, 3 key tiles.
+    "global_kc10_m3_fp32": (dict(B=2, n_valid=21, m=8, H=2, D=16, Kc=10, repeat_nbr=True), "fp32"),
+    "global_kc10_m3_bf16": (dict(B=1, n_valid=21, m=8, H=2, D=16, Kc=10, repeat_nbr=True), "bf16"),
     # Global case as clustering makes it: Kc clipped to M = 3.
-    "global_kc3_fp16": (dict(B=2, n_valid=20, m=8, H=2, D=32, Kc=8), "fp16", "two_pass"),
-    # Other cluster sizes and head dims; strided q, k, v from a fused projection.
-    "m4_d32_fp16": (dict(B=1, n_valid=30, m=4, H=2, D=32, Kc=3), "fp16", "two_pass"),
-    "m16_d64_bf16": (dict(B=2, n_valid=40, m=16, H=1, D=64, Kc=3), "bf16", "two_pass"),
-    "m6_d24_fused_fp32": (dict(B=1, n_valid=29, m=6, H=2, D=24, Kc=3, fused_qkv=True), "fp32", "two_pass"),
-    # dK / dV by float32 atomics.
-    "atomic_n50_fp16": (dict(B=1, n_valid=50, m=8, H=2, D=16, Kc=4), "fp16", "atomic"),
-    "atomic_global_kc10_fp32": (dict(B=1, n_valid=21, m=8, H=2, D=16, Kc=10, repeat_nbr=True), "fp32", "atomic"),
+    "global_kc3_fp16": (dict(B=2, n_valid=20, m=8, H=2, D=32, Kc=8), "fp16"),
+    # Other cluster sizes (so group sizes) and head dims; strided q, k, v from a fused projection.
+    "m4_d32_fp16": (dict(B=1, n_valid=30, m=4, H=2, D=32, Kc=3), "fp16"),
+    "m16_d64_bf16": (dict(B=2, n_valid=40, m=16, H=1, D=64, Kc=3), "bf16"),
+    "m6_d24_fused_fp32": (dict(B=1, n_valid=29, m=6, H=2, D=24, Kc=3, fused_qkv=True), "fp32"),
+    # Eight clusters per program (m = 2), repeats: masks of up to 8 bits, unions with repeats.
+    "m2_g8_repeats_fp32": (dict(B=1, n_valid=37, m=2, H=2, D=16, Kc=6, repeat_nbr=True), "fp32"),
 }
 
 
-# Packed qkv against unbound q, k, v (bitwise): name -> (make_inputs kwargs, dtype, dkdv).
+# Packed qkv against unbound q, k, v (bitwise): name -> (make_inputs kwargs, dtype).
 PACKED_CASES = {
     # N = 217 real tokens padded to 28 clusters of 8.
-    "packed_n217_fp16": (dict(B=1, n_valid=217, m=8, H=1, D=16, Kc=4), "fp16", "two_pass"),
-    # Head dim 24 (padded to 32 in the kernels), two heads and images; the atomic mode copies
-    # its float32 dK / dV into the packed slices.
-    "packed_d24_bf16_atomic": (dict(B=2, n_valid=45, m=8, H=2, D=24, Kc=3), "bf16", "atomic"),
-    "packed_d24_fp32": (dict(B=2, n_valid=45, m=8, H=2, D=24, Kc=3), "fp32", "two_pass"),
+    "packed_n217_fp16": (dict(B=1, n_valid=217, m=8, H=1, D=16, Kc=4), "fp16"),
+    # Head dim 24 (padded to 32 in the kernels), two heads and images.
+    "packed_d24_bf16": (dict(B=2, n_valid=45, m=8, H=2, D=24, Kc=3), "bf16"),
+    "packed_d24_fp32": (dict(B=2, n_valid=45, m=8, H=2, D=24, Kc=3), "fp32"),
 }
 
 
-def _csr_mismatches() -> list[str]:
-    """Transposed neighbourhoods from the kernel vs a Python count (index-only: exact)."""
-    from affmae.ops.cluster_attention.kernel import auto_transpose_method, transposed_neighbourhood
+def _group_mismatches() -> list[str]:
+    """Group structures from the kernels vs ``group_neighbourhood_ref`` (index-only: exact), for
+    both directions, both key-major methods and several group sizes, repeats included."""
+    from affmae.ops.cluster_attention.kernel import group_entries, group_neighbourhood, group_neighbourhood_ref
 
     g = torch.Generator().manual_seed(1)
     bad = []
     # (2, 300, 8): 2400 entries per image, where "auto" sorts; the others count.
-    for B, M, Kc in ((3, 11, 5), (2, 40, 8), (1, 3, 10), (2, 300, 8)):  # Kc > M: repeats
-        nbr = torch.randint(0, M, (B, M, Kc), generator=g)
-        csr = transposed_neighbourhood(nbr, method="count")
-        for method in ("sort", "auto"):
-            if not torch.equal(csr, transposed_neighbourhood(nbr, method=method)):
-                bad.append(f"B={B} M={M} Kc={Kc}: method {method!r} differs from 'count'")
-        want_auto = "sort" if M * Kc >= 2048 else "count"
-        if auto_transpose_method(nbr) != want_auto:
-            bad.append(f"B={B} M={M} Kc={Kc}: 'auto' chose {auto_transpose_method(nbr)!r}")
-        if M * Kc > 1000:
-            continue  # the Python count below is slow; "count" is checked on the small ones
-        src, off = csr[:, : M * Kc], csr[:, M * Kc :]
-        for b in range(B):
-            for c in range(M):
-                got = src[b, off[b, c] : off[b, c + 1]].tolist()
-                want = [qc for qc in range(M) for j in range(Kc) if nbr[b, qc, j] == c]
-                if got != want:
-                    bad.append(f"B={B} M={M} Kc={Kc} b={b} key cluster {c}: {got} != {want}")
-            if off[b, M].item() != M * Kc:
-                bad.append(f"B={B} M={M} Kc={Kc} b={b}: last offset {off[b, M].item()} != {M * Kc}")
+    for B, M, Kc, repeats in ((3, 11, 5, True), (2, 40, 8, False), (1, 3, 10, True), (2, 300, 8, False)):
+        if repeats:
+            nbr = torch.randint(0, M, (B, M, Kc), generator=g)
+        else:
+            nbr = torch.stack([torch.stack([torch.randperm(M, generator=g)[:Kc] for _ in range(M)])
+                               for _ in range(B)])
+        for G in (1, 2, 3, 8):
+            for t in (False, True):
+                got = group_neighbourhood(nbr, G, transpose=t)
+                if t:
+                    for method in ("count", "sort"):
+                        if not torch.equal(got, group_neighbourhood(nbr, G, True, method=method)):
+                            bad.append(f"B={B} M={M} Kc={Kc} G={G}: key-major {method!r} differs from 'auto'")
+                if group_entries(got, M, Kc, G, t) != group_neighbourhood_ref(nbr, G, t):
+                    bad.append(f"B={B} M={M} Kc={Kc} G={G} transpose={t}: entries differ from the spec")
     return bad
 
 
@@ -217,17 +212,17 @@ def _custom_op_path_difference() -> float:
     args = (inp["q"], inp["k"], inp["v"], inp["pos"], inp["nbr"], inp["n_valid"], *inp["params"], 0.25)
     direct = kernel.attention_forward(*args)
     op = torch.ops.affmae.cluster_attention_fwd(*args)
-    bwd_args = (inp["do"], *args[:3], direct[1], *args[3:], "two_pass")
+    bwd_args = (inp["do"], *args[:3], direct[1], *args[3:])
     direct += kernel.attention_backward(*bwd_args)
     op += torch.ops.affmae.cluster_attention_bwd(*bwd_args)
     return max((a - b).abs().max().item() for a, b in zip(direct, op))
 
 
-def _given_nbr_t() -> dict:
-    """The backward with a caller-built transposed neighbourhood (``nbr_t``: what the model
-    shares across a stage's blocks) against the backward that builds its own: through autograd,
-    through the custom op, and through the ClusterAttention layer with a cached ``Clustering``.
-    Same kernels, same indices: the differences must be exactly 0."""
+def _given_groups() -> dict:
+    """Attention with caller-built group structures (what the model shares across a stage's
+    blocks) against calls that build their own: through autograd, through the custom op, and
+    through the ClusterAttention layer with a cached ``Clustering``. Same kernels, same
+    indices: the differences must be exactly 0."""
     from affmae.layers.attention import ClusterAttention
     from affmae.ops.cluster_attention import function  # noqa: F401  (registers the ops)
     from affmae.ops.cluster_attention import kernel
@@ -235,7 +230,7 @@ def _given_nbr_t() -> dict:
     from affmae.ops.clustering import balanced_clustering, gather_tokens, pad_tokens
 
     inp = make_inputs(B=2, n_valid=37, m=8, H=2, D=16, Kc=3)
-    nbr_t = kernel.transposed_neighbourhood(inp["nbr"])
+    grp, grp_t = kernel.attention_groups(inp["nbr"], 8), kernel.attention_groups(inp["nbr"], 8, True)
     diffs = []
 
     def grads(**kw):
@@ -244,21 +239,26 @@ def _given_nbr_t() -> dict:
         out = cluster_attention_triton(q, k, v, inp["pos"], inp["nbr"], inp["n_valid"], *p, **kw)
         return [out, *torch.autograd.grad(out, leaves, inp["do"])]
 
-    diffs += [(a - b).abs().max().item() for a, b in zip(grads(), grads(nbr_t=nbr_t))]
+    own = grads()
+    for groups in ((grp, grp_t), (grp, None), (None, grp_t)):
+        diffs += [(a - b).abs().max().item() for a, b in zip(own, grads(groups=groups))]
     args = (inp["q"], inp["k"], inp["v"], inp["pos"], inp["nbr"], inp["n_valid"], *inp["params"], 0.25)
     _, lse = kernel.attention_forward(*args)
-    bwd_args = (inp["do"], *args[:3], lse, *args[3:], "two_pass")
+    bwd_args = (inp["do"], *args[:3], lse, *args[3:])
     own = torch.ops.affmae.cluster_attention_bwd(*bwd_args)
-    given = torch.ops.affmae.cluster_attention_bwd(*bwd_args, nbr_t)
+    given = torch.ops.affmae.cluster_attention_bwd(*bwd_args, grp, grp_t)
     diffs += [(a - b).abs().max().item() for a, b in zip(own, given)]
-    try:
-        kernel.attention_backward(*bwd_args[:-1], nbr_t=nbr_t[:, 1:])
-        wrong_shape = "no error"
-    except ValueError as e:
-        wrong_shape = str(e)
+    errors = []
+    for kw in (dict(grp_t=grp_t[:, 1:]), dict(grp=grp_t), dict(grp=grp, group=1)):
+        try:
+            kernel.attention_backward(*bwd_args, **kw)
+            errors.append("no error")
+        except ValueError as e:
+            errors.append(str(e))
 
-    # The layer: the first grad-enabled call caches the clustering's transposed neighbourhood,
-    # the second reuses it, and both equal a layer call on a fresh clustering.
+    # The layer: the first grad-enabled call caches the clustering's two structures, the second
+    # reuses them, and both equal a layer call on a fresh clustering; a call without gradients
+    # builds only the forward one.
     torch.manual_seed(0)
     layer = ClusterAttention(32, 2, backend="triton")
     side = 8
@@ -267,24 +267,24 @@ def _given_nbr_t() -> dict:
     cl = balanced_clustering(pos, (side, side), m=8, num_nbr_clusters=3)
     x = torch.randn(1, cl.n_padded, 32)
     pos_c = pad_tokens(gather_tokens(pos, cl.perm), cl.n_padded)
-    cached_before = cl.nbr_t is not None
+    cached_before = sorted(cl.groups)
     layer(x, pos_c, cl).sum().backward()
-    cached = cl.nbr_t is not None
-    first = cl.nbr_t
+    cached = sorted(cl.groups)
+    first = dict(cl.groups)
     g1 = layer.qkv.weight.grad.clone()
     layer.zero_grad()
     layer(x, pos_c, cl).sum().backward()
-    reused = cl.nbr_t is first
+    reused = all(cl.groups[t] is first[t] for t in first)
     g2 = layer.qkv.weight.grad.clone()
     layer.zero_grad()
     fresh = balanced_clustering(pos, (side, side), m=8, num_nbr_clusters=3)
     with torch.no_grad():
         layer(x, pos_c, fresh)
-    no_grad_skips = fresh.nbr_t is None
+    no_grad_builds = sorted(fresh.groups)
     layer(x, pos_c, fresh).sum().backward()
     diffs += [(g1 - g2).abs().max().item(), (g1 - layer.qkv.weight.grad).abs().max().item()]
-    return dict(diff=max(diffs), wrong_shape=wrong_shape, cached_before=cached_before,
-                cached=cached, reused=reused, no_grad_skips=no_grad_skips)
+    return dict(diff=max(diffs), errors=errors, cached_before=cached_before, cached=cached,
+                reused=reused, no_grad_builds=no_grad_builds)
 
 
 def _packed_layer() -> dict:
@@ -313,7 +313,7 @@ def _packed_layer() -> dict:
         q, k, v = layer.qkv(x).view(B, N, 3, H, C // H).unbind(2)
         out = cluster_attention(q, k, v, pos_c, cl.nbr, cl.n_valid, layer.rel_bias.weight,
                                 layer.rel_bias.bias, layer.blank_k, layer.blank_v, backend="triton",
-                                nbr_t=cl.transposed())
+                                groups=cl.attention_groups(True))
         return layer.proj(out.reshape(B, N, C))
 
     class StackCount(TorchDispatchMode):
@@ -376,17 +376,16 @@ def _worker(path: str) -> None:
     """Run every interpreter case (TRITON_INTERPRET=1 is set by the caller) and write JSON."""
     from affmae.ops.cluster_attention.function import cluster_attention_triton
 
-    def case(kw, dtype, dkdv):
-        fn = lambda *a: cluster_attention_triton(*a, dkdv=dkdv)  # noqa: E731
-        return lambda: three_way(make_inputs(**kw), DTYPES[dtype], fn)
+    def case(kw, dtype):
+        return lambda: three_way(make_inputs(**kw), DTYPES[dtype], cluster_attention_triton)
 
-    def packed(kw, dtype, dkdv):
-        return lambda: packed_vs_unpacked(make_inputs(**kw), DTYPES[dtype], dkdv)
+    def packed(kw, dtype):
+        return lambda: packed_vs_unpacked(make_inputs(**kw), DTYPES[dtype])
 
     jobs = {name: case(*spec) for name, spec in CASES.items()}
     jobs.update({name: packed(*spec) for name, spec in PACKED_CASES.items()})
-    write_results(path, {**jobs, "csr": _csr_mismatches, "custom_op": _custom_op_path_difference,
-                         "nbr_t": _given_nbr_t, "packed_layer": _packed_layer,
+    write_results(path, {**jobs, "groups": _group_mismatches, "custom_op": _custom_op_path_difference,
+                         "given_groups": _given_groups, "packed_layer": _packed_layer,
                          "packed_compiled": _packed_compiled})
 
 
@@ -402,18 +401,21 @@ def test_interpreter_matches_reference(interpreter_results, case):
     assert_three_way(rows, case)
 
 
-def test_interpreter_transposed_neighbourhood_is_exact(interpreter_results):
-    bad = result(interpreter_results, "csr")
-    assert bad == [], "transposed neighbourhood differs:\n" + "\n".join(bad[:10])
+def test_interpreter_group_structures_are_exact(interpreter_results):
+    bad = result(interpreter_results, "groups")
+    assert bad == [], "group structures differ:\n" + "\n".join(bad[:10])
 
 
-def test_interpreter_given_transposed_neighbourhood_is_the_same_function(interpreter_results):
-    r = result(interpreter_results, "nbr_t")
-    assert r["diff"] == 0.0, f"outputs or gradients with a given nbr_t differ by {r['diff']}"
-    assert "nbr_t must be" in r["wrong_shape"], r["wrong_shape"]
-    assert not r["cached_before"] and r["cached"], "the layer did not cache the stage's nbr_t"
-    assert r["reused"], "the second block of a stage rebuilt the transposed neighbourhood"
-    assert r["no_grad_skips"], "a forward without gradients built the transposed neighbourhood"
+def test_interpreter_given_group_structures_are_the_same_function(interpreter_results):
+    r = result(interpreter_results, "given_groups")
+    assert r["diff"] == 0.0, f"outputs or gradients with given group structures differ by {r['diff']}"
+    wrong_width, wrong_kind, wrong_group = r["errors"]
+    assert "grp_t must be" in wrong_width, wrong_width
+    assert "grp must be" in wrong_kind, wrong_kind  # a key-major structure passed as the forward one
+    assert "grp must be" in wrong_group and "G=1" in wrong_group, wrong_group
+    assert r["cached_before"] == [] and r["cached"] == [False, True], r
+    assert r["reused"], "the second block of a stage rebuilt the group structures"
+    assert r["no_grad_builds"] == [False], "a forward without gradients built the key-major structure"
 
 
 @pytest.mark.parametrize("case", list(PACKED_CASES))
@@ -448,21 +450,23 @@ def test_interpreter_custom_ops_match_eager_path(interpreter_results):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_transposed_neighbourhood_by_sort_on_cpu():
-    """The "sort" build needs no Triton: on plain CPU tensors it lists, for every key cluster,
-    the query clusters that name it, in query order, repeats kept (the counting kernel's layout,
-    checked equal to it in the interpreter worker)."""
-    from affmae.ops.cluster_attention.kernel import transposed_neighbourhood
+def test_group_structure_spec_and_argument_checks():
+    """The specification of the group structures on a hand-worked example, and the builder's
+    argument checks (raised before any launch, so they run without Triton's interpreter)."""
+    from affmae.ops.cluster_attention.kernel import group_neighbourhood, group_neighbourhood_ref
 
     nbr = torch.tensor([[[0, 1, 1], [1, 0, 2], [2, 1, 0]]])  # (1, M=3, Kc=3), a repeat in row 0
-    csr = transposed_neighbourhood(nbr, method="sort")
-    assert csr.dtype == torch.int32
-    assert csr[0, :9].tolist() == [0, 1, 2, 0, 0, 1, 2, 1, 2]  # key 0: q 0,1,2; key 1: q 0,0,1,2; key 2: q 1,2
-    assert csr[0, 9:].tolist() == [0, 3, 7, 9]
+    # Groups of 2 query clusters: {0, 1} and {2}. Row 0 lists 1 twice: (1, first) and (1, second)
+    # are two entries; row 1 lists 1 once, so only the first carries its bit (2).
+    assert group_neighbourhood_ref(nbr, 2) == [[[(0, 3), (1, 1), (1, 3), (2, 2)], [(0, 1), (1, 1), (2, 1)]]]
+    # Key-major, groups of 2 key clusters: {0, 1} lists query 0 (bits 0 and 1, then 1 again for
+    # the repeat), 1 (bits 0, 1) and 2 (bits 0, 1); {2} lists queries 1 and 2.
+    assert group_neighbourhood_ref(nbr, 2, transpose=True) == [[[(0, 2), (0, 3), (1, 3), (2, 3)],
+                                                                [(1, 1), (2, 1)]]]
+    with pytest.raises(ValueError, match="group size G=0"):
+        group_neighbourhood(nbr, 0)
     with pytest.raises(ValueError, match="method must be one of"):
-        transposed_neighbourhood(nbr, method="bucket")
-    # Without the interpreter the counting kernel cannot run on CPU: "auto" sorts.
-    assert torch.equal(transposed_neighbourhood(nbr), csr)
+        group_neighbourhood(nbr, 2, transpose=True, method="bucket")
 
 
 def test_why_not_names_the_reason(monkeypatch):
@@ -503,11 +507,11 @@ def test_fake_shapes_and_flop_formula():
         with FlopCounterMode(display=False) as fc:
             out, lse = torch.ops.affmae.cluster_attention_fwd(q, q, q, pos, nbr, N - 3, w, wb, bk, bv, 0.2)
             grads = torch.ops.affmae.cluster_attention_bwd(
-                out, q, q, q, lse, pos, nbr, N - 3, w, wb, bk, bv, 0.2, "two_pass"
+                out, q, q, q, lse, pos, nbr, N - 3, w, wb, bk, bv, 0.2
             )
             qkv = torch.empty(B, N, 3, H, D, dtype=torch.bfloat16)
             dqkv, g = torch.ops.affmae.cluster_attention_bwd_packed(
-                out, qkv, lse, pos, nbr, N - 3, w, wb, bk, bv, 0.2, "two_pass"
+                out, qkv, lse, pos, nbr, N - 3, w, wb, bk, bv, 0.2
             )
     assert out.shape == (B, N, H, D) and out.dtype == torch.bfloat16, f"out {out.shape} {out.dtype}"
     assert lse.shape == (B, H, N) and lse.dtype == torch.float32, f"lse {lse.shape} {lse.dtype}"
@@ -555,14 +559,13 @@ STAGES_512 = [(2048, 3), (819, 6), (327, 12), (130, 16)]
 @gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("stage", range(4))
-@pytest.mark.parametrize("dkdv", ["two_pass", "atomic"])
-def test_gpu_full_size_matches_reference(dtype, stage, dkdv):
+def test_gpu_full_size_matches_reference(dtype, stage):
     from affmae.ops.cluster_attention.function import cluster_attention_triton
 
     n, H = STAGES_512[stage]
     inp = make_inputs(B=16, n_valid=n, m=8, H=H, D=32, Kc=8, seed=stage, device="cuda")
-    rows = three_way(inp, DTYPES[dtype], lambda *a: cluster_attention_triton(*a, dkdv=dkdv))
-    assert_three_way(rows, f"stage {stage + 1} {dtype} {dkdv}")
+    rows = three_way(inp, DTYPES[dtype], cluster_attention_triton)
+    assert_three_way(rows, f"stage {stage + 1} {dtype}")
 
 
 @pytest.mark.gpu
@@ -621,11 +624,9 @@ def test_gpu_torch_compile_fullgraph(packed):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("stage", range(4))
 def test_gpu_packed_qkv_is_bitwise_unpacked(dtype, stage):
-    # "two_pass" only: the atomic mode's float32 atomics add in a different order each run, so
-    # its dK / dV are not bitwise reproducible on a GPU (the interpreter checks it bitwise).
     n, H = STAGES_512[stage]
     inp = make_inputs(B=16, n_valid=n, m=8, H=H, D=32, Kc=8, seed=stage, device="cuda")
-    bad = packed_vs_unpacked(inp, DTYPES[dtype], "two_pass")
+    bad = packed_vs_unpacked(inp, DTYPES[dtype])
     assert bad == [], "\n".join(bad)
 
 

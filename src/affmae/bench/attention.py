@@ -14,8 +14,9 @@ bytes / time). Results: docs/BENCHMARKS.md, section "Cluster attention kernel".
 Implementations (one function, same inputs):
 - ``triton``: ``cluster_attention(backend="triton")`` (the kernels and autograd Function the
   model uses; the model passes q, k, v packed, ``cluster_attention_packed``, which saves the
-  one stack of their three gradients that these unpacked calls still pay), plus
-  ``triton_atomic`` (dK / dV by float32 atomics instead of the key-major second pass).
+  one stack of their three gradients that these unpacked calls still pay). An isolated call
+  builds its two group structures itself; ``triton_shared`` takes them prebuilt, as each
+  attention block of a stage does in the model (one build per stage).
 - ``torch``: ``cluster_attention_ref`` (gather, matmul, softmax).
 - ``flex``: ``torch.nn.attention.flex_attention`` compiled: the blank key / value appended as key
   N, a block mask from the cluster adjacency (mask_mod: key cluster in nbr[query cluster], key
@@ -97,14 +98,15 @@ def make_stage(res: int, stage: int, batch: int, dtype: torch.dtype, device, m: 
 # ------------------------------------------------------------------------------------------------
 
 
-def triton_impl(s, dkdv="two_pass"):
-    from affmae.ops.cluster_attention.function import cluster_attention_triton
+def triton_impl(s, shared: bool = False):
+    """The Triton backend; ``shared``: with the group structures built once, outside the call."""
+    groups = None
+    if shared:
+        from affmae.ops.cluster_attention.kernel import attention_groups
 
-    if dkdv == "two_pass":
-        return lambda q, k, v, *p: cluster_attention(q, k, v, s["pos"], s["nbr"], s["n_valid"], *p,
-                                                     backend="triton")
-    return lambda q, k, v, *p: cluster_attention_triton(q, k, v, s["pos"], s["nbr"], s["n_valid"], *p,
-                                                        dkdv=dkdv)
+        groups = (attention_groups(s["nbr"], s["m"]), attention_groups(s["nbr"], s["m"], True))
+    return lambda q, k, v, *p: cluster_attention(q, k, v, s["pos"], s["nbr"], s["n_valid"], *p,
+                                                 backend="triton", groups=groups)
 
 
 def torch_impl(s):
@@ -216,24 +218,31 @@ def copy_ceiling_gbs(device) -> float:
     return 2 * n / (ms * 1e-3) / 1e9
 
 
+SWEEP = ((1, 32), (2, 16), (2, 32), (2, 64), (4, 32))  # (clusters per program, keys per tile)
+
+
 def sweep_triton(s) -> dict:
-    """Launch-width and dK / dV variants of the raw kernels (forward, backward separately),
-    GPU time in CUDA graphs."""
+    """Tilings of the raw kernels (clusters per program G, keys per tile; group structures
+    prebuilt): forward and backward GPU time in CUDA graphs, and the structures' build."""
     from triton.testing import do_bench_cudagraph as do_bench
 
     from affmae.ops.cluster_attention import kernel
 
     args = (s["q"], s["k"], s["v"], s["pos"], s["nbr"], s["n_valid"], *s["params"], s["D"] ** -0.5)
     out = {}
-    for nw in (1, 2, 4):
-        o, lse = kernel.attention_forward(*args, num_warps=nw)
-        out[f"fwd_w{nw}_ms"] = do_bench(lambda: kernel.attention_forward(*args, num_warps=nw),
-                                        return_mode="median")
-        for mode in kernel.DKDV_MODES:
-            bwd_args = (s["do"], *args[:3], lse, *args[3:])
-            out[f"bwd_{mode}_w{nw}_ms"] = do_bench(
-                lambda: kernel.attention_backward(*bwd_args, dkdv=mode, num_warps=nw), return_mode="median"
-            )
+    for G, bk in SWEEP:
+        grp = kernel.group_neighbourhood(s["nbr"], G)
+        grp_t = kernel.group_neighbourhood(s["nbr"], G, transpose=True)
+        kw = dict(group=G, block_k=bk)
+        o, lse = kernel.attention_forward(*args, grp=grp, **kw)
+        bwd_args = (s["do"], *args[:3], lse, *args[3:])
+        out[f"fwd_G{G}_k{bk}_ms"] = do_bench(lambda: kernel.attention_forward(*args, grp=grp, **kw),
+                                             return_mode="median")
+        out[f"bwd_G{G}_k{bk}_ms"] = do_bench(
+            lambda: kernel.attention_backward(*bwd_args, grp=grp, grp_t=grp_t, **kw), return_mode="median")
+        out[f"build_G{G}_ms"] = do_bench(lambda: (kernel.group_neighbourhood(s["nbr"], G),
+                                                  kernel.group_neighbourhood(s["nbr"], G, True)),
+                                         return_mode="median")
     return out
 
 
@@ -262,17 +271,19 @@ def run(resolutions, batch, dtype_name, impls, sweep, log, out_path=None) -> dic
                     elif name == "torch":
                         fn = torch_impl(s)
                     else:
-                        fn = triton_impl(s, "atomic" if name == "triton_atomic" else "two_pass")
+                        fn = triton_impl(s, shared=name == "triton_shared")
                     for key, val in measure(fn, s, graph=not name.startswith("flex")).items():
                         row[f"{name}_{key}"] = val
                 except Exception as e:  # recorded in the table, the other implementations go on
                     row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 torch.cuda.empty_cache()
-            if "triton_fwd_graph_ms" in row:  # GPU time of the kernels vs the copy ceiling
-                fb, bb = min_bytes(s, s["q"].element_size())
-                ceil = meta["copy_ceiling_gbs"] * 1e9
-                row["triton_fwd_bw_pct"] = 100 * fb / (row["triton_fwd_graph_ms"] * 1e-3) / ceil
-                row["triton_fwdbwd_bw_pct"] = 100 * (fb + bb) / (row["triton_fwdbwd_graph_ms"] * 1e-3) / ceil
+            fb, bb = min_bytes(s, s["q"].element_size())
+            ceil = meta["copy_ceiling_gbs"] * 1e9
+            for name in ("triton", "triton_shared"):  # GPU time of the kernels vs the copy ceiling
+                if f"{name}_fwd_graph_ms" in row:
+                    row[f"{name}_fwd_bw_pct"] = 100 * fb / (row[f"{name}_fwd_graph_ms"] * 1e-3) / ceil
+                    row[f"{name}_fwdbwd_bw_pct"] = (100 * (fb + bb) / (row[f"{name}_fwdbwd_graph_ms"] * 1e-3)
+                                                    / ceil)
             if sweep:
                 row.update({f"sweep_{k}": v for k, v in sweep_triton(s).items()})
             rows.append(row)
@@ -298,11 +309,13 @@ def summarise(rows, impls) -> dict:
             peaks = [r.get(f"{name}_peak_mib") for r in rs]
             if all(v is not None for v in peaks):
                 tot[f"{name}_peak_mib_max"] = max(peaks)
-        if "torch_fwdbwd_ms" in tot and "triton_fwdbwd_ms" in tot:
-            tot["speedup_fwdbwd_vs_torch"] = tot["torch_fwdbwd_ms"] / tot["triton_fwdbwd_ms"]
-            tot["memory_ratio_vs_torch"] = tot["triton_peak_mib_max"] / tot["torch_peak_mib_max"]
-        if "torch_fwdbwd_graph_ms" in tot and "triton_fwdbwd_graph_ms" in tot:
-            tot["speedup_fwdbwd_graph_vs_torch"] = tot["torch_fwdbwd_graph_ms"] / tot["triton_fwdbwd_graph_ms"]
+        for name, tag in (("triton", ""), ("triton_shared", "_shared")):
+            if "torch_fwdbwd_ms" in tot and f"{name}_fwdbwd_ms" in tot:
+                tot[f"speedup{tag}_fwdbwd_vs_torch"] = tot["torch_fwdbwd_ms"] / tot[f"{name}_fwdbwd_ms"]
+                tot[f"memory_ratio{tag}_vs_torch"] = tot[f"{name}_peak_mib_max"] / tot["torch_peak_mib_max"]
+            if "torch_fwdbwd_graph_ms" in tot and f"{name}_fwdbwd_graph_ms" in tot:
+                tot[f"speedup{tag}_fwdbwd_graph_vs_torch"] = (tot["torch_fwdbwd_graph_ms"]
+                                                               / tot[f"{name}_fwdbwd_graph_ms"])
         out[str(res)] = tot
     return out
 
@@ -319,8 +332,9 @@ def format_row(r, impls) -> str:
             f"{name}: fwd {r[f'{name}_fwd_ms']:.3f} fwd+bwd {r[f'{name}_fwdbwd_ms']:.3f} ms{graph} "
             f"{r[f'{name}_peak_mib']:.0f} MiB"
         )
-    if "triton_fwd_bw_pct" in r:
-        parts.append(f"bw {r['triton_fwd_bw_pct']:.0f}% / {r['triton_fwdbwd_bw_pct']:.0f}%")
+    for name in ("triton", "triton_shared"):
+        if f"{name}_fwd_bw_pct" in r:
+            parts.append(f"{name} bw {r[f'{name}_fwd_bw_pct']:.0f}% / {r[f'{name}_fwdbwd_bw_pct']:.0f}%")
     return " | ".join(parts)
 
 
@@ -331,11 +345,11 @@ def main(argv=None) -> int:
     ap.add_argument("--res", type=int, nargs="+", default=[512, 768], help="image sizes (px)")
     ap.add_argument("--batch", type=int, default=16, help="batch size")
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="q, k, v dtype")
-    ap.add_argument("--impl", nargs="+", default=["triton", "triton_atomic", "torch", "flex", "flex_nograd"],
-                    choices=("triton", "triton_atomic", "torch", "flex", "flex_nograd"),
+    ap.add_argument("--impl", nargs="+", default=["triton", "triton_shared", "torch", "flex", "flex_nograd"],
+                    choices=("triton", "triton_shared", "torch", "flex", "flex_nograd"),
                     help="implementations (flex_nograd: FlexAttention with the bias weights detached)")
     ap.add_argument("--sweep", action="store_true",
-                    help="also time the raw kernels at 1 / 2 / 4 warps and both dK / dV modes")
+                    help="also time the raw kernels at other tilings (clusters per program, keys per tile)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("the attention benchmark needs a CUDA GPU")

@@ -46,15 +46,17 @@ class ClusterAttention(nn.Module):
         qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)  # (B, N, 3, H, D)
         with record_function("aff/attention"):
             backend = resolve_backend(self.backend, qkv[:, :, 0])
-            # The Triton backward walks the transposed neighbourhood; the blocks of a stage
-            # share one clustering, so it is built once per stage (cached on ``cl``). Not
-            # while torch.compile traces a block: the custom op then builds its own, as before.
-            train = (backend == "triton" and torch.is_grad_enabled() and qkv.requires_grad
-                     and not torch.compiler.is_compiling())
+            # The Triton kernels walk group structures of the neighbourhood (the key-major one
+            # only for the backward); the blocks of a stage share one clustering, so they are
+            # built once per stage (cached on ``cl``). Not while torch.compile traces a block:
+            # the custom ops then build their own.
+            groups = None
+            if backend == "triton" and not torch.compiler.is_compiling():
+                groups = cl.attention_groups(torch.is_grad_enabled() and qkv.requires_grad)
             out = cluster_attention_packed(
                 qkv, pos, cl.nbr, cl.n_valid,
                 self.rel_bias.weight, self.rel_bias.bias,
                 self.blank_k, self.blank_v,  # float32: both backends read them in float32
-                backend=backend, nbr_t=cl.transposed() if train else None,
+                backend=backend, groups=groups,
             )  # (B, N, H, D)
         return self.proj(out.reshape(B, N, C))

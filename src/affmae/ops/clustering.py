@@ -107,8 +107,9 @@ class Clustering:
         m: tokens per cluster.
         centroids: (B, M, 2) float32 mean position of each cluster's real tokens.
         nbr: (B, M, Kc) int64 neighbour clusters of each cluster, its own cluster first.
-        nbr_t: the transposed neighbourhood of ``nbr`` (see ``transposed``), built on first
-            request and shared by every attention block of the stage; None until then.
+        groups: the Triton attention kernels' group structures of ``nbr`` (see
+            ``attention_groups``), built on first request and shared by every attention block
+            of the stage.
     """
 
     perm: torch.Tensor
@@ -116,18 +117,20 @@ class Clustering:
     m: int
     centroids: torch.Tensor
     nbr: torch.Tensor
-    nbr_t: torch.Tensor | None = field(default=None, repr=False)
+    groups: dict = field(default_factory=dict, repr=False)
     inv: torch.Tensor | None = field(default=None, repr=False)
 
-    def transposed(self) -> torch.Tensor:
-        """For each key cluster, the query clusters that list it (the Triton kernel's backward
-        needs it; ``affmae.ops.cluster_attention.kernel.transposed_neighbourhood``). Built once
-        and cached: all attention blocks of a stage share this clustering."""
-        if self.nbr_t is None:
-            from affmae.ops.cluster_attention.kernel import transposed_neighbourhood
+    def attention_groups(self, backward: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Triton cluster-attention kernels' group structures of ``nbr``
+        (``affmae.ops.cluster_attention.kernel.attention_groups``): the forward one, and with
+        ``backward`` the key-major one as well (else None). Built once each and cached: all
+        attention blocks of a stage share this clustering."""
+        from affmae.ops.cluster_attention.kernel import attention_groups
 
-            self.nbr_t = transposed_neighbourhood(self.nbr)
-        return self.nbr_t
+        for t in (False, True) if backward else (False,):
+            if t not in self.groups:
+                self.groups[t] = attention_groups(self.nbr, self.m, transpose=t)
+        return self.groups[False], self.groups.get(True) if backward else None
 
     def inverse(self) -> torch.Tensor:
         """(B, N) clustered slot of each input token (``perm``'s inverse), built once."""

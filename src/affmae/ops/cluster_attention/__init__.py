@@ -72,7 +72,7 @@ def cluster_attention(
     blank_v: torch.Tensor,
     scale: float | None = None,
     backend: str = "auto",
-    nbr_t: torch.Tensor | None = None,
+    groups: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Cluster attention with relative-position bias and a blank key/value.
 
@@ -81,9 +81,9 @@ def cluster_attention(
         pos: (B, N, 2) float positions. nbr: (B, M, Kc) neighbour clusters of each cluster.
         n_valid: real token count. bias_weight: (H, 5), bias_bias: (H,). blank_k, blank_v: (H, D).
         scale: logit scale (default D ** -0.5). backend: "auto" | "triton" | "torch".
-        nbr_t: optional, the Triton backward's transposed neighbourhood of ``nbr``
-            (``Clustering.transposed``: built once per stage instead of once per block); the
-            reference ignores it.
+        groups: optional, the Triton kernels' group structures of ``nbr`` (forward, key-major;
+            ``Clustering.attention_groups``: built once per stage instead of once per block);
+            the reference ignores them.
     Returns:
         (B, N, H, D) in the dtype of q.
     """
@@ -93,7 +93,7 @@ def cluster_attention(
 
         return cluster_attention_triton(
             q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
-            nbr_t=nbr_t,
+            groups=groups,
         )
     return cluster_attention_ref(
         q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale
@@ -104,7 +104,7 @@ def cluster_attention_packed(
     qkv: torch.Tensor, pos: torch.Tensor, nbr: torch.Tensor, n_valid: int,
     bias_weight: torch.Tensor, bias_bias: torch.Tensor, blank_k: torch.Tensor,
     blank_v: torch.Tensor, scale: float | None = None, backend: str = "auto",
-    nbr_t: torch.Tensor | None = None,
+    groups: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """``cluster_attention`` of q, k, v = ``qkv.unbind(2)``, for a packed (B, N, 3, H, D) ``qkv``.
 
@@ -120,7 +120,7 @@ def cluster_attention_packed(
         from affmae.ops.cluster_attention.function import cluster_attention_triton_packed
 
         return cluster_attention_triton_packed(
-            qkv, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, nbr_t=nbr_t,
+            qkv, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, groups=groups,
         )
     return cluster_attention_ref(
         *qkv.unbind(2), pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale

@@ -21,8 +21,9 @@ On an H100 host the op dispatch, not the GPU, dominated eager time at these size
 FLOP convention (as torch counts scaled_dot_product_attention): matrix products only, 2 FLOPs per
 multiply-add, over the K = Kc * m neighbour keys plus the blank key. Forward: q k^T and P v, i.e.
 4 * B * N * H * (K + 1) * D. Backward: five products (q k^T recomputed, dO v^T, P^T dO, dS k,
-dS^T q), 2.5x the forward. The kernels' extra recomputation (the key-major dK / dV pass recomputes
-q k^T and dO v^T) and the bias arithmetic are not counted.
+dS^T q), 2.5x the forward. The kernels' extra work (the key-major dK / dV pass recomputes q k^T
+and dO v^T; a group's tiles compute logits for the union of its clusters' neighbourhoods, masked
+where a cluster does not list a key) and the bias arithmetic are not counted.
 """
 
 from __future__ import annotations
@@ -40,15 +41,17 @@ Tensor = torch.Tensor
 def cluster_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, pos: Tensor, nbr: Tensor, n_valid: int,
     bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor, scale: float,
+    grp: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Forward: out (B, N, H, D) in q's dtype and the base-2 log-sum-exp (B, H, N) float32."""
+    """Forward: out (B, N, H, D) in q's dtype and the base-2 log-sum-exp (B, H, N) float32.
+    ``grp``: the forward group structure (``kernel.attention_groups``), if known."""
     return kernel.attention_forward(
-        q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale
+        q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, grp=grp
     )
 
 
 @cluster_attention_fwd.register_fake
-def _fwd_fake(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale):
+def _fwd_fake(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, grp=None):
     B, N, H, D = q.shape
     return q.new_empty(B, N, H, D), q.new_empty(B, H, N, dtype=torch.float32)
 
@@ -57,19 +60,19 @@ def _fwd_fake(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank
 def cluster_attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, pos: Tensor, nbr: Tensor,
     n_valid: int, bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
-    scale: float, dkdv: str, nbr_t: Tensor | None = None,
+    scale: float, grp: Tensor | None = None, grp_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward: dq, dk, dv and the packed (6 H + 2 H D,) float32 parameter gradients
-    (``kernel.unpack_param_grads``). ``nbr_t``: the transposed neighbourhood, if known."""
+    (``kernel.unpack_param_grads``). ``grp`` / ``grp_t``: the group structures, if known."""
     return kernel.attention_backward(
         do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
-        dkdv=dkdv, nbr_t=nbr_t,
+        grp=grp, grp_t=grp_t,
     )
 
 
 @cluster_attention_bwd.register_fake
 def _bwd_fake(do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
-              scale, dkdv, nbr_t=None):
+              scale, grp=None, grp_t=None):
     H, D = blank_k.shape
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
@@ -81,19 +84,19 @@ def _bwd_fake(do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank
 def cluster_attention_bwd_packed(
     do: Tensor, qkv: Tensor, lse: Tensor, pos: Tensor, nbr: Tensor, n_valid: int,
     bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
-    scale: float, dkdv: str, nbr_t: Tensor | None = None,
+    scale: float, grp: Tensor | None = None, grp_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Backward for q, k, v = ``qkv.unbind(2)``: dqkv (B, N, 3, H, D), contiguous, and the packed
     parameter gradients (``kernel.attention_backward_packed``)."""
     return kernel.attention_backward_packed(
         do, qkv, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
-        dkdv=dkdv, nbr_t=nbr_t,
+        grp=grp, grp_t=grp_t,
     )
 
 
 @cluster_attention_bwd_packed.register_fake
 def _bwd_packed_fake(do, qkv, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
-                     scale, dkdv, nbr_t=None):
+                     scale, grp=None, grp_t=None):
     H, D = blank_k.shape
     return qkv.new_empty(qkv.shape), qkv.new_empty(6 * H + 2 * H * D, dtype=torch.float32)
 
@@ -129,31 +132,34 @@ class ClusterAttentionFunction(torch.autograd.Function):
     gradient is then the backward's packed dqkv as it is (module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv,
-                nbr_t):
+    def forward(ctx, q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, grp,
+                grp_t):
         tokens = q.unbind(2) if k is None else (q, k, v)  # views of a packed qkv: no copy
         args = (*tokens, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale)
         if plain_eager(*tokens, pos, nbr):
-            out, lse = kernel.attention_forward(*args)
+            if grp is None:  # built once here, for the backward too
+                grp = kernel.attention_groups(nbr, tokens[0].shape[1] // nbr.shape[1])
+            out, lse = kernel.attention_forward(*args, grp=grp)
         else:
-            out, lse = torch.ops.affmae.cluster_attention_fwd(*args)
-        ctx.save_for_backward(q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v, nbr_t)
-        ctx.n_valid, ctx.scale, ctx.dkdv = n_valid, scale, dkdv
+            out, lse = torch.ops.affmae.cluster_attention_fwd(*args, grp)
+        ctx.save_for_backward(q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v, grp,
+                              grp_t)
+        ctx.n_valid, ctx.scale = n_valid, scale
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v, nbr_t = ctx.saved_tensors
+        q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v, grp, grp_t = ctx.saved_tensors
         packed = k is None  # q is the packed qkv
         tokens = (q,) if packed else (q, k, v)
         args = (do, *tokens, lse, pos, nbr, ctx.n_valid, bias_weight, bias_bias, blank_k, blank_v,
-                ctx.scale, ctx.dkdv, nbr_t)
+                ctx.scale, grp, grp_t)
         if packed:
             launch, op = kernel.attention_backward_packed, torch.ops.affmae.cluster_attention_bwd_packed
         else:
             launch, op = kernel.attention_backward, torch.ops.affmae.cluster_attention_bwd
         if plain_eager(do, *tokens, pos, nbr):
-            *token_grads, g = launch(*args[:-1], nbr_t=nbr_t)
+            *token_grads, g = launch(*args[:-2], grp=grp, grp_t=grp_t)
         else:
             *token_grads, g = op(*args)
         if packed:  # dqkv in q's place; k and v are None
@@ -167,7 +173,7 @@ class ClusterAttentionFunction(torch.autograd.Function):
 def cluster_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, pos: Tensor, nbr: Tensor, n_valid: int,
     bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
-    scale: float | None = None, dkdv: str = "two_pass", nbr_t: Tensor | None = None,
+    scale: float | None = None, groups: tuple[Tensor, Tensor | None] | None = None,
 ) -> Tensor:
     """Cluster attention through the Triton kernels (same signature and result as the reference).
 
@@ -176,21 +182,19 @@ def cluster_attention_triton(
         pos: (B, N, 2) positions. nbr: (B, M, Kc) neighbour clusters, own cluster first.
         n_valid: real token count. bias_weight: (H, 5), bias_bias: (H,). blank_k, blank_v: (H, D).
         scale: logit scale (default D ** -0.5).
-        dkdv: how the backward forms dK / dV: "two_pass" (a key-major second kernel, default,
-            measured faster) or "atomic" (float32 atomics); see docs/BENCHMARKS.md.
-        nbr_t: ``kernel.transposed_neighbourhood(nbr)`` when the caller keeps it (the backward
-            builds it otherwise); ``Clustering.transposed`` shares one per stage.
+        groups: ``(kernel.attention_groups(nbr, m), kernel.attention_groups(nbr, m, True))``
+            when the caller keeps them (either may be None: then it is built per call);
+            ``Clustering.attention_groups`` shares them across a stage's blocks.
     Returns:
         (B, N, H, D) in q's dtype.
     """
-    return _apply(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv,
-                  nbr_t)
+    return _apply(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, groups)
 
 
 def cluster_attention_triton_packed(
     qkv: Tensor, pos: Tensor, nbr: Tensor, n_valid: int,
     bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
-    scale: float | None = None, dkdv: str = "two_pass", nbr_t: Tensor | None = None,
+    scale: float | None = None, groups: tuple[Tensor, Tensor | None] | None = None,
 ) -> Tensor:
     """``cluster_attention_triton`` of q, k, v = ``qkv.unbind(2)`` for a packed (B, N, 3, H, D)
     ``qkv``: the same kernels and values, but the gradient of qkv comes out of the backward as
@@ -199,13 +203,12 @@ def cluster_attention_triton_packed(
     """
     kernel.check_packed(qkv)
     return _apply(qkv, None, None, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
-                  scale, dkdv, nbr_t)
+                  scale, groups)
 
 
-def _apply(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv, nbr_t):
-    if dkdv not in kernel.DKDV_MODES:
-        raise ValueError(f"dkdv must be one of {kernel.DKDV_MODES}, got {dkdv!r}")
+def _apply(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, groups):
+    grp, grp_t = (None, None) if groups is None else groups
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # D, packed or not
     return ClusterAttentionFunction.apply(
-        q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, dkdv, nbr_t
+        q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale, grp, grp_t
     )

@@ -6,35 +6,47 @@ per head, softmax over [the Kc * m keys of the neighbour clusters ; one learned 
 q.k * scale + bias(p_k - p_q), applied to [neighbour values ; blank value].
 
 How it is computed:
-1. Forward, one program per (cluster, batch * head): the m queries of a cluster share their
-   neighbourhood, so the query tile (m rows, padded to 16 for tensor cores) times a gathered key
-   tile (64 keys = 8 neighbour clusters of 8) is one ``tl.dot``. The blank key/value is the initial
+0. Groups. Clusters are ordered along a space-filling curve, so G consecutive clusters share
+   most of their neighbours (at 512 px, stage 1, the 16 neighbour slots of 2 consecutive
+   clusters name about 10.5 distinct clusters). A program takes G clusters (G = 16 // m, so
+   the G * m queries fill a 16-row tensor-core tile: G = 2 for m = 8) and streams over the
+   *union* of their neighbourhoods; one bit per (union entry, row cluster) masks the logits of
+   keys a query's cluster does not list. ``group_neighbourhood`` builds that structure (one
+   Triton launch, about 3 us) and, transposed, the one of the key-major pass (groups of key
+   clusters, entries the query clusters listing them; a count or a sort, 8-112 us on an
+   H200); a stage's blocks share both (``Clustering.attention_groups``). Against one program
+   per cluster (an 8-row tile padded to 16 against its own 64 gathered keys) this removes the
+   padding rows and gathers each key once per group: 1.2-1.4x faster forward and backward
+   (docs/BENCHMARKS.md, session 12). Larger groups lose: their unions are mostly masked.
+1. Forward, one program per (group, batch * head): the query tile times a gathered key tile
+   (BLOCK_K = 32 keys of the union) is one ``tl.dot``. The blank key/value is the initial
    state of the streaming softmax (running max = blank logit, running sum = 1, accumulator =
    blank value), so no row is ever empty. Logits, bias, softmax and accumulation are float32;
    the bias is computed in the kernel from the two positions and the (H, 5) + (H,) weights:
    no table, no (B, H, N, K) scores or biases in memory. Saved: output and the row log-sum-exp.
-2. Backward pass 1, one program per (query cluster, batch * head): recompute P from the saved
+2. Backward pass 1, one program per (query group, batch * head): recompute P from the saved
    log-sum-exp and renormalise each row in float32 (so sum_j dS_j = 0 holds to float32 rounding
    even when huge logits make the stored log-sum-exp coarse); delta = sum_j P_j dP_j from that P
    (not rowsum(dO * O) with O rounded to the input dtype: the bias-weight gradient sums dS over
    all query-key pairs, where that rounding does not cancel and gave ~10x the reference's error).
    dQ in registers; the bias-weight and blank gradients reduced over the tile and written as one
-   partial column per program ((6 H + 2 H D, B * M) floats, summed by torch; never per
+   partial column per program ((6 H + 2 H D, B * nG) floats, summed by torch; never per
    query-key), parameter-major, so each parameter's gradient is a contiguous piece of the sum.
-3. dK / dV, two ways (``dkdv`` argument; docs/BENCHMARKS.md has the measurement):
-   "two_pass" (default, 1.9-2.7x faster on an H100): a second kernel over the transposed
-   neighbourhood (for each key cluster, the query clusters that list it, built by a small
-   deterministic counting kernel): keys are the 16-row tile, gathered incoming queries the
-   64-column tile, dK / dV accumulate in registers and are written once.
-   "atomic": pass 1 adds its dK / dV tiles into float32 buffers with atomics.
+3. Backward pass 2 (dK, dV), one program per (key group, batch * head) over the transposed
+   structure: the group's keys are the tile rows, gathered incoming queries the columns; dK /
+   dV accumulate in registers and are written once (float32 atomics from pass 1 were measured
+   1.9-2.7x slower on an H100 and are gone).
+
+Repeated neighbours (Kc > M, the global case) are kept: the j-th repeat of a cluster in a list
+is its own union entry, so every key counts as often as the reference counts it.
 
 Supported: q, k, v float32, bfloat16 or float16 (one dtype; output in it), head dim 16..128 (any,
-padded to a power of two internally), any m (tokens per cluster) up to 64, any Kc (including
-Kc > M with repeated clusters, the global case). Sizes (B, N, M, Kc, H, n_valid) are runtime
-arguments that are never specialised (``do_not_specialize``); tensor strides are specialised only
-the way Triton always does, on divisibility by 16 (alignment, which vectorised loads need), so at
-most a couple of variants ever compile and a new batch size or resolution does not recompile.
-With TRITON_INTERPRET=1 the same kernels run on CPU tensors through Triton's interpreter (tests).
+padded to a power of two internally), any m (tokens per cluster) up to 64, any Kc. Sizes are
+runtime arguments that are never specialised (``do_not_specialize``); tensor strides are
+specialised only the way Triton always does, on divisibility by 16 (alignment, which vectorised
+loads need), so at most a couple of variants ever compile and a new batch size or resolution
+does not recompile. With TRITON_INTERPRET=1 the same kernels run on CPU tensors through
+Triton's interpreter (tests).
 
 Differences from the reference (all within rounding): both matrix products accumulate in float32
 (the reference rounds q.k to the input dtype before adding the bias); the blank key enters in
@@ -52,10 +64,15 @@ from affmae.ops.dispatch import interpreting
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 MAX_CLUSTER_SIZE = 64
-BLOCK_K = 64  # keys (forward, pass 1) or gathered queries (pass 2) per tile
-DKDV_MODES = ("two_pass", "atomic")
+BLOCK_K = 32  # union keys (forward, pass 1) or gathered queries (pass 2) per tile
+GROUP_ROWS = 16  # a group's queries fill this many tile rows: G = GROUP_ROWS // m (at least 1)
+MAX_GROUP = 16  # the membership masks are int32 bit sets over a group's clusters
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_SIZES = ["H", "N", "M", "n_valid", "Kc"]  # never specialised (see the module docstring)
+_SIZES = ["H", "M", "n_valid", "nG", "CAP"]  # never specialised (see the module docstring)
+TRANSPOSE_METHODS = ("auto", "count", "sort")
+#: "auto" sorts from this many entries (M * Kc) per image up: on an H200 the count took 7.5-35 us
+#: below it (512 px stages) and 112 us at 4608 entries (768 px stage 1), the sort 39-86 us.
+SORT_FROM_ENTRIES = 2048
 
 
 def why_not(q: torch.Tensor) -> str | None:
@@ -78,7 +95,8 @@ def why_not(q: torch.Tensor) -> str | None:
 # Kernels. Under TRITON_INTERPRET=1 (set before triton is first imported: triton.language's own
 # functions are wrapped at import) they run through Triton's interpreter on CPU tensors.
 # Logits and log-sum-exp are kept in base 2 (x * log2(e)) so the softmax uses exp2.
-# Token tensors: q, k, v share strides (sb, sn, sh); out and dO are contiguous (B, N, H, D) with
+# Group structures: see ``group_neighbourhood``. Token tensors: q, k, v share strides
+# (sb, sn, sh); out and dO are contiguous (B, N, H, D) with
 # strides (ob, on, oh); dq, dk, dv share strides (gb, gn, gh): contiguous (B, N, H, D) too, or
 # the three slices of one packed (B, N, 3, H, D) gradient. The head dim has stride 1 everywhere.
 # ----------------------------------------------------------------------------------------------
@@ -109,64 +127,66 @@ def _relpos_bias(dx, dy, w0, w1, w2, w3, w4, wb):
 
 
 @triton.jit
-def _key_tile(NBR, POS, b, c, start, Kn, snb, snm, spb, spn,
-              m: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Token indices and positions of keys start .. start + BLOCK_K of cluster c's neighbourhood:
-    flat index t -> slot t // m of nbr[b, c], token t % m of that cluster."""
+def _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Flat index t = start .. start + BLOCK_K over a group's union entries (m tokens each):
+    token index, in-range flag and membership mask of each column."""
     t = start + tl.arange(0, BLOCK_K)
     t_ok = t < Kn
-    cl = tl.load(NBR + b * snb + c * snm + t // m, mask=t_ok, other=0).to(tl.int32)
-    tk = cl * m + t % m
-    pkx = tl.load(POS + b * spb + tk * spn, mask=t_ok, other=0.0)
-    pky = tl.load(POS + b * spb + tk * spn + 1, mask=t_ok, other=0.0)
-    return tk, t_ok, pkx, pky
+    e = GRP + b * sgb + 2 * nG + u0 + t // m
+    cl = tl.load(e, mask=t_ok, other=0)
+    bits = tl.load(e + CAP, mask=t_ok, other=0)
+    return cl * m + t % m, t_ok, bits
 
 
 @triton.jit(do_not_specialize=_SIZES)
 def _fwd_kernel(
-    Q, K, V, POS, NBR, W, WB, BK, BV, O, LSE,
-    sb, sn, sh, ob, on, oh, spb, spn, snb, snm, slb, slh,
-    H, n_valid, Kc, scale,
-    m: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
+    Q, K, V, POS, GRP, W, WB, BK, BV, O, LSE,
+    sb, sn, sh, ob, on, oh, spb, spn, sgb, slb, slh,
+    H, M, n_valid, nG, CAP, scale,
+    m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    c = tl.program_id(0)
+    g = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
 
-    # 1. The m queries of cluster c (rows >= m pad the tile to 16 rows for tensor cores).
+    # 1. The G * m queries of group g (row cluster r = row // m).
     rq = tl.arange(0, BLOCK_Q)
     rd = tl.arange(0, BLOCK_D)
-    q_row = rq < m
+    r = rq // m
+    q_row = (rq < G * m) & (g * G + r < M)
     d_ok = rd < D
-    tq = c * m + rq
+    tq = g * (G * m) + rq
     q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :],
-                mask=q_row[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_Q, BLOCK_D)
+                mask=q_row[:, None] & d_ok[None, :], other=0.0)
     pqx = tl.load(POS + b * spb + tq * spn, mask=q_row, other=0.0)
     pqy = tl.load(POS + b * spb + tq * spn + 1, mask=q_row, other=0.0)
     w0, w1, w2, w3, w4, wb = _bias_weights(W, WB, h)
 
-    # 2. The blank key/value is the initial softmax state: max = its logit, sum = 1, acc = value.
-    bk = tl.load(BK + h * D + rd, mask=d_ok, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    # 2. Blank key/value as the initial softmax state.
+    bk = tl.load(BK + h * D + rd, mask=d_ok, other=0.0).to(tl.float32)
     bv = tl.load(BV + h * D + rd, mask=d_ok, other=0.0).to(tl.float32)
-    m_i = tl.sum(q.to(tl.float32) * bk[None, :], 1) * qk_scale  # (BLOCK_Q,)
+    m_i = tl.sum(q.to(tl.float32) * bk[None, :], 1) * qk_scale
     l_i = tl.full([BLOCK_Q], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32) + bv[None, :]
 
-    # 3. Stream over the gathered neighbourhood, BLOCK_K keys at a time.
-    Kn = Kc * m
+    # 3. Stream over the union of the group's neighbourhoods.
+    u0 = tl.load(GRP + b * sgb + g)
+    Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
     for start in range(0, Kn, BLOCK_K):
-        tk, t_ok, pkx, pky = _key_tile(NBR, POS, b, c, start, Kn, snb, snm, spb, spn, m, BLOCK_K)
+        tk, t_ok, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m, BLOCK_K)
+        pkx = tl.load(POS + b * spb + tk * spn, mask=t_ok, other=0.0)
+        pky = tl.load(POS + b * spb + tk * spn + 1, mask=t_ok, other=0.0)
         kd_ok = t_ok[:, None] & d_ok[None, :]
-        # V is loaded with K (before the first product) so both loads are in flight together.
         k = tl.load(K + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
         v = tl.load(V + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
         s = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC) * qk_scale
-        bias, r, inv_r = _relpos_bias(pkx[None, :] - pqx[:, None], pky[None, :] - pqy[:, None],
-                                      w0, w1, w2, w3, w4, wb)
-        s = tl.where((t_ok & (tk < n_valid))[None, :], s + bias, -1.0e30)  # (BLOCK_Q, BLOCK_K)
+        bias, _r, _ir = _relpos_bias(pkx[None, :] - pqx[:, None], pky[None, :] - pqy[:, None],
+                                     w0, w1, w2, w3, w4, wb)
+        ok = (((bits[None, :] >> r[:, None]) & 1) != 0) & (t_ok & (tk < n_valid))[None, :]
+        s = tl.where(ok, s + bias, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -174,7 +194,6 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_T), v.to(DOT_T), input_precision=DOT_PREC)
         m_i = m_new
 
-    # 4. Normalise, store the output (input dtype) and the base-2 log-sum-exp.
     out = acc / l_i[:, None]
     tl.store(O + b * ob + h * oh + tq[:, None] * on + rd[None, :],
              out.to(O.dtype.element_ty), mask=q_row[:, None] & d_ok[None, :])
@@ -182,48 +201,50 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_tile(q, do, lse, pqx, pqy, q_row, K, V, POS, NBR, b, c, h, start, Kn, n_valid,
-              sb, sn, sh, spb, spn, snb, snm, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
-              m: tl.constexpr, BLOCK_K: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Recompute one key tile of a query cluster's neighbourhood: P (unnormalised by the row
-    correction) and dP = dO V^T, with what the gradients need."""
-    tk, t_ok, pkx, pky = _key_tile(NBR, POS, b, c, start, Kn, snb, snm, spb, spn, m, BLOCK_K)
+def _bwd_tile(q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn,
+                    nG, CAP, n_valid, sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd,
+                    d_ok, m: tl.constexpr, BLOCK_K: tl.constexpr, DOT_T: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    """One key tile of a group's union: P (before the row correction), dP, and what the
+    gradients need."""
+    tk, t_ok, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m, BLOCK_K)
+    pkx = tl.load(POS + b * spb + tk * spn, mask=t_ok, other=0.0)
+    pky = tl.load(POS + b * spb + tk * spn + 1, mask=t_ok, other=0.0)
     kd_ok = t_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
     v = tl.load(V + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
     dx = pkx[None, :] - pqx[:, None]
     dy = pky[None, :] - pqy[:, None]
     s = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC) * qk_scale
-    bias, r, inv_r = _relpos_bias(dx, dy, w0, w1, w2, w3, w4, wb)
-    k_ok = t_ok & (tk < n_valid)
-    s = tl.where(k_ok[None, :] & q_row[:, None], s + bias, -1.0e30)
-    p = tl.exp2(s - lse[:, None])  # (BLOCK_Q, BLOCK_K)
+    bias, rr, inv_r = _relpos_bias(dx, dy, w0, w1, w2, w3, w4, wb)
+    ok = (((bits[None, :] >> r[:, None]) & 1) != 0) & (t_ok & (tk < n_valid))[None, :] & q_row[:, None]
+    s = tl.where(ok, s + bias, -1.0e30)
+    p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do.to(DOT_T), tl.trans(v.to(DOT_T)), input_precision=DOT_PREC)
-    return p, dp, k, tk, k_ok, dx, dy, r, inv_r
+    return p, dp, k, dx, dy, rr, inv_r
 
 
 @triton.jit(do_not_specialize=_SIZES)
 def _bwd_q_kernel(
-    Q, K, V, DO, POS, NBR, W, WB, BK, BV, LSE, ROWS, DQ, GP, DKV32,
-    sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, snb, snm, slb, slh, rows_stride,
-    H, N, M, n_valid, Kc, scale,
-    m: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
-    SINGLE_TILE: tl.constexpr, ATOMIC: tl.constexpr,
+    Q, K, V, DO, POS, GRP, W, WB, BK, BV, LSE, ROWS, DQ, GP,
+    sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride,
+    H, M, n_valid, nG, CAP, scale,
+    m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    c = tl.program_id(0)
+    g = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
 
-    # 1. Query tile, its upstream gradient, saved log-sum-exp.
     rq = tl.arange(0, BLOCK_Q)
     rd = tl.arange(0, BLOCK_D)
-    q_row = rq < m
+    r = rq // m
+    q_row = (rq < G * m) & (g * G + r < M)
     d_ok = rd < D
     qd_ok = q_row[:, None] & d_ok[None, :]
-    tq = c * m + rq
+    tq = g * (G * m) + rq
     q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :], mask=qd_ok, other=0.0)
     do = tl.load(DO + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd_ok, other=0.0)
     lse = tl.load(LSE + b * slb + h * slh + tq, mask=q_row, other=0.0)
@@ -231,26 +252,26 @@ def _bwd_q_kernel(
     pqy = tl.load(POS + b * spb + tq * spn + 1, mask=q_row, other=0.0)
     w0, w1, w2, w3, w4, wb = _bias_weights(W, WB, h)
 
-    # 2. Row sums of P and of P dP (blank included), for the row correction and delta.
+    # Row sums of P and P dP (blank included): the row correction and delta (see kernel.py).
     bk = tl.load(BK + h * D + rd, mask=d_ok, other=0.0).to(tl.float32)
     bv = tl.load(BV + h * D + rd, mask=d_ok, other=0.0).to(tl.float32)
     p_b = tl.exp2(tl.sum(q.to(tl.float32) * bk[None, :], 1) * qk_scale - lse)
     p_b = tl.where(q_row, p_b, 0.0)
     dp_b = tl.sum(do.to(tl.float32) * bv[None, :], 1)
-    p_sum = p_b  # (BLOCK_Q,)
+    p_sum = p_b
     pdp_sum = p_b * dp_b
-    Kn = Kc * m
-    if not SINGLE_TILE:  # several key tiles: one extra sweep for the row sums
+    u0 = tl.load(GRP + b * sgb + g)
+    Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
+    single = Kn <= BLOCK_K
+    if not single:  # several key tiles: one extra sweep for the row sums
         for start in range(0, Kn, BLOCK_K):
-            p, dp, k, tk, k_ok, dx, dy, r, inv_r = _bwd_tile(
-                q, do, lse, pqx, pqy, q_row, K, V, POS, NBR, b, c, h, start, Kn, n_valid,
-                sb, sn, sh, spb, spn, snb, snm, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
+            p, dp, k, dx, dy, rr, inv_r = _bwd_tile(
+                q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, CAP,
+                n_valid, sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
                 m, BLOCK_K, DOT_T, DOT_PREC)
             p_sum += tl.sum(p, 1)
             pdp_sum += tl.sum(p * dp, 1)
 
-    # 3. Stream over the neighbourhood: dS, dQ, the bias-weight gradient (dS times each
-    #    relative-position feature, reduced) and, in atomic mode, this tile's dK / dV.
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     g0 = tl.zeros([BLOCK_Q], tl.float32)
     g1 = tl.zeros([BLOCK_Q], tl.float32)
@@ -261,51 +282,35 @@ def _bwd_q_kernel(
     inv_sum = tl.where(q_row, 1.0 / tl.where(q_row, p_sum, 1.0), 0.0)
     delta = pdp_sum * inv_sum
     for start in range(0, Kn, BLOCK_K):
-        p, dp, k, tk, k_ok, dx, dy, r, inv_r = _bwd_tile(
-            q, do, lse, pqx, pqy, q_row, K, V, POS, NBR, b, c, h, start, Kn, n_valid,
-            sb, sn, sh, spb, spn, snb, snm, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
+        p, dp, k, dx, dy, rr, inv_r = _bwd_tile(
+            q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, CAP,
+            n_valid, sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
             m, BLOCK_K, DOT_T, DOT_PREC)
-        if SINGLE_TILE:  # this is the only tile: the row sums are complete after it
+        if single:  # the only tile: the row sums are complete after it
             p_sum += tl.sum(p, 1)
             pdp_sum += tl.sum(p * dp, 1)
             inv_sum = tl.where(q_row, 1.0 / tl.where(q_row, p_sum, 1.0), 0.0)
             delta = pdp_sum * inv_sum
         p = p * inv_sum[:, None]
-        ds = p * (dp - delta[:, None])  # gradient of the natural-unit logit
+        ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(DOT_T), k.to(DOT_T), input_precision=DOT_PREC)
         g0 += tl.sum(ds * dx, 1)
         g1 += tl.sum(ds * dy, 1)
-        g2 += tl.sum(ds * r, 1)
+        g2 += tl.sum(ds * rr, 1)
         g3 += tl.sum(ds * dx * inv_r, 1)
         g4 += tl.sum(ds * dy * inv_r, 1)
         g5 += tl.sum(ds, 1)
-        if ATOMIC:
-            dk_t = tl.dot(tl.trans(ds).to(DOT_T), q.to(DOT_T), input_precision=DOT_PREC) * scale
-            dv_t = tl.dot(tl.trans(p).to(DOT_T), do.to(DOT_T), input_precision=DOT_PREC)
-            # float32 (2, B, N, H, D) buffer in dO's layout: dK then dV
-            off = b * ob + h * oh + tk[:, None] * on + rd[None, :]
-            kv_ok = k_ok[:, None] & d_ok[None, :]
-            tl.atomic_add(DKV32 + off, dk_t, mask=kv_ok)
-            tl.atomic_add(DKV32 + (tl.num_programs(1) // H).to(tl.int64) * ob + off, dv_t, mask=kv_ok)
 
-    # 4. Blank gradients, dQ (input dtype), the corrected log-sum-exp and delta for pass 2, one
-    #    partial column per program: [6 bias-weight terms, 2 unused, d blank_k (D), d blank_v (D)].
     p_b = p_b * inv_sum
     ds_b = p_b * (dp_b - delta)
     dq += ds_b[:, None] * bk[None, :]
     tl.store(DQ + b * gb + h * gh + tq[:, None] * gn + rd[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_ok)
-    # ROWS: (2, B, H, N) float32, the corrected log-sum-exp then delta.
     tl.store(ROWS + b * slb + h * slh + tq, lse + tl.log2(tl.where(q_row, p_sum, 1.0)), mask=q_row)
     tl.store(ROWS + rows_stride + b * slb + h * slh + tq, delta, mask=q_row)
-    # GP is (6 H + 2 H D, P) with P = B * M programs per head, program-minor: the launcher's
-    # reduction then runs over the contiguous last dim (PyTorch's column sums over dim 0 of a
-    # (P, rows) layout took 8-20 us per call on an H200). Rows are parameter-major: bias
-    # weight (H, 5), bias bias (H,), blank k (H, D), blank v (H, D), so each parameter's
-    # gradient is a contiguous piece of the sum that autograd takes as it is (a piece of a
-    # per-head row layout was copied once per parameter: 64 copies per aff_small step).
-    P = (tl.num_programs(1) // H) * M
-    col = GP + (b * M + c)
+    # GP: (6 H + 2 H D, B * nG), one column per program, parameter-major (as kernel.py).
+    P = (tl.num_programs(1) // H) * nG
+    col = GP + (b * nG + g)
     tl.store(col + (h * 5) * P, tl.sum(g0, 0))
     tl.store(col + (h * 5 + 1) * P, tl.sum(g1, 0))
     tl.store(col + (h * 5 + 2) * P, tl.sum(g2, 0))
@@ -320,28 +325,27 @@ def _bwd_q_kernel(
 
 @triton.jit(do_not_specialize=_SIZES)
 def _bwd_kv_kernel(
-    Q, K, V, DO, POS, CSR, W, WB, ROWS, DK, DV,
-    sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, slb, slh, rows_stride,
-    H, M, Kc, n_valid, scale,
-    m: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
+    Q, K, V, DO, POS, GRP, W, WB, ROWS, DK, DV,
+    sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride,
+    H, M, n_valid, nG, CAP, scale,
+    m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # Key-major pass: program (key cluster c, batch * head) gathers every query cluster whose
-    # neighbourhood lists c and accumulates dK, dV. CSR: (B, M * Kc + M + 1) int32, per batch
-    # element the query clusters grouped by key cluster, then the M + 1 offsets.
-    c = tl.program_id(0)
+    # Key-major: program (group of G key clusters, batch * head) streams over the union of the
+    # query clusters listing any of them (transposed group structure); S, P, dP are keys x queries.
+    g = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
 
-    # 1. The m keys / values of cluster c (rows, padded to the 16-row tile).
     rk = tl.arange(0, BLOCK_Q)
     rd = tl.arange(0, BLOCK_D)
-    k_row = rk < m
+    r = rk // m
+    k_row = (rk < G * m) & (g * G + r < M)
     d_ok = rd < D
     kd_ok = k_row[:, None] & d_ok[None, :]
-    tk = c * m + rk
+    tk = g * (G * m) + rk
     k_ok = k_row & (tk < n_valid)
     k = tl.load(K + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
     v = tl.load(V + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
@@ -349,19 +353,12 @@ def _bwd_kv_kernel(
     pky = tl.load(POS + b * spb + tk * spn + 1, mask=k_row, other=0.0)
     w0, w1, w2, w3, w4, wb = _bias_weights(W, WB, h)
 
-    # 2. Stream over the incoming queries, BLOCK_K at a time (flat index u -> incoming entry
-    #    u // m, token u % m of that query cluster); S, P, dP are transposed (keys x queries).
-    E = M * Kc
-    SRC = CSR + b * (E + M + 1)
-    start = tl.load(SRC + E + c)
-    n_in = (tl.load(SRC + E + c + 1) - start) * m
+    u0 = tl.load(GRP + b * sgb + g)
+    n_in = (tl.load(GRP + b * sgb + nG + g) - u0) * m
     dk = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for u0 in range(0, n_in, BLOCK_K):
-        u = u0 + tl.arange(0, BLOCK_K)
-        u_ok = u < n_in
-        qc = tl.load(SRC + start + u // m, mask=u_ok, other=0)
-        tq = qc * m + u % m
+    for start in range(0, n_in, BLOCK_K):
+        tq, u_ok, bits = _union_tile(GRP, sgb, b, u0, start, n_in, nG, CAP, m, BLOCK_K)
         qd = u_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :], mask=qd, other=0.0)
         do = tl.load(DO + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd, other=0.0)
@@ -370,46 +367,212 @@ def _bwd_kv_kernel(
         pqx = tl.load(POS + b * spb + tq * spn, mask=u_ok, other=0.0)
         pqy = tl.load(POS + b * spb + tq * spn + 1, mask=u_ok, other=0.0)
         s = tl.dot(k.to(DOT_T), tl.trans(q.to(DOT_T)), input_precision=DOT_PREC) * qk_scale
-        bias, r, inv_r = _relpos_bias(pkx[:, None] - pqx[None, :], pky[:, None] - pqy[None, :],
-                                      w0, w1, w2, w3, w4, wb)
-        s = tl.where(k_ok[:, None] & u_ok[None, :], s + bias, -1.0e30)  # (BLOCK_Q, BLOCK_K)
+        bias, _r, _ir = _relpos_bias(pkx[:, None] - pqx[None, :], pky[:, None] - pqy[None, :],
+                                     w0, w1, w2, w3, w4, wb)
+        ok = (((bits[None, :] >> r[:, None]) & 1) != 0) & k_ok[:, None] & u_ok[None, :]
+        s = tl.where(ok, s + bias, -1.0e30)
         p = tl.exp2(s - lse[None, :])
         dv += tl.dot(p.to(DOT_T), do.to(DOT_T), input_precision=DOT_PREC)
         dp = tl.dot(v.to(DOT_T), tl.trans(do.to(DOT_T)), input_precision=DOT_PREC)
         ds = p * (dp - delta[None, :])
         dk += tl.dot(ds.to(DOT_T), q.to(DOT_T), input_precision=DOT_PREC)
 
-    # 3. Written once, in the input dtype (padded keys get exact zeros).
     tl.store(DK + b * gb + h * gh + tk[:, None] * gn + rd[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
     tl.store(DV + b * gb + h * gh + tk[:, None] * gn + rd[None, :],
              dv.to(DV.dtype.element_ty), mask=kd_ok)
 
 
-@triton.jit(do_not_specialize=["M", "Kc"])
-def _transpose_kernel(NBR, CSR, M, Kc, KB: tl.constexpr, CHUNK: tl.constexpr):
-    """Program (KB key clusters, batch element b): the transposed neighbourhood of those key
-    clusters, by counting over the E = M * Kc entries of nbr[b] (contiguous): offsets (entries
-    with a smaller key cluster) and, in entry order, the query clusters listing each key
-    cluster. Deterministic, and one launch where a torch sort + searchsorted take several."""
+# ----------------------------------------------------------------------------------------------
+# Group structures
+# ----------------------------------------------------------------------------------------------
+
+
+def num_groups(M: int, G: int) -> int:
+    return -(-M // G)
+
+
+def groups_width(M: int, Kc: int, G: int, transpose: bool = False) -> int:
+    """Row length of a group structure: [start nG][end nG][clusters CAP][masks CAP]."""
+    nG = num_groups(M, G)
+    return 2 * nG + 2 * (M * Kc if transpose else nG * G * Kc)
+
+
+def group_neighbourhood_ref(nbr: torch.Tensor, G: int, transpose: bool = False) -> list:
+    """Plain-Python specification of ``group_neighbourhood``: per batch element, per group, the
+    set of (cluster, mask) union entries (for tests; any order within a group)."""
+    B, M, Kc = nbr.shape
+    out = []
+    for b in range(B):
+        groups = [dict() for _ in range(num_groups(M, G))]
+        for i in range(M):
+            seen: dict[int, int] = {}
+            for j in range(Kc):
+                v = int(nbr[b, i, j])
+                o = seen.get(v, 0)
+                seen[v] = o + 1
+                owner, listed = (v, i) if transpose else (i, v)
+                d = groups[owner // G]
+                d[(listed, o)] = d.get((listed, o), 0) | (1 << (owner % G))
+        out.append([sorted((c, mk) for (c, _o), mk in d.items()) for d in groups])
+    return out
+
+
+def group_entries(grp: torch.Tensor, M: int, Kc: int, G: int, transpose: bool = False) -> list:
+    """The union entries of a group structure in ``group_neighbourhood_ref``'s form."""
+    nG = num_groups(M, G)
+    cap = (grp.shape[1] - 2 * nG) // 2
+    g = grp.cpu().tolist()
+    return [[sorted(zip(row[2 * nG + row[i]: 2 * nG + row[nG + i]],
+                        row[2 * nG + cap + row[i]: 2 * nG + cap + row[nG + i]])) for i in range(nG)]
+            for row in g]
+
+
+@triton.jit
+def _groups_kernel(NBR, OUT, M, Kc, nG, CAP, G: tl.constexpr, GP: tl.constexpr, KCP: tl.constexpr,
+                   GB: tl.constexpr):
+    """Program (GB groups, batch element b): each group's union of its G rows' neighbour lists,
+    as (cluster, mask) entries at the group's fixed slots g * G * Kc .. (first occurrences in
+    row order; a cluster listed twice in a row is two entries, see the module docstring)."""
     b = tl.program_id(1).to(tl.int64)
-    kc = tl.program_id(0) * KB + tl.arange(0, KB)  # (KB,) key clusters; M itself for the end
-    E = M * Kc
-    SRC = CSR + b * (E + M + 1)
+    GK: tl.constexpr = GP * KCP  # GP, KCP: G and Kc rounded up to powers of two
+    ga = tl.program_id(0) * GB + tl.arange(0, GB)  # (GB,) groups
+    a = tl.arange(0, GK)  # slot a = row r of the group, column j
+    r = a // KCP
+    j = a % KCP
+    row = ga[:, None] * G + r[None, :]  # (GB, GK)
+    ok = (j[None, :] < Kc) & (r[None, :] < G) & (row < M) & (ga[:, None] < nG)
+    v = tl.load(NBR + b * M * Kc + row * Kc + j[None, :], mask=ok, other=-1).to(tl.int32)
+    # occurrence index of v among the earlier columns of its row
+    earlier = (r[:, None] == r[None, :]) & (j[None, :] < j[:, None])  # (GK, GK): [a, a']
+    same = (v[:, :, None] == v[:, None, :]) & earlier[None, :, :] & ok[:, None, :]
+    key = tl.where(ok, v * Kc + tl.sum(same.to(tl.int32), 2), -1)  # (cluster, repeat)
+    eq = (key[:, :, None] == key[:, None, :]) & ok[:, :, None] & ok[:, None, :]  # (GB, GK, GK)
+    first = ok & (tl.sum((eq & (a[None, :] < a[:, None])[None, :, :]).to(tl.int32), 2) == 0)
+    bit = tl.full([GK], 1, tl.int32) << r
+    mask = tl.sum(tl.where(eq, bit[None, None, :], 0), 2)  # rows listing it: distinct bits
+    pos = tl.cumsum(first.to(tl.int32), 1) - 1
+    base = OUT + b * (2 * nG + 2 * CAP)
+    start = ga * (G * Kc)
+    tl.store(base + ga, start, mask=ga < nG)
+    tl.store(base + nG + ga, start + tl.sum(first.to(tl.int32), 1), mask=ga < nG)
+    dest = base + 2 * nG + start[:, None] + pos
+    tl.store(dest, v, mask=first)
+    tl.store(dest + CAP, mask, mask=first)
+
+
+@triton.jit
+def _key_groups_kernel(NBR, VAL, TMASK, M, Kc, nG, G: tl.constexpr, KCP: tl.constexpr,
+                       RB: tl.constexpr):
+    """Program (RB rows, batch element b), for the key-major structure: per entry (row i,
+    column j) listing cluster v, VAL = its key group v // G if it is the first entry of row i
+    with that key group and repeat index, else nG (no entry); TMASK = the bits v' % G of all
+    entries of row i with that key group and repeat index."""
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * RB + tl.arange(0, RB)  # (RB,) rows
+    j = tl.arange(0, KCP)
+    ok = (i[:, None] < M) & (j[None, :] < Kc)  # (RB, KCP)
+    off = b * M * Kc + i[:, None] * Kc + j[None, :]
+    v = tl.load(NBR + off, mask=ok, other=-1).to(tl.int32)
+    before = j[None, :] < j[:, None]  # (KCP, KCP): [j, j']
+    both = ok[:, :, None] & ok[:, None, :]
+    occ = tl.sum(((v[:, :, None] == v[:, None, :]) & before[None, :, :] & both).to(tl.int32), 2)
+    key = (v // G) * Kc + occ
+    eq = (key[:, :, None] == key[:, None, :]) & both
+    first = ok & (tl.sum((eq & before[None, :, :]).to(tl.int32), 2) == 0)
+    bits = tl.sum(tl.where(eq, (tl.full([RB, KCP], 1, tl.int32) << (v % G))[:, None, :], 0), 2)
+    tl.store(VAL + off, tl.where(first, v // G, nG), mask=ok)
+    tl.store(TMASK + off, bits, mask=ok)
+
+
+@triton.jit
+def _csr_groups_kernel(VAL, TMASK, OUT, E, Kc, nG, CAP, KB: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (KB key groups, batch element b): the entries with VAL == group, in entry order,
+    by counting (``kernel._transpose_kernel`` with groups for clusters and a sentinel nG):
+    start / end of each group, the listing row (entry // Kc) and its mask."""
+    b = tl.program_id(1).to(tl.int64)
+    kc = tl.program_id(0) * KB + tl.arange(0, KB)  # (KB,) key groups; nG itself for the end
+    base = OUT + b * (2 * nG + 2 * CAP)
     less = tl.zeros([KB], tl.int32)
     for e0 in range(0, E, CHUNK):
         e = e0 + tl.arange(0, CHUNK)
-        val = tl.load(NBR + b * E + e, mask=e < E, other=M).to(tl.int32)
+        val = tl.load(VAL + b * E + e, mask=e < E, other=nG)
         less += tl.sum((val[:, None] < kc[None, :]).to(tl.int32), 0)
-    tl.store(SRC + E + kc, less, mask=kc <= M)  # offsets; offset M is E
+    tl.store(base + kc, less, mask=kc < nG)
+    tl.store(base + nG + kc - 1, less, mask=(kc >= 1) & (kc <= nG))
     seen = less
     for e0 in range(0, E, CHUNK):
         e = e0 + tl.arange(0, CHUNK)
-        val = tl.load(NBR + b * E + e, mask=e < E, other=M).to(tl.int32)
-        match = ((val[:, None] == kc[None, :]) & (kc < M)[None, :]).to(tl.int32)  # (CHUNK, KB)
+        val = tl.load(VAL + b * E + e, mask=e < E, other=nG)
+        match = ((val[:, None] == kc[None, :]) & (kc < nG)[None, :]).to(tl.int32)  # (CHUNK, KB)
         dest = tl.sum(match * (tl.cumsum(match, 0) - match + seen[None, :]), 1)
-        tl.store(SRC + dest, e // Kc, mask=tl.sum(match, 1) > 0)
+        hit = tl.sum(match, 1) > 0
+        tl.store(base + 2 * nG + dest, e // Kc, mask=hit)
+        tl.store(base + 2 * nG + CAP + dest, tl.load(TMASK + b * E + e, mask=hit, other=0), mask=hit)
         seen += tl.sum(match, 0)
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def group_neighbourhood(nbr: torch.Tensor, G: int, transpose: bool = False,
+                        method: str = "auto") -> torch.Tensor:
+    """Union of the neighbourhoods of each G consecutive clusters, with membership masks.
+
+    Args:
+        nbr: (B, M, Kc) neighbour clusters of each (query) cluster.
+        G: clusters per group, 1 .. ``MAX_GROUP``.
+        transpose: group key clusters instead, listing the query clusters whose neighbourhood
+            names them (for the key-major backward pass).
+        method: for ``transpose``, how the entries are grouped: "count" (one Triton launch
+            counting over all entries, fast for small stages), "sort" (a stable ``torch.sort``,
+            a few launches, any size) or "auto" ("sort" from ``SORT_FROM_ENTRIES`` entries).
+    Returns:
+        (B, ``groups_width(M, Kc, G, transpose)``) int32: [start (nG)][end (nG)][clusters
+        (CAP)][masks (CAP)]; group g's entries are start[g] .. end[g]. Deterministic.
+    """
+    if not 1 <= G <= MAX_GROUP:
+        raise ValueError(f"group size G={G} must be in [1, {MAX_GROUP}]")
+    if method not in TRANSPOSE_METHODS:
+        raise ValueError(f"method must be one of {TRANSPOSE_METHODS}, got {method!r}")
+    nbr = _ensure(nbr)
+    B, M, Kc = nbr.shape
+    nG, E = num_groups(M, G), M * Kc
+    KCP, GP = triton.next_power_of_2(Kc), triton.next_power_of_2(G)
+    out = torch.empty(B, groups_width(M, Kc, G, transpose), device=nbr.device, dtype=torch.int32)
+    if not transpose:
+        GB = _pow2_at_most(2048 // (GP * KCP) ** 2)  # groups per program: (GB, GK, GK) tiles
+        _groups_kernel[(triton.cdiv(nG, GB), B)](nbr, out, M, Kc, nG, nG * G * Kc, G=G, GP=GP, KCP=KCP,
+                                                 GB=GB)
+        return out
+    val = torch.empty(B, E, device=nbr.device, dtype=torch.int32)
+    tmask = torch.empty_like(val)
+    RB = _pow2_at_most(1024 // KCP ** 2)
+    _key_groups_kernel[(triton.cdiv(M, RB), B)](nbr, val, tmask, M, Kc, nG, G=G, KCP=KCP, RB=RB)
+    if method == "auto":
+        method = "sort" if E >= SORT_FROM_ENTRIES else "count"
+    if method == "count":
+        out.zero_()  # slots past the last entry read 0, as from the sort below
+        KB = 16
+        _csr_groups_kernel[(triton.cdiv(nG + 1, KB), B)](val, tmask, out, E, Kc, nG, E, KB=KB,
+                                                          CHUNK=512, num_warps=8)
+        return out
+    sval, order = torch.sort(val, dim=1, stable=True)
+    bounds = torch.arange(nG + 1, device=nbr.device, dtype=torch.int32).expand(B, nG + 1)
+    off = torch.searchsorted(sval, bounds.contiguous()).to(torch.int32)  # (B, nG + 1)
+    used = torch.arange(E, device=nbr.device) < off[:, -1:]  # entries past the last one: 0
+    rows = torch.where(used, torch.div(order, Kc, rounding_mode="floor"), 0).to(torch.int32)
+    return torch.cat([off[:, :-1], off[:, 1:], rows, torch.where(used, tmask.gather(1, order), 0)], dim=1)
+
+
+def check_groups(grp: torch.Tensor, B: int, M: int, Kc: int, G: int, transpose: bool,
+                 what: str) -> torch.Tensor:
+    width = groups_width(M, Kc, G, transpose)
+    if tuple(grp.shape) != (B, width) or grp.dtype != torch.int32:
+        raise ValueError(f"{what} must be ({B}, {width}) int32 (group_neighbourhood with G={G}, "
+                         f"transpose={transpose}), got {tuple(grp.shape)} {grp.dtype}")
+    return _ensure(grp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,7 +621,13 @@ def _token_views(q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _tiles(m: int, D: int, dtype: torch.dtype, num_warps: int | None = None) -> dict:
+def group_size(m: int) -> int:
+    """Clusters per program for cluster size m: enough to fill a 16-row tile (2 for m = 8)."""
+    return max(1, min(MAX_GROUP, GROUP_ROWS // m))
+
+
+def _tiles(m: int, D: int, dtype: torch.dtype, G: int, block_k: int = BLOCK_K,
+           num_warps: int | None = None) -> dict:
     """Compile-time tile parameters: these depend on the model, never on batch size or resolution."""
     # Products take the input dtype (tensor cores, float32 accumulation). Triton's interpreter
     # multiplies bfloat16 as raw integers, so there bfloat16 operands are widened to float32 first:
@@ -467,11 +636,12 @@ def _tiles(m: int, D: int, dtype: torch.dtype, num_warps: int | None = None) -> 
     if dtype == torch.bfloat16 and interpreting():
         dot_t = tl.float32
     block_d = max(16, triton.next_power_of_2(D))
+    block_q = max(16, triton.next_power_of_2(G * m))
     return dict(
-        m=m, D=D, BLOCK_Q=max(16, triton.next_power_of_2(m)), BLOCK_K=BLOCK_K, BLOCK_D=block_d,
+        m=m, D=D, G=G, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d,
         DOT_T=dot_t, DOT_PREC="ieee" if dot_t == tl.float32 else "tf32",
-        # One warp per 16-row tile measured fastest on an H100 (docs/BENCHMARKS.md).
-        num_warps=num_warps or (1 if block_d <= 64 else 2),
+        # One warp per 16 rows (one warp per 16-row tile measured fastest on an H100).
+        num_warps=num_warps or (block_q // 16) * (1 if block_d <= 64 else 2),
     )
 
 
@@ -482,115 +652,90 @@ def _ensure(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _structures(nbr, m, G, grp, grp_t, need_t: bool):
+    """The forward (and, if ``need_t``, key-major) group structures: given ones checked, missing
+    ones built."""
+    B, M, Kc = nbr.shape
+    G = group_size(m) if G is None else G
+    grp = group_neighbourhood(nbr, G) if grp is None else check_groups(grp, B, M, Kc, G, False, "grp")
+    if need_t:
+        grp_t = (group_neighbourhood(nbr, G, transpose=True) if grp_t is None
+                 else check_groups(grp_t, B, M, Kc, G, True, "grp_t"))
+    return G, grp, grp_t
+
+
+def attention_groups(nbr: torch.Tensor, m: int, transpose: bool = False) -> torch.Tensor:
+    """``group_neighbourhood(nbr, group_size(m), transpose)``: the structure the launchers build
+    when not given one (callers that run several attention calls over one neighbourhood build
+    it once)."""
+    return group_neighbourhood(nbr, group_size(m), transpose)
+
+
 def attention_forward(
     q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
+    grp: torch.Tensor | None = None, group: int | None = None, block_k: int = BLOCK_K,
     num_warps: int | None = None,
 ):
     """Forward kernel. Returns out (B, N, H, D) in q's dtype and lse (B, H, N) float32, base 2.
 
-    ``num_warps`` overrides the default launch width (for ``affmae.bench.attention``).
+    ``grp``: ``attention_groups(nbr, m)`` if the caller has it (built here otherwise).
+    ``group``, ``block_k``, ``num_warps``: override the tiling (clusters per program, keys per
+    tile, launch width) for ``affmae.bench.attention``; a given ``grp`` must match ``group``.
     """
     m = check_inputs(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v)
     q, k, v = _token_views(q, k, v)
     B, N, H, D = q.shape
-    M, Kc = nbr.shape[1:]
-    pos, nbr = _ensure(pos, torch.float32), _ensure(nbr)  # (B, N, 2), (B, M, Kc)
+    M = nbr.shape[1]
+    G, grp, _ = _structures(nbr, m, group, grp, None, need_t=False)
+    nG = num_groups(M, G)
+    pos = _ensure(pos, torch.float32)  # (B, N, 2)
     w, wb, bk, bv = (_ensure(t) for t in (bias_weight, bias_bias, blank_k, blank_v))
     out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-    _fwd_kernel[(M, B * H)](
-        q, k, v, pos, nbr, w, wb, bk, bv, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), N * H * D, H * D, D,
-        N * 2, 2, M * Kc, Kc, H * N, N,
-        H, n_valid, Kc, float(scale),
-        **_tiles(m, D, q.dtype, num_warps),
+    _fwd_kernel[(nG, B * H)](
+        q, k, v, pos, grp, w, wb, bk, bv, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), N * H * D, H * D, D, N * 2, 2, grp.shape[1], H * N, N,
+        H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale),
+        **_tiles(m, D, q.dtype, G, block_k, num_warps),
     )
     return out, lse
 
 
-TRANSPOSE_METHODS = ("auto", "count", "sort")
-#: "auto" sorts from this many entries (M * Kc) per image up. Measured on an H200, batch 16
-#: (docs/BENCHMARKS.md, session 5): count / sort 10.6 / 47.4 us at M Kc = 824 (512 px stage 2),
-#: 38.1 / 49.3 us at 1848 (768 px stage 2), 56.1 / 50.4 us at 2048 (512 px stage 1), 206.4 /
-#: 102.2 us at 4608 (768 px stage 1). The count grows as (M Kc)^2 / Kc, the sort's launches
-#: cost about 47 us at any of these sizes.
-SORT_FROM_ENTRIES = 2048
-
-
-def auto_transpose_method(nbr: torch.Tensor) -> str:
-    """What ``transposed_neighbourhood(nbr, "auto")`` runs: "sort" for large stages (from
-    ``SORT_FROM_ENTRIES`` entries per image) or where Triton cannot run, else "count"."""
-    big = nbr.shape[1] * nbr.shape[2] >= SORT_FROM_ENTRIES
-    return "sort" if big or not (nbr.is_cuda or interpreting()) else "count"
-
-
-def transposed_neighbourhood(nbr: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """For each key cluster, the query clusters whose neighbourhood lists it (CSR, repeats kept).
-
-    Args:
-        nbr: (B, M, Kc) neighbour clusters of each query cluster.
-        method: "count" (one Triton launch, a deterministic count, O(M x M Kc) per image: fast
-            for small stages, 206 us at 768 px stage 1 on an H200), "sort" (a stable
-            ``torch.sort`` of the M Kc entries by key cluster and a ``searchsorted`` for the
-            offsets: a few launches, about 47 us on an H200 whatever the size, any device) or
-            "auto" (default: "sort" from ``SORT_FROM_ENTRIES`` entries per image up or on a
-            device without Triton, else "count"). All give the same result exactly.
-    Returns:
-        (B, M * Kc + M + 1) int32: per batch element, src (M * Kc query clusters grouped by key
-        cluster, ascending within a group) then off (M + 1 offsets): the query clusters of key
-        cluster c are src[off[c] : off[c + 1]].
-    """
-    if method not in TRANSPOSE_METHODS:
-        raise ValueError(f"method must be one of {TRANSPOSE_METHODS}, got {method!r}")
-    if method == "auto":
-        method = auto_transpose_method(nbr)
-    B, M, Kc = nbr.shape
-    if method == "sort":
-        keys = nbr.reshape(B, M * Kc)
-        sorted_keys, order = torch.sort(keys, dim=1, stable=True)  # ties keep entry order
-        src = torch.div(order, Kc, rounding_mode="floor")  # entry -> its query cluster
-        bounds = torch.arange(M + 1, device=nbr.device, dtype=keys.dtype).expand(B, M + 1)
-        off = torch.searchsorted(sorted_keys, bounds.contiguous())  # entries with key < c
-        return torch.cat([src, off], dim=1).to(torch.int32)
-    nbr = _ensure(nbr)
-    csr = torch.empty(B, M * Kc + M + 1, device=nbr.device, dtype=torch.int32)
-    KB = 16
-    _transpose_kernel[(triton.cdiv(M + 1, KB), B)](nbr, csr, M, Kc, KB=KB, CHUNK=512, num_warps=8)
-    return csr
-
-
 def attention_backward(
     do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
-    dkdv: str = "two_pass", num_warps: int | None = None, nbr_t: torch.Tensor | None = None,
-    dqkv: torch.Tensor | None = None,
+    grp: torch.Tensor | None = None, grp_t: torch.Tensor | None = None, group: int | None = None,
+    block_k: int = BLOCK_K, num_warps: int | None = None, dqkv: torch.Tensor | None = None,
+    passes: str = "qkv",
 ):
     """Backward kernels. Returns dq, dk, dv (input dtype) and g (6 H + 2 H D,) float32, the
     packed small gradients, parameter after parameter: d bias_weight (H, 5), d bias_bias (H,),
     d blank_k (H, D), d blank_v (H, D) (``unpack_param_grads``).
 
-    ``dkdv``: "two_pass" (key-major second kernel) or "atomic" (float32 atomics in pass 1).
-    ``num_warps`` overrides the default launch width (for ``affmae.bench.attention``).
-    ``nbr_t``: ``transposed_neighbourhood(nbr)`` if the caller has it (the blocks of a stage share
-    one neighbourhood, so the model builds it once per stage); built here otherwise.
+    ``grp`` / ``grp_t``: ``attention_groups(nbr, m)`` and ``attention_groups(nbr, m,
+    transpose=True)`` if the caller has them (the blocks of a stage share one neighbourhood,
+    so the model builds them once per stage); built here otherwise.
     ``dqkv``: a (B, N, 3, H, D) tensor in q's dtype, unit stride on the head dim, that the kernels
     write dq, dk, dv into (returned as its three slices) instead of three new tensors; see
     ``attention_backward_packed``.
+    ``group``, ``block_k``, ``num_warps``: tiling overrides (``attention_forward``).
+    ``passes``: "q" runs the query-major pass alone (dq and the parameter gradients; dk and dv
+    are returned unwritten), to time each pass.
     """
-    if dkdv not in DKDV_MODES:
-        raise ValueError(f"dkdv must be one of {DKDV_MODES}, got {dkdv!r}")
+    if passes not in ("qkv", "q"):
+        raise ValueError(f"passes must be 'qkv' or 'q', got {passes!r}")
     m = check_inputs(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v)
     q, k, v = _token_views(q, k, v)
     B, N, H, D = q.shape
-    M, Kc = nbr.shape[1:]
+    M = nbr.shape[1]
+    G, grp, grp_t = _structures(nbr, m, group, grp, grp_t, need_t=passes == "qkv")
+    nG = num_groups(M, G)
     do = _ensure(do, q.dtype)  # (B, N, H, D), the layout of out
-    pos, nbr = _ensure(pos, torch.float32), _ensure(nbr)  # (B, N, 2), (B, M, Kc)
+    pos = _ensure(pos, torch.float32)  # (B, N, 2)
     w, wb, bk, bv = (_ensure(t) for t in (bias_weight, bias_bias, blank_k, blank_v))
     dev = q.device
-    tiles = _tiles(m, D, q.dtype, num_warps)
-    atomic = dkdv == "atomic"
-
+    tiles = _tiles(m, D, q.dtype, G, block_k, num_warps)
     if dqkv is None:
-        dq = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
+        dq, dk, dv = (torch.empty(B, N, H, D, device=dev, dtype=q.dtype) for _ in range(3))
     else:
         if tuple(dqkv.shape) != (B, N, 3, H, D) or dqkv.dtype != q.dtype or dqkv.stride(-1) != 1:
             raise ValueError(f"dqkv must be ({B}, {N}, 3, {H}, {D}) {q.dtype} with a unit stride on "
@@ -599,39 +744,17 @@ def attention_backward(
     # dq, dk, dv share strides: all contiguous (B, N, H, D), or all slices of dqkv.
     strides = (*q.stride()[:3], N * H * D, H * D, D, *dq.stride()[:3], N * 2, 2)
     rows = torch.empty(2, B, H, N, device=dev, dtype=torch.float32)  # corrected lse, delta
-    # a column per program
-    parts = torch.empty(6 * H + 2 * H * D, B * M, device=dev, dtype=torch.float32)
-    # float32 dK, dV accumulators for the atomic mode (unused otherwise)
-    dkv32 = torch.zeros(2, B, N, H, D, device=dev, dtype=torch.float32) if atomic else parts
-    _bwd_q_kernel[(M, B * H)](
-        q, k, v, do, pos, nbr, w, wb, bk, bv, lse, rows, dq, parts, dkv32,
-        *strides, M * Kc, Kc, H * N, N, B * H * N,
-        H, N, M, n_valid, Kc, float(scale),
-        SINGLE_TILE=Kc * m <= BLOCK_K, ATOMIC=atomic, **tiles,
+    parts = torch.empty(6 * H + 2 * H * D, B * nG, device=dev, dtype=torch.float32)  # per program
+    _bwd_q_kernel[(nG, B * H)](
+        q, k, v, do, pos, grp, w, wb, bk, bv, lse, rows, dq, parts,
+        *strides, grp.shape[1], H * N, N, B * H * N,
+        H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale), **tiles,
     )
-    if atomic:
-        if dqkv is None:
-            dk, dv = dkv32[0].to(q.dtype), dkv32[1].to(q.dtype)
-        else:  # the same rounding as ``.to``, into dqkv's slices
-            dk.copy_(dkv32[0])
-            dv.copy_(dkv32[1])
-    else:
-        if nbr_t is None:
-            csr = transposed_neighbourhood(nbr)
-        else:
-            if tuple(nbr_t.shape) != (B, M * Kc + M + 1) or nbr_t.dtype != torch.int32:
-                raise ValueError(f"nbr_t must be ({B}, {M * Kc + M + 1}) int32 "
-                                 f"(transposed_neighbourhood(nbr)), got {tuple(nbr_t.shape)} "
-                                 f"{nbr_t.dtype}")
-            csr = _ensure(nbr_t)
-        if dqkv is None:
-            dk = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
-            dv = torch.empty(B, N, H, D, device=dev, dtype=q.dtype)
-        _bwd_kv_kernel[(M, B * H)](
-            q, k, v, do, pos, csr, w, wb, rows, dk, dv,
-            *strides, H * N, N, B * H * N,
-            H, M, Kc, n_valid, float(scale),
-            **tiles,
+    if passes == "qkv":
+        _bwd_kv_kernel[(nG, B * H)](
+            q, k, v, do, pos, grp_t, w, wb, rows, dk, dv,
+            *strides, grp_t.shape[1], H * N, N, B * H * N,
+            H, M, n_valid, nG, (grp_t.shape[1] - 2 * nG) // 2, float(scale), **tiles,
         )
     return dq, dk, dv, parts.sum(-1)  # (6 H + 2 H D,)
 
@@ -644,7 +767,7 @@ def check_packed(qkv: torch.Tensor) -> None:
 
 def attention_backward_packed(
     do, qkv, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
-    dkdv: str = "two_pass", num_warps: int | None = None, nbr_t: torch.Tensor | None = None,
+    grp: torch.Tensor | None = None, grp_t: torch.Tensor | None = None, **tiling,
 ):
     """``attention_backward`` for q, k, v = ``qkv.unbind(2)`` of a packed (B, N, 3, H, D) ``qkv``
     (a fused projection's output). Returns dqkv (B, N, 3, H, D), contiguous, in qkv's dtype, and g.
@@ -657,7 +780,7 @@ def attention_backward_packed(
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     *_, g = attention_backward(
         do, *qkv.unbind(2), lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
-        dkdv=dkdv, num_warps=num_warps, nbr_t=nbr_t, dqkv=dqkv,
+        grp=grp, grp_t=grp_t, dqkv=dqkv, **tiling,
     )
     return dqkv, g
 
