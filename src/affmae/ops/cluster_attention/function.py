@@ -163,7 +163,7 @@ class ClusterAttentionFunction(torch.autograd.Function):
         else:
             *token_grads, g = op(*args)
         if packed:  # dqkv in q's place; k and v are None
-            token_grads += [None, None]
+            token_grads = (*token_grads, None, None)
         dw, dwb, dbk, dbv = kernel.unpack_param_grads(g, bias_weight, bias_bias, blank_k, blank_v)
         need = ctx.needs_input_grad
         grads = (*token_grads, None, None, None, dw, dwb, dbk, dbv, None, None, None)
