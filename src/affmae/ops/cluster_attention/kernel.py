@@ -16,7 +16,7 @@ How it is computed:
    clusters, entries the query clusters listing them; a count or a sort, 8-112 us on an
    H200); a stage's blocks share both (``Clustering.attention_groups``). Against one program
    per cluster (an 8-row tile padded to 16 against its own 64 gathered keys) this removes the
-   padding rows and gathers each key once per group: 1.2-1.4x faster forward and backward
+   padding rows and gathers each key once per group: 1.1-1.4x faster forward and backward
    (docs/BENCHMARKS.md, session 12). Larger groups lose: their unions are mostly masked.
 1. Forward, one program per (group, batch * head): the query tile times a gathered key tile
    (BLOCK_K = 32 keys of the union) is one ``tl.dot``. The blank key/value is the initial
