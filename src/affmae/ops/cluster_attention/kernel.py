@@ -70,9 +70,10 @@ MAX_GROUP = 16  # the membership masks are int32 bit sets over a group's cluster
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _SIZES = ["H", "M", "n_valid", "nG", "CAP"]  # never specialised (see the module docstring)
 TRANSPOSE_METHODS = ("auto", "count", "sort")
-#: "auto" sorts from this many entries (M * Kc) per image up: on an H200 the count took 7.5-35 us
-#: below it (512 px stages) and 112 us at 4608 entries (768 px stage 1), the sort 39-86 us.
-SORT_FROM_ENTRIES = 2048
+#: "auto" sorts from this many entries (M * Kc) per image up. On an H200 (session 12) the count
+#: took 7.5-35 us up to 2,048 entries (every 512 px stage; the sort 39-43 us there) and 112 us at
+#: 4,608 (768 px stage 1; the sort 86 us); the count grows as entries^2, so they cross near 2,300.
+SORT_FROM_ENTRIES = 2304
 
 
 def why_not(q: torch.Tensor) -> str | None:
