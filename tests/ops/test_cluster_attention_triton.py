@@ -249,9 +249,16 @@ def _given_groups() -> dict:
     given = torch.ops.affmae.cluster_attention_bwd(*bwd_args, grp, grp_t)
     diffs += [(a - b).abs().max().item() for a, b in zip(own, given)]
     errors = []
-    for kw in (dict(grp_t=grp_t[:, 1:]), dict(grp=grp_t), dict(grp=grp, group=1)):
+    # M = 4 clusters, G = 2: both structures hold M * Kc entries; only their widths' parity
+    # tells them apart, so the two swapped must still be refused.
+    even = make_inputs(B=1, n_valid=32, m=8, H=1, D=16, Kc=3)
+    even_args = (even["do"], even["q"], even["k"], even["v"], lse.new_zeros(1, 1, 32), even["pos"],
+                 even["nbr"], even["n_valid"], *even["params"], 0.25)
+    swapped = dict(grp=kernel.attention_groups(even["nbr"], 8, True), grp_t=kernel.attention_groups(even["nbr"], 8))
+    for a, kw in ((bwd_args, dict(grp_t=grp_t[:, 1:])), (bwd_args, dict(grp=grp_t)),
+                  (bwd_args, dict(grp=grp, group=1)), (even_args, swapped)):
         try:
-            kernel.attention_backward(*bwd_args, **kw)
+            kernel.attention_backward(*a, **kw)
             errors.append("no error")
         except ValueError as e:
             errors.append(str(e))
@@ -409,7 +416,8 @@ def test_interpreter_group_structures_are_exact(interpreter_results):
 def test_interpreter_given_group_structures_are_the_same_function(interpreter_results):
     r = result(interpreter_results, "given_groups")
     assert r["diff"] == 0.0, f"outputs or gradients with given group structures differ by {r['diff']}"
-    wrong_width, wrong_kind, wrong_group = r["errors"]
+    wrong_width, wrong_kind, wrong_group, swapped = r["errors"]
+    assert "grp must be" in swapped, swapped
     assert "grp_t must be" in wrong_width, wrong_width
     assert "grp must be" in wrong_kind, wrong_kind  # a key-major structure passed as the forward one
     assert "grp must be" in wrong_group and "G=1" in wrong_group, wrong_group

@@ -394,9 +394,11 @@ def num_groups(M: int, G: int) -> int:
 
 
 def groups_width(M: int, Kc: int, G: int, transpose: bool = False) -> int:
-    """Row length of a group structure: [start nG][end nG][clusters CAP][masks CAP]."""
+    """Row length of a group structure: [start nG][end nG][clusters CAP][masks CAP], plus one
+    spare 0 for the key-major one: its width is odd and the forward one's even, so the two can
+    never be mistaken for each other (their CAPs are equal when G divides M)."""
     nG = num_groups(M, G)
-    return 2 * nG + 2 * (M * Kc if transpose else nG * G * Kc)
+    return 2 * nG + (2 * M * Kc + 1 if transpose else 2 * nG * G * Kc)
 
 
 def group_neighbourhood_ref(nbr: torch.Tensor, G: int, transpose: bool = False) -> list:
@@ -487,13 +489,13 @@ def _key_groups_kernel(NBR, VAL, TMASK, M, Kc, nG, G: tl.constexpr, KCP: tl.cons
 
 
 @triton.jit
-def _csr_groups_kernel(VAL, TMASK, OUT, E, Kc, nG, CAP, KB: tl.constexpr, CHUNK: tl.constexpr):
+def _csr_groups_kernel(VAL, TMASK, OUT, E, Kc, nG, CAP, WIDTH, KB: tl.constexpr, CHUNK: tl.constexpr):
     """Program (KB key groups, batch element b): the entries with VAL == group, in entry order,
     by counting (``kernel._transpose_kernel`` with groups for clusters and a sentinel nG):
     start / end of each group, the listing row (entry // Kc) and its mask."""
     b = tl.program_id(1).to(tl.int64)
     kc = tl.program_id(0) * KB + tl.arange(0, KB)  # (KB,) key groups; nG itself for the end
-    base = OUT + b * (2 * nG + 2 * CAP)
+    base = OUT + b * WIDTH
     less = tl.zeros([KB], tl.int32)
     for e0 in range(0, E, CHUNK):
         e = e0 + tl.arange(0, CHUNK)
@@ -556,15 +558,16 @@ def group_neighbourhood(nbr: torch.Tensor, G: int, transpose: bool = False,
     if method == "count":
         out.zero_()  # slots past the last entry read 0, as from the sort below
         KB = 16
-        _csr_groups_kernel[(triton.cdiv(nG + 1, KB), B)](val, tmask, out, E, Kc, nG, E, KB=KB,
-                                                          CHUNK=512, num_warps=8)
+        _csr_groups_kernel[(triton.cdiv(nG + 1, KB), B)](val, tmask, out, E, Kc, nG, E, out.shape[1],
+                                                          KB=KB, CHUNK=512, num_warps=8)
         return out
     sval, order = torch.sort(val, dim=1, stable=True)
     bounds = torch.arange(nG + 1, device=nbr.device, dtype=torch.int32).expand(B, nG + 1)
     off = torch.searchsorted(sval, bounds.contiguous()).to(torch.int32)  # (B, nG + 1)
     used = torch.arange(E, device=nbr.device) < off[:, -1:]  # entries past the last one: 0
     rows = torch.where(used, torch.div(order, Kc, rounding_mode="floor"), 0).to(torch.int32)
-    return torch.cat([off[:, :-1], off[:, 1:], rows, torch.where(used, tmask.gather(1, order), 0)], dim=1)
+    return torch.cat([off[:, :-1], off[:, 1:], rows, torch.where(used, tmask.gather(1, order), 0),
+                      torch.zeros_like(off[:, :1])], dim=1)
 
 
 def check_groups(grp: torch.Tensor, B: int, M: int, Kc: int, G: int, transpose: bool,
