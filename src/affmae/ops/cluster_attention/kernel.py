@@ -533,7 +533,10 @@ def group_neighbourhood(nbr: torch.Tensor, G: int, transpose: bool = False,
             a few launches, any size) or "auto" ("sort" from ``SORT_FROM_ENTRIES`` entries).
     Returns:
         (B, ``groups_width(M, Kc, G, transpose)``) int32: [start (nG)][end (nG)][clusters
-        (CAP)][masks (CAP)]; group g's entries are start[g] .. end[g]. Deterministic.
+        (CAP)][masks (CAP)] (and, transposed, one spare 0); group g's entries are start[g] ..
+        end[g]. Entry e names a cluster (transposed: a query cluster) and a mask whose bit i
+        says that cluster g * G + i of the group lists it (transposed: is listed by it).
+        Deterministic.
     """
     if not 1 <= G <= MAX_GROUP:
         raise ValueError(f"group size G={G} must be in [1, {MAX_GROUP}]")
