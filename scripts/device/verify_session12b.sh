@@ -2,6 +2,8 @@
 # Session 12, call 2: grouped attention with BLOCK_K 32 / 16, the group builders (Triton),
 # each backward pass; then the GPU tests of session 11's code (norm step with three reruns
 # for the noise bound, packed q/k/v, graphed pretraining and resume).
+# Ran at commit 2736ba9: scripts/device/grouped_attention.py and the per-cluster kernels it
+# compares against were removed in e7c5392 (check that commit out to rerun).
 OUT=${1:?OUT}
 source "$(dirname "$0")/lib.sh"
 timeout 200 python -u scripts/device/grouped_attention.py "$R" > "$R/grouped.txt" 2>&1

@@ -563,6 +563,12 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 STAGES_512 = [(2048, 3), (819, 6), (327, 12), (130, 16)]
 
 
+def stage_inputs(stage: int) -> dict:
+    """Full-size CUDA inputs of one aff_small stage at 512 px, batch 16."""
+    n, H = STAGES_512[stage]
+    return make_inputs(B=16, n_valid=n, m=8, H=H, D=32, Kc=8, seed=stage, device="cuda")
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -570,9 +576,7 @@ STAGES_512 = [(2048, 3), (819, 6), (327, 12), (130, 16)]
 def test_gpu_full_size_matches_reference(dtype, stage):
     from affmae.ops.cluster_attention.function import cluster_attention_triton
 
-    n, H = STAGES_512[stage]
-    inp = make_inputs(B=16, n_valid=n, m=8, H=H, D=32, Kc=8, seed=stage, device="cuda")
-    rows = three_way(inp, DTYPES[dtype], cluster_attention_triton)
+    rows = three_way(stage_inputs(stage), DTYPES[dtype], cluster_attention_triton)
     assert_three_way(rows, f"stage {stage + 1} {dtype}")
 
 
@@ -632,9 +636,7 @@ def test_gpu_torch_compile_fullgraph(packed):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("stage", range(4))
 def test_gpu_packed_qkv_is_bitwise_unpacked(dtype, stage):
-    n, H = STAGES_512[stage]
-    inp = make_inputs(B=16, n_valid=n, m=8, H=H, D=32, Kc=8, seed=stage, device="cuda")
-    bad = packed_vs_unpacked(inp, DTYPES[dtype])
+    bad = packed_vs_unpacked(stage_inputs(stage), DTYPES[dtype])
     assert bad == [], "\n".join(bad)
 
 

@@ -149,8 +149,9 @@ def merge_weights_bwd(gw: torch.Tensor, pos: torch.Tensor, pos_k: torch.Tensor,
                       slots: torch.Tensor, imp: torch.Tensor, lin_w: torch.Tensor,
                       lin_b: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> d_imp (B, k, K) and the parameter gradients as one (32,) float32 tensor (module
-    docstring: columns 0-4 Linear weight, 5 Linear bias, 6 LayerNorm weight, 7 its bias)."""
+    """-> d_imp (B, k, K) and the parameter gradients as one (32,) float32 tensor, parameter
+    after parameter (module docstring): Linear weight (4, 5), Linear bias, LayerNorm weight, its
+    bias (4 each)."""
     B, k, KK = slots.shape
     E = B * k * KK
     d_imp = torch.empty(slots.shape, device=pos.device, dtype=torch.float32)

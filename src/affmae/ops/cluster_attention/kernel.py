@@ -13,8 +13,8 @@ How it is computed:
    *union* of their neighbourhoods; one bit per (union entry, row cluster) masks the logits of
    keys a query's cluster does not list. ``group_neighbourhood`` builds that structure (one
    Triton launch, about 3 us) and, transposed, the one of the key-major pass (groups of key
-   clusters, entries the query clusters listing them; a count or a sort, 8-112 us on an
-   H200); a stage's blocks share both (``Clustering.attention_groups``). Against one program
+   clusters, entries the query clusters listing them; a count or a sort, 7.5-86 us on an
+   H200 as "auto" picks); a stage's blocks share both (``Clustering.attention_groups``). Against one program
    per cluster (an 8-row tile padded to 16 against its own 64 gathered keys) this removes the
    padding rows and gathers each key once per group: 1.1-1.4x faster forward and backward
    (docs/BENCHMARKS.md, session 12). Larger groups lose: their unions are mostly masked.
