@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from affmae.ops.launch import launch
-
 
 @triton.jit
 def _round_half_even(v):
@@ -61,7 +59,7 @@ def cell_lookup_triton(points: torch.Tensor, table: torch.Tensor, gh: int, gw: i
         return out
     block_k = triton.next_power_of_2(K)
     block_q = max(16, min(256, 1024 // block_k))
-    launch(_cell_lookup_kernel, (triton.cdiv(Q, block_q), B),
+    _cell_lookup_kernel[(triton.cdiv(Q, block_q), B)](
         points, table, out, Q, gh * gw, gh, gw, K=K, BLOCK_Q=block_q, BLOCK_K=block_k,
         num_warps=4)
     return out

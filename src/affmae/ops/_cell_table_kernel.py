@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from affmae.ops.launch import launch
-
 
 @triton.jit(do_not_specialize=["cells", "gw", "tw", "T", "C", "Nk"])  # sizes: no recompiles
 def _cell_table_kernel(CAND, POS, OUT, cells, gw, tw, T, C, Nk, K: tl.constexpr,
@@ -62,7 +60,7 @@ def cell_table_triton(cand: torch.Tensor, key_pos: torch.Tensor, gh: int, gw: in
     block_n = max(16, triton.next_power_of_2(C))
     block_r = max(1, min(64, 2048 // block_n))
     tw = triton.cdiv(gw, tile)
-    launch(_cell_table_kernel, (triton.cdiv(cells, block_r), B),
+    _cell_table_kernel[(triton.cdiv(cells, block_r), B)](
         cand, key_pos, out, cells, gw, tw, T, C, key_pos.shape[1], K=k, TILE=tile,
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4, enable_fp_fusion=False)
     return out

@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 
 from affmae.ops._cell_lookup_kernel import _round_half_even
-from affmae.ops.launch import launch
 
 MAX_K = 64
 MAX_PT = 16
@@ -188,7 +187,7 @@ def deform_weights_fwd(offlog: torch.Tensor, qpos: torch.Tensor, log_temp: torch
     G = B * Nq * heads
     if G and K:
         p = _params(points, K)
-        launch(_fwd_kernel, (triton.cdiv(G, p["BLOCK_G"]),),
+        _fwd_kernel[(triton.cdiv(G, p["BLOCK_G"]),)](
             offlog, qpos.contiguous(), log_temp.contiguous(), key_pos.contiguous(),
             table.contiguous(), sel, w, G, heads, points, Nq, key_pos.shape[1], offlog.stride(1),
             gh * gw, gh, gw, float(spacing), **p)
@@ -213,7 +212,7 @@ def deform_weights_bwd(gw: torch.Tensor, offlog: torch.Tensor, qpos: torch.Tenso
     g_t = torch.empty(G, dtype=torch.float32, device=offlog.device)
     if G and K:
         p = _params(Pt, K)
-        launch(_bwd_kernel, (triton.cdiv(G, p["BLOCK_G"]),),
+        _bwd_kernel[(triton.cdiv(G, p["BLOCK_G"]),)](
             gw.contiguous(), offlog, qpos.contiguous(), log_temp.contiguous(),
             key_pos.contiguous(), sel.contiguous(), d_ol, g_t, G, H, Pt, Nq, key_pos.shape[1],
             offlog.stride(1), float(spacing), **p)

@@ -24,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from affmae.ops.launch import launch
-
 MAX_K = 64
 _SIZES = ["R", "HP", "QHP", "Pt", "Nk"]  # runtime sizes: never specialised (no recompiles)
 
@@ -110,7 +108,7 @@ def interp_weights_fwd(points: torch.Tensor, sel: torch.Tensor, key_pos: torch.T
     w = torch.empty(sel.shape, device=points.device, dtype=torch.float32)
     if R:
         p = _params(K)
-        launch(_fwd_kernel, (triton.cdiv(R, p["BLOCK_R"]),),
+        _fwd_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
             points.contiguous(), sel.contiguous(), key_pos.contiguous(), temperature.contiguous(),
             attn.contiguous(), w, R, HP, QHP, Pt, key_pos.shape[1], **p)
     return w
@@ -134,7 +132,7 @@ def interp_weights_bwd(gw: torch.Tensor, points: torch.Tensor, sel: torch.Tensor
     ga = torch.empty(attn.shape, device=dev, dtype=torch.float32)
     if R:
         p = _params(K)
-        launch(_bwd_kernel, (triton.cdiv(R, p["BLOCK_R"]),),
+        _bwd_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
             gw.contiguous(), points.contiguous(), sel.contiguous(), key_pos.contiguous(),
             temperature.contiguous(), attn.contiguous(), gp, gt_rows, ga,
             R, HP, QHP, Pt, key_pos.shape[1], **p)

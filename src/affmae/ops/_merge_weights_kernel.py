@@ -30,8 +30,6 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from affmae.ops.launch import launch
-
 _SIZES = ["E", "KK", "Np", "k"]  # runtime sizes: never specialised (no recompiles)
 
 
@@ -135,7 +133,7 @@ def merge_weights_fwd(pos: torch.Tensor, pos_k: torch.Tensor, slots: torch.Tenso
     w = torch.empty(B, k, KK, 4, device=pos.device, dtype=torch.float32)
     if E:
         grid, p = _launch(E)
-        launch(_fwd_kernel, (grid,), pos.contiguous(), pos_k.contiguous(), slots.contiguous(),
+        _fwd_kernel[(grid,)](pos.contiguous(), pos_k.contiguous(), slots.contiguous(),
                              imp.contiguous(), lin_w.contiguous(), lin_b, norm_w, norm_b, w,
                              E, KK, pos.shape[1], k, eps, **p)
     return w
@@ -161,7 +159,7 @@ def merge_weights_bwd(gw: torch.Tensor, pos: torch.Tensor, pos_k: torch.Tensor,
         return d_imp, torch.zeros(32, device=pos.device, dtype=torch.float32)
     grid, p = _launch(E)
     part = torch.empty(grid, 32, device=pos.device, dtype=torch.float32)
-    launch(_bwd_kernel, (grid,), gw.contiguous(), pos.contiguous(), pos_k.contiguous(), slots.contiguous(),
+    _bwd_kernel[(grid,)](gw.contiguous(), pos.contiguous(), pos_k.contiguous(), slots.contiguous(),
                          imp.contiguous(), lin_w.contiguous(), lin_b, norm_w, norm_b, d_imp, part,
                          E, KK, pos.shape[1], k, eps, **p)
     return d_imp, part.sum(0)

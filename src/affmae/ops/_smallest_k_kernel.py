@@ -14,8 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from affmae.ops.launch import launch
-
 
 @triton.jit
 def _smallest_k_kernel(D, OUT, R, N, K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -84,7 +82,7 @@ def smallest_k_triton(d: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(R, k, dtype=torch.int64, device=d.device)
     block_n = max(16, triton.next_power_of_2(N))
     block_r = _block_rows(R, block_n)
-    launch(_smallest_k_kernel, (triton.cdiv(R, block_r),), flat, out, R, N, K=k, BLOCK_R=block_r,
+    _smallest_k_kernel[(triton.cdiv(R, block_r),)](flat, out, R, N, K=k, BLOCK_R=block_r,
                                                    BLOCK_N=block_n,
                                                    num_warps=4 if block_r * block_n >= 1024 else 2)
     return out.view(*d.shape[:-1], k)
@@ -110,7 +108,7 @@ def nearest_k_triton(query: torch.Tensor, keys: torch.Tensor, k: int,
         return out
     block_n = max(16, triton.next_power_of_2(Mk))
     block_r = _block_rows(R, block_n)
-    launch(_nearest_k_kernel, (triton.cdiv(R, block_r),),
+    _nearest_k_kernel[(triton.cdiv(R, block_r),)](
         query, keys, out, R, Mq, Mk, 0 if query.shape[0] == 1 and B > 1 else Mq * 2, K=k,
         SELF_FIRST=self_first, BLOCK_R=block_r, BLOCK_N=block_n,
         num_warps=4 if block_r * block_n >= 1024 else 2, enable_fp_fusion=False)

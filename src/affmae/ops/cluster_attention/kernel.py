@@ -60,7 +60,6 @@ import triton
 import triton.language as tl
 
 from affmae.ops.dispatch import interpreting
-from affmae.ops.launch import launch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
@@ -550,19 +549,19 @@ def group_neighbourhood(nbr: torch.Tensor, G: int, transpose: bool = False,
     out = torch.empty(B, groups_width(M, Kc, G, transpose), device=nbr.device, dtype=torch.int32)
     if not transpose:
         GB = _pow2_at_most(2048 // (GP * KCP) ** 2)  # groups per program: (GB, GK, GK) tiles
-        launch(_groups_kernel, (triton.cdiv(nG, GB), B), nbr, out, M, Kc, nG, nG * G * Kc, G=G, GP=GP, KCP=KCP,
+        _groups_kernel[(triton.cdiv(nG, GB), B)](nbr, out, M, Kc, nG, nG * G * Kc, G=G, GP=GP, KCP=KCP,
                                                  GB=GB)
         return out
     val = torch.empty(B, E, device=nbr.device, dtype=torch.int32)
     tmask = torch.empty_like(val)
     RB = _pow2_at_most(1024 // KCP ** 2)
-    launch(_key_groups_kernel, (triton.cdiv(M, RB), B), nbr, val, tmask, M, Kc, nG, G=G, KCP=KCP, RB=RB)
+    _key_groups_kernel[(triton.cdiv(M, RB), B)](nbr, val, tmask, M, Kc, nG, G=G, KCP=KCP, RB=RB)
     if method == "auto":
         method = "sort" if E >= SORT_FROM_ENTRIES else "count"
     if method == "count":
         out.zero_()  # slots past the last entry read 0, as from the sort below
         KB = 16
-        launch(_csr_groups_kernel, (triton.cdiv(nG + 1, KB), B), val, tmask, out, E, Kc, nG, E, out.shape[1],
+        _csr_groups_kernel[(triton.cdiv(nG + 1, KB), B)](val, tmask, out, E, Kc, nG, E, out.shape[1],
                                                           KB=KB, CHUNK=512, num_warps=8)
         return out
     sval, order = torch.sort(val, dim=1, stable=True)
@@ -700,7 +699,7 @@ def attention_forward(
     w, wb, bk, bv = (_ensure(t) for t in (bias_weight, bias_bias, blank_k, blank_v))
     out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-    launch(_fwd_kernel, (nG, B * H),
+    _fwd_kernel[(nG, B * H)](
         q, k, v, pos, grp, w, wb, bk, bv, out, lse,
         q.stride(0), q.stride(1), q.stride(2), N * H * D, H * D, D, N * 2, 2, grp.shape[1], H * N, N,
         H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale),
@@ -753,13 +752,13 @@ def attention_backward(
     strides = (*q.stride()[:3], N * H * D, H * D, D, *dq.stride()[:3], N * 2, 2)
     rows = torch.empty(2, B, H, N, device=dev, dtype=torch.float32)  # corrected lse, delta
     parts = torch.empty(6 * H + 2 * H * D, B * nG, device=dev, dtype=torch.float32)  # per program
-    launch(_bwd_q_kernel, (nG, B * H),
+    _bwd_q_kernel[(nG, B * H)](
         q, k, v, do, pos, grp, w, wb, bk, bv, lse, rows, dq, parts,
         *strides, grp.shape[1], H * N, N, B * H * N,
         H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale), **tiles,
     )
     if passes == "qkv":
-        launch(_bwd_kv_kernel, (nG, B * H),
+        _bwd_kv_kernel[(nG, B * H)](
             q, k, v, do, pos, grp_t, w, wb, rows, dk, dv,
             *strides, grp_t.shape[1], H * N, N, B * H * N,
             H, M, n_valid, nG, (grp_t.shape[1] - 2 * nG) // 2, float(scale), **tiles,

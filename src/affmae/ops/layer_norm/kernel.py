@@ -6,8 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from affmae.ops.launch import launch
-
 MAX_N = 4096  # features per row (one row tile in registers)
 _TILE_BWD = 2048  # elements of one backward tile: TILE_M = _TILE_BWD // BLOCK_N rows
 _PROGS_BWD = 1024  # backward programs to aim for (a few per SM; each writes one partial row)
@@ -114,7 +112,7 @@ def _forward(x, branch, scale, weight, bias, eps, out_dtype):
         block_n, warps = _params(N)
         rows = 4
         rps = M // x.shape[0] if x.dim() > 1 and x.shape[0] else M
-        launch(_fwd_kernel, (triton.cdiv(M, rows),),
+        _fwd_kernel[(triton.cdiv(M, rows),)](
             x2, br2 if s is not None else x2, scale if scale is not None else mean,
             s if s is not None else y, weight, bias, y, mean, rstd, M, N, max(rps, 1), eps,
             BLOCK_N=block_n, ROWS=rows, HAS_BR=s is not None, HAS_SCALE=scale is not None,
@@ -153,7 +151,7 @@ def _backward(dy, x, weight, mean, rstd, ds, scale, branch_dtype):
     progs = triton.cdiv(M, rows)
     part = torch.empty(2, N, progs, dtype=torch.float32, device=x.device)  # every slot written
     rps = M // x.shape[0] if x.dim() > 1 and x.shape[0] else M
-    launch(_bwd_kernel, (progs,), dy2, x2, weight, mean, rstd, _rows2d(ds, N) if ds is not None else dy2,
+    _bwd_kernel[(progs,)](dy2, x2, weight, mean, rstd, _rows2d(ds, N) if ds is not None else dy2,
                           scale if scale is not None else mean, dx,
                           dbr if dbr is not None else dx, part, M, N, rows, max(rps, 1),
                           BLOCK_N=block_n, TILE_M=tile_m, HAS_DS=ds is not None,

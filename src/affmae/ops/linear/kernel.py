@@ -26,8 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from affmae.ops.launch import launch
-
 # Measured on an H200 (bf16, M = 2k-65k, N = 72-1536; profiler kernel times, L2 flushed): 64 x 64
 # tiles, 8 warps and about 528 programs were within 3% of the best of 51 configurations on
 # average (BLOCK_M 32-128, BLOCK_N 64-256, 4 or 8 warps, 264-1056 programs), 10% at worst.
@@ -99,6 +97,6 @@ def colsum(g: torch.Tensor) -> torch.Tensor:
         g = g.contiguous()
     block_n, col_blocks, split, rows_per_split = _config(M, N)
     out = torch.empty(split, N, dtype=torch.float32, device=g.device)  # every slot written
-    launch(_colsum_kernel, (col_blocks, split), g, out, M, N, g.stride(0), rows_per_split,
+    _colsum_kernel[(col_blocks, split)](g, out, M, N, g.stride(0), rows_per_split,
                          BLOCK_M=BLOCK_M, BLOCK_N=block_n, VEC=_vec(g), num_warps=_WARPS)
     return out[0] if split == 1 else out.sum(0)

@@ -48,7 +48,6 @@ import triton
 import triton.language as tl
 
 from affmae.ops.dispatch import interpreting
-from affmae.ops.launch import launch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_FEAT, MAX_FEAT = 16, 128
@@ -354,13 +353,13 @@ def gather_forward(table: torch.Tensor, sel: torch.Tensor, weights: torch.Tensor
         return out
     if J:
         p = _shared_params(F, K, J, block_rows, num_warps)
-        launch(_fwd_shared_kernel, (triton.cdiv(R, p["BLOCK_R"]),),
+        _fwd_shared_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
             table, sel, weights, out, R, H, Nq * H, 1,
             table.stride(0), table.stride(1), table.stride(2), **p,
         )
         return out
     p = _launch_params(F, K, block_rows, num_warps)
-    launch(_fwd_kernel, (triton.cdiv(R, p["BLOCK_R"]),),
+    _fwd_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
         table, sel, weights, out, R, H * Pt, Nq * H * Pt, Pt,
         table.stride(0), table.stride(1), table.stride(2), **p,
     )
@@ -402,7 +401,7 @@ def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, we
         p = _shared_params(F, K, J, block_rows, num_warps)
         if R > 0 and (atomic or need_weights):
             placeholder = do
-            launch(_bwd_shared_kernel, (triton.cdiv(R, p["BLOCK_R"]),),
+            _bwd_shared_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
                 table, sel, weights, do, placeholder if dt32 is None else dt32,
                 placeholder if dw is None else dw, R, H, Nq * H, 1,
                 table.stride(0), table.stride(1), table.stride(2), Nk * H * F, H * F, F,
@@ -415,7 +414,7 @@ def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, we
     if R > 0 and atomic and dtable == "window":
         placeholder = do
         w_p = dict(_WINDOW, BLOCK_R=block_rows or _WINDOW["BLOCK_R"])
-        launch(_bwd_window_kernel, (triton.cdiv(Nq * Pt, w_p["BLOCK_R"]), B * H),
+        _bwd_window_kernel[(triton.cdiv(Nq * Pt, w_p["BLOCK_R"]), B * H)](
             table, sel, weights, do, dt32, placeholder if dw is None else dw, Nq, Nk, H, Pt,
             table.stride(0), table.stride(1), table.stride(2), Nk * H * F, H * F, F,
             F=F, K=K, BLOCK_F=p["BLOCK_F"], NEED_DW=need_weights, num_warps=num_warps or 4,
@@ -423,7 +422,7 @@ def gather_backward(do: torch.Tensor, table: torch.Tensor, sel: torch.Tensor, we
         )
     elif R > 0 and (atomic or need_weights):
         placeholder = do  # pointer argument for a disabled output (never written)
-        launch(_bwd_kernel, (triton.cdiv(R, p["BLOCK_R"]),),
+        _bwd_kernel[(triton.cdiv(R, p["BLOCK_R"]),)](
             table, sel, weights, do, placeholder if dt32 is None else dt32,
             placeholder if dw is None else dw, R, H * Pt, Nq * H * Pt, Pt,
             table.stride(0), table.stride(1), table.stride(2), Nk * H * F, H * F, F,
@@ -461,6 +460,6 @@ def _dtable_sorted(do, sel, weights, B, Nk, H, F, dtype, block_f):
     torch.cumsum(torch.bincount(key, minlength=T), 0, out=off[1:])  # (T + 1,) CSR offsets
     d_table = torch.empty(B, Nk, H, F, device=dev, dtype=dtype)
     if T > 0:
-        launch(_dtable_sorted_kernel, (T,), perm, off, weights, do, d_table, K,
+        _dtable_sorted_kernel[(T,)](perm, off, weights, do, d_table, K,
                                     F=F, BLOCK_E=16, BLOCK_F=block_f, num_warps=2)
     return d_table
