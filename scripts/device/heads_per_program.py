@@ -1,6 +1,6 @@
 """Heads per program (``kernel_hp``) vs the one-head cluster-attention kernels on one GPU.
-# Needs commit 908e95e (src/affmae/ops/cluster_attention/kernel_hp.py, removed in c2c7ced after this
-# script measured it slower: docs/bench/heads_per_program_h200_session13.txt).
+Needs commit 908e95e (src/affmae/ops/cluster_attention/kernel_hp.py, removed in c2c7ced after this
+script measured it slower: docs/bench/heads_per_program_h200_session13.txt).
 
 aff_small's stages (``affmae.bench.attention.make_stage``, batch 16, bf16) at 512 and 768 px:
 forward and backward (both passes) device time, ``triton.testing.do_bench_cudagraph`` median,
