@@ -130,8 +130,8 @@ def packed_vs_unpacked(inp, dtype) -> list[str]:
 
     # Launchers and custom ops (what torch.compile and FLOP counters see).
     args = (*qkv.unbind(2), *rest, *inp["params"], qkv.shape[-1] ** -0.5)
-    _, lse = kernel.attention_forward(*args)
-    bwd = (lse, *args[3:])
+    o, lse = kernel.attention_forward(*args)
+    bwd = (o, lse, *args[3:])
     *grads, g = kernel.attention_backward(do, *args[:3], *bwd)
     stacked = (torch.stack(grads, 2), g)
     for name, got in (("launcher", kernel.attention_backward_packed(do, qkv, *bwd)),
@@ -212,7 +212,7 @@ def _custom_op_path_difference() -> float:
     args = (inp["q"], inp["k"], inp["v"], inp["pos"], inp["nbr"], inp["n_valid"], *inp["params"], 0.25)
     direct = kernel.attention_forward(*args)
     op = torch.ops.affmae.cluster_attention_fwd(*args)
-    bwd_args = (inp["do"], *args[:3], direct[1], *args[3:])
+    bwd_args = (inp["do"], *args[:3], *direct, *args[3:])
     direct += kernel.attention_backward(*bwd_args)
     op += torch.ops.affmae.cluster_attention_bwd(*bwd_args)
     return max((a - b).abs().max().item() for a, b in zip(direct, op))
@@ -243,8 +243,8 @@ def _given_groups() -> dict:
     for groups in ((grp, grp_t), (grp, None), (None, grp_t)):
         diffs += [(a - b).abs().max().item() for a, b in zip(own, grads(groups=groups))]
     args = (inp["q"], inp["k"], inp["v"], inp["pos"], inp["nbr"], inp["n_valid"], *inp["params"], 0.25)
-    _, lse = kernel.attention_forward(*args)
-    bwd_args = (inp["do"], *args[:3], lse, *args[3:])
+    o, lse = kernel.attention_forward(*args)
+    bwd_args = (inp["do"], *args[:3], o, lse, *args[3:])
     own = torch.ops.affmae.cluster_attention_bwd(*bwd_args)
     given = torch.ops.affmae.cluster_attention_bwd(*bwd_args, grp, grp_t)
     diffs += [(a - b).abs().max().item() for a, b in zip(own, given)]
@@ -252,7 +252,7 @@ def _given_groups() -> dict:
     # M = 4 clusters, G = 2: both structures hold M * Kc entries; only their widths' parity
     # tells them apart, so the two swapped must still be refused.
     even = make_inputs(B=1, n_valid=32, m=8, H=1, D=16, Kc=3)
-    even_args = (even["do"], even["q"], even["k"], even["v"], lse.new_zeros(1, 1, 32), even["pos"],
+    even_args = (even["do"], even["q"], even["k"], even["v"], even["do"], lse.new_zeros(1, 1, 32), even["pos"],
                  even["nbr"], even["n_valid"], *even["params"], 0.25)
     swapped = dict(grp=kernel.attention_groups(even["nbr"], 8, True), grp_t=kernel.attention_groups(even["nbr"], 8))
     for a, kw in ((bwd_args, dict(grp_t=grp_t[:, 1:])), (bwd_args, dict(grp=grp_t)),
@@ -515,11 +515,11 @@ def test_fake_shapes_and_flop_formula():
         with FlopCounterMode(display=False) as fc:
             out, lse = torch.ops.affmae.cluster_attention_fwd(q, q, q, pos, nbr, N - 3, w, wb, bk, bv, 0.2)
             grads = torch.ops.affmae.cluster_attention_bwd(
-                out, q, q, q, lse, pos, nbr, N - 3, w, wb, bk, bv, 0.2
+                out, q, q, q, out, lse, pos, nbr, N - 3, w, wb, bk, bv, 0.2
             )
             qkv = torch.empty(B, N, 3, H, D, dtype=torch.bfloat16)
             dqkv, g = torch.ops.affmae.cluster_attention_bwd_packed(
-                out, qkv, lse, pos, nbr, N - 3, w, wb, bk, bv, 0.2
+                out, qkv, out, lse, pos, nbr, N - 3, w, wb, bk, bv, 0.2
             )
     assert out.shape == (B, N, H, D) and out.dtype == torch.bfloat16, f"out {out.shape} {out.dtype}"
     assert lse.shape == (B, H, N) and lse.dtype == torch.float32, f"lse {lse.shape} {lse.dtype}"

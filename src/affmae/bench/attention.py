@@ -235,7 +235,7 @@ def sweep_triton(s) -> dict:
         grp_t = kernel.group_neighbourhood(s["nbr"], G, transpose=True)
         kw = dict(group=G, block_k=bk)
         o, lse = kernel.attention_forward(*args, grp=grp, **kw)
-        bwd_args = (s["do"], *args[:3], lse, *args[3:])
+        bwd_args = (s["do"], *args[:3], o, lse, *args[3:])
         out[f"fwd_G{G}_k{bk}_ms"] = do_bench(lambda: kernel.attention_forward(*args, grp=grp, **kw),
                                              return_mode="median")
         out[f"bwd_G{G}_k{bk}_ms"] = do_bench(

@@ -58,20 +58,21 @@ def _fwd_fake(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank
 
 @torch.library.custom_op("affmae::cluster_attention_bwd", mutates_args=())
 def cluster_attention_bwd(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, pos: Tensor, nbr: Tensor,
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, pos: Tensor, nbr: Tensor,
     n_valid: int, bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
     scale: float, grp: Tensor | None = None, grp_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward: dq, dk, dv and the packed (6 H + 2 H D,) float32 parameter gradients
-    (``kernel.unpack_param_grads``). ``grp`` / ``grp_t``: the group structures, if known."""
+    (``kernel.unpack_param_grads``). ``o``, ``lse``: the forward's outputs. ``grp`` / ``grp_t``:
+    the group structures, if known."""
     return kernel.attention_backward(
-        do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
+        do, q, k, v, o, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
         grp=grp, grp_t=grp_t,
     )
 
 
 @cluster_attention_bwd.register_fake
-def _bwd_fake(do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
+def _bwd_fake(do, q, k, v, o, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
               scale, grp=None, grp_t=None):
     H, D = blank_k.shape
     return (
@@ -82,20 +83,20 @@ def _bwd_fake(do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank
 
 @torch.library.custom_op("affmae::cluster_attention_bwd_packed", mutates_args=())
 def cluster_attention_bwd_packed(
-    do: Tensor, qkv: Tensor, lse: Tensor, pos: Tensor, nbr: Tensor, n_valid: int,
+    do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, pos: Tensor, nbr: Tensor, n_valid: int,
     bias_weight: Tensor, bias_bias: Tensor, blank_k: Tensor, blank_v: Tensor,
     scale: float, grp: Tensor | None = None, grp_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Backward for q, k, v = ``qkv.unbind(2)``: dqkv (B, N, 3, H, D), contiguous, and the packed
     parameter gradients (``kernel.attention_backward_packed``)."""
     return kernel.attention_backward_packed(
-        do, qkv, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
+        do, qkv, o, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
         grp=grp, grp_t=grp_t,
     )
 
 
 @cluster_attention_bwd_packed.register_fake
-def _bwd_packed_fake(do, qkv, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
+def _bwd_packed_fake(do, qkv, o, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v,
                      scale, grp=None, grp_t=None):
     H, D = blank_k.shape
     return qkv.new_empty(qkv.shape), qkv.new_empty(6 * H + 2 * H * D, dtype=torch.float32)
@@ -114,13 +115,13 @@ def _fwd_flop(q_shape, k_shape, v_shape, pos_shape, nbr_shape, *args, out_shape=
 
 
 @register_flop_formula(torch.ops.affmae.cluster_attention_bwd)
-def _bwd_flop(do_shape, q_shape, k_shape, v_shape, lse_shape, pos_shape, nbr_shape, *args,
+def _bwd_flop(do_shape, q_shape, k_shape, v_shape, o_shape, lse_shape, pos_shape, nbr_shape, *args,
               out_shape=None, **kwargs) -> int:
     return 5 * _forward_flops(q_shape, nbr_shape) // 2
 
 
 @register_flop_formula(torch.ops.affmae.cluster_attention_bwd_packed)
-def _bwd_packed_flop(do_shape, qkv_shape, lse_shape, pos_shape, nbr_shape, *args, out_shape=None,
+def _bwd_packed_flop(do_shape, qkv_shape, o_shape, lse_shape, pos_shape, nbr_shape, *args, out_shape=None,
                      **kwargs) -> int:
     return 5 * _forward_flops(do_shape, nbr_shape) // 2  # dO has q's shape (B, N, H, D)
 
@@ -142,17 +143,17 @@ class ClusterAttentionFunction(torch.autograd.Function):
             out, lse = kernel.attention_forward(*args, grp=grp)
         else:
             out, lse = torch.ops.affmae.cluster_attention_fwd(*args, grp)
-        ctx.save_for_backward(q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v, grp,
-                              grp_t)
+        ctx.save_for_backward(q, k, v, out, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v,
+                              grp, grp_t)
         ctx.n_valid, ctx.scale = n_valid, scale
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v, grp, grp_t = ctx.saved_tensors
+        q, k, v, out, lse, pos, nbr, bias_weight, bias_bias, blank_k, blank_v, grp, grp_t = ctx.saved_tensors
         packed = k is None  # q is the packed qkv
         tokens = (q,) if packed else (q, k, v)
-        args = (do, *tokens, lse, pos, nbr, ctx.n_valid, bias_weight, bias_bias, blank_k, blank_v,
+        args = (do, *tokens, out, lse, pos, nbr, ctx.n_valid, bias_weight, bias_bias, blank_k, blank_v,
                 ctx.scale, grp, grp_t)
         if packed:
             launch, op = kernel.attention_backward_packed, torch.ops.affmae.cluster_attention_bwd_packed

@@ -24,11 +24,20 @@ How it is computed:
    blank value), so no row is ever empty. Logits, bias, softmax and accumulation are float32;
    the bias is computed in the kernel from the two positions and the (H, 5) + (H,) weights:
    no table, no (B, H, N, K) scores or biases in memory. Saved: output and the row log-sum-exp.
-2. Backward pass 1, one program per (query group, batch * head): recompute P from the saved
-   log-sum-exp and renormalise each row in float32 (so sum_j dS_j = 0 holds to float32 rounding
-   even when huge logits make the stored log-sum-exp coarse); delta = sum_j P_j dP_j from that P
-   (not rowsum(dO * O) with O rounded to the input dtype: the bias-weight gradient sums dS over
-   all query-key pairs, where that rounding does not cancel and gave ~10x the reference's error).
+2. Backward pass 1, one program per (query group, batch * head), in one sweep over the union:
+   P from the saved log-sum-exp, renormalised per row in float32 (so sum_j dS_j = 0 holds to
+   float32 rounding even when huge logits make the stored log-sum-exp coarse), and delta =
+   sum_j P_j dP_j from that P (not rowsum(dO * O) with O rounded to the input dtype: the
+   bias-weight gradient sums dS over all query-key pairs, where that rounding does not cancel
+   and gave ~10x the reference's error). Both need the row sums before dS exists, so the sweep
+   accumulates sums the end combines: with p the P from the saved log-sum-exp and c = dO . O
+   (O as stored: within its rounding of delta), S0 = sum p, S1 = sum p (dP - c),
+   A = sum p (dP - c) k, Bk = sum p k and the same two sums against each bias feature; then
+   e = S1 / S0 (= delta - c), dS = p / S0 * ((dP - c) - e), dQ = (A - e Bk) / S0. Subtracting c
+   before the half-precision product A keeps its rounding that of dS itself (c is within the
+   output's rounding of delta, so e is small and Bk's rounding hardly counts). The bias bias's
+   gradient, a row's sum of dS over the union, is exactly -dS of the blank key. (Until session
+   13 the pass swept twice: row sums first, then dS.)
    dQ in registers; the bias-weight and blank gradients reduced over the tile and written as one
    partial column per program ((6 H + 2 H D, B * nG) floats, summed by torch; never per
    query-key), parameter-major, so each parameter's gradient is a contiguous piece of the sum.
@@ -227,12 +236,17 @@ def _bwd_tile(q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, sta
 
 @triton.jit(do_not_specialize=_SIZES)
 def _bwd_q_kernel(
-    Q, K, V, DO, POS, GRP, W, WB, BK, BV, LSE, ROWS, DQ, GP,
+    Q, K, V, DO, O, POS, GRP, W, WB, BK, BV, LSE, ROWS, DQ, GP,
     sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride,
     H, M, n_valid, nG, CAP, scale,
     m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    # One sweep over the union (module docstring, backward pass 1): with p the tile's P from the
+    # saved log-sum-exp (not yet renormalised) and c = dO . O per row (O as stored), accumulate
+    # S0 = sum p, S1 = sum p (dP - c), A = sum p (dP - c) k, Bk = sum p k and the same sums
+    # against the five bias features; at the end e = S1 / S0, delta = c + e and
+    # dS = p / S0 * ((dP - c) - e), so dQ = (A - e Bk) / S0, and so on.
     g = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -248,80 +262,82 @@ def _bwd_q_kernel(
     tq = g * (G * m) + rq
     q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :], mask=qd_ok, other=0.0)
     do = tl.load(DO + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd_ok, other=0.0)
+    o = tl.load(O + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd_ok, other=0.0)
+    c = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # delta to the output's rounding
     lse = tl.load(LSE + b * slb + h * slh + tq, mask=q_row, other=0.0)
     pqx = tl.load(POS + b * spb + tq * spn, mask=q_row, other=0.0)
     pqy = tl.load(POS + b * spb + tq * spn + 1, mask=q_row, other=0.0)
     w0, w1, w2, w3, w4, wb = _bias_weights(W, WB, h)
 
-    # Row sums of P and P dP (blank included): the row correction and delta (see kernel.py).
+    # The blank key / value.
     bk = tl.load(BK + h * D + rd, mask=d_ok, other=0.0).to(tl.float32)
     bv = tl.load(BV + h * D + rd, mask=d_ok, other=0.0).to(tl.float32)
     p_b = tl.exp2(tl.sum(q.to(tl.float32) * bk[None, :], 1) * qk_scale - lse)
     p_b = tl.where(q_row, p_b, 0.0)
-    dp_b = tl.sum(do.to(tl.float32) * bv[None, :], 1)
-    p_sum = p_b
-    pdp_sum = p_b * dp_b
+    dpc_b = tl.sum(do.to(tl.float32) * bv[None, :], 1) - c
+    s0 = p_b
+    s1 = p_b * dpc_b
+
+    acc_a = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    acc_b = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    a0 = tl.zeros([BLOCK_Q], tl.float32)
+    a1 = tl.zeros([BLOCK_Q], tl.float32)
+    a2 = tl.zeros([BLOCK_Q], tl.float32)
+    a3 = tl.zeros([BLOCK_Q], tl.float32)
+    a4 = tl.zeros([BLOCK_Q], tl.float32)
+    b0 = tl.zeros([BLOCK_Q], tl.float32)
+    b1 = tl.zeros([BLOCK_Q], tl.float32)
+    b2 = tl.zeros([BLOCK_Q], tl.float32)
+    b3 = tl.zeros([BLOCK_Q], tl.float32)
+    b4 = tl.zeros([BLOCK_Q], tl.float32)
     u0 = tl.load(GRP + b * sgb + g)
     Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
-    single = Kn <= BLOCK_K
-    if not single:  # several key tiles: one extra sweep for the row sums
-        for start in range(0, Kn, BLOCK_K):
-            p, dp, k, dx, dy, rr, inv_r = _bwd_tile(
-                q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, CAP,
-                n_valid, sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
-                m, BLOCK_K, DOT_T, DOT_PREC)
-            p_sum += tl.sum(p, 1)
-            pdp_sum += tl.sum(p * dp, 1)
-
-    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    g0 = tl.zeros([BLOCK_Q], tl.float32)
-    g1 = tl.zeros([BLOCK_Q], tl.float32)
-    g2 = tl.zeros([BLOCK_Q], tl.float32)
-    g3 = tl.zeros([BLOCK_Q], tl.float32)
-    g4 = tl.zeros([BLOCK_Q], tl.float32)
-    g5 = tl.zeros([BLOCK_Q], tl.float32)
-    inv_sum = tl.where(q_row, 1.0 / tl.where(q_row, p_sum, 1.0), 0.0)
-    delta = pdp_sum * inv_sum
     for start in range(0, Kn, BLOCK_K):
         p, dp, k, dx, dy, rr, inv_r = _bwd_tile(
             q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, CAP,
             n_valid, sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
             m, BLOCK_K, DOT_T, DOT_PREC)
-        if single:  # the only tile: the row sums are complete after it
-            p_sum += tl.sum(p, 1)
-            pdp_sum += tl.sum(p * dp, 1)
-            inv_sum = tl.where(q_row, 1.0 / tl.where(q_row, p_sum, 1.0), 0.0)
-            delta = pdp_sum * inv_sum
-        p = p * inv_sum[:, None]
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(DOT_T), k.to(DOT_T), input_precision=DOT_PREC)
-        g0 += tl.sum(ds * dx, 1)
-        g1 += tl.sum(ds * dy, 1)
-        g2 += tl.sum(ds * rr, 1)
-        g3 += tl.sum(ds * dx * inv_r, 1)
-        g4 += tl.sum(ds * dy * inv_r, 1)
-        g5 += tl.sum(ds, 1)
+        pd = p * (dp - c[:, None])
+        s0 += tl.sum(p, 1)
+        s1 += tl.sum(pd, 1)
+        acc_a += tl.dot(pd.to(DOT_T), k.to(DOT_T), input_precision=DOT_PREC)
+        acc_b += tl.dot(p.to(DOT_T), k.to(DOT_T), input_precision=DOT_PREC)
+        dxr = dx * inv_r
+        dyr = dy * inv_r
+        a0 += tl.sum(pd * dx, 1)
+        a1 += tl.sum(pd * dy, 1)
+        a2 += tl.sum(pd * rr, 1)
+        a3 += tl.sum(pd * dxr, 1)
+        a4 += tl.sum(pd * dyr, 1)
+        b0 += tl.sum(p * dx, 1)
+        b1 += tl.sum(p * dy, 1)
+        b2 += tl.sum(p * rr, 1)
+        b3 += tl.sum(p * dxr, 1)
+        b4 += tl.sum(p * dyr, 1)
 
-    p_b = p_b * inv_sum
-    ds_b = p_b * (dp_b - delta)
-    dq += ds_b[:, None] * bk[None, :]
+    inv_sum = tl.where(q_row, 1.0 / tl.where(q_row, s0, 1.0), 0.0)
+    e = s1 * inv_sum  # delta - c
+    ds_b = p_b * inv_sum * (dpc_b - e)
+    dq = (acc_a - e[:, None] * acc_b) * inv_sum[:, None] + ds_b[:, None] * bk[None, :]
     tl.store(DQ + b * gb + h * gh + tq[:, None] * gn + rd[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_ok)
-    tl.store(ROWS + b * slb + h * slh + tq, lse + tl.log2(tl.where(q_row, p_sum, 1.0)), mask=q_row)
-    tl.store(ROWS + rows_stride + b * slb + h * slh + tq, delta, mask=q_row)
-    # GP: (6 H + 2 H D, B * nG), one column per program, parameter-major (as kernel.py).
+    tl.store(ROWS + b * slb + h * slh + tq, lse + tl.log2(tl.where(q_row, s0, 1.0)), mask=q_row)
+    tl.store(ROWS + rows_stride + b * slb + h * slh + tq, c + e, mask=q_row)
+    # GP: (6 H + 2 H D, B * nG), one column per program, parameter-major (as kernel.py). The
+    # bias bias's gradient is the row's sum of dS over the union keys, which is exactly -dS of
+    # the blank key (a row's dS sum to 0).
     P = (tl.num_programs(1) // H) * nG
     col = GP + (b * nG + g)
-    tl.store(col + (h * 5) * P, tl.sum(g0, 0))
-    tl.store(col + (h * 5 + 1) * P, tl.sum(g1, 0))
-    tl.store(col + (h * 5 + 2) * P, tl.sum(g2, 0))
-    tl.store(col + (h * 5 + 3) * P, tl.sum(g3, 0))
-    tl.store(col + (h * 5 + 4) * P, tl.sum(g4, 0))
-    tl.store(col + (5 * H + h) * P, tl.sum(g5, 0))
+    tl.store(col + (h * 5) * P, tl.sum((a0 - e * b0) * inv_sum, 0))
+    tl.store(col + (h * 5 + 1) * P, tl.sum((a1 - e * b1) * inv_sum, 0))
+    tl.store(col + (h * 5 + 2) * P, tl.sum((a2 - e * b2) * inv_sum, 0))
+    tl.store(col + (h * 5 + 3) * P, tl.sum((a3 - e * b3) * inv_sum, 0))
+    tl.store(col + (h * 5 + 4) * P, tl.sum((a4 - e * b4) * inv_sum, 0))
+    tl.store(col + (5 * H + h) * P, tl.sum(-ds_b, 0))
     tl.store(col + (6 * H + h * D + rd) * P,
              tl.sum(ds_b[:, None] * q.to(tl.float32), 0) * scale, mask=d_ok)
     tl.store(col + (6 * H + (H + h) * D + rd) * P,
-             tl.sum(p_b[:, None] * do.to(tl.float32), 0), mask=d_ok)
+             tl.sum((p_b * inv_sum)[:, None] * do.to(tl.float32), 0), mask=d_ok)
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -709,7 +725,7 @@ def attention_forward(
 
 
 def attention_backward(
-    do, q, k, v, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
+    do, q, k, v, o, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
     grp: torch.Tensor | None = None, grp_t: torch.Tensor | None = None, group: int | None = None,
     block_k: int = BLOCK_K, num_warps: int | None = None, dqkv: torch.Tensor | None = None,
     passes: str = "qkv",
@@ -717,6 +733,9 @@ def attention_backward(
     """Backward kernels. Returns dq, dk, dv (input dtype) and g (6 H + 2 H D,) float32, the
     packed small gradients, parameter after parameter: d bias_weight (H, 5), d bias_bias (H,),
     d blank_k (H, D), d blank_v (H, D) (``unpack_param_grads``).
+
+    ``o`` and ``lse``: the forward's output and log-sum-exp (``attention_forward``). ``o`` gives
+    each row's dO . O, which pass 1 subtracts from dP before its products (module docstring).
 
     ``grp`` / ``grp_t``: ``attention_groups(nbr, m)`` and ``attention_groups(nbr, m,
     transpose=True)`` if the caller has them (the blocks of a stage share one neighbourhood,
@@ -737,6 +756,9 @@ def attention_backward(
     G, grp, grp_t = _structures(nbr, m, group, grp, grp_t, need_t=passes == "qkv")
     nG = num_groups(M, G)
     do = _ensure(do, q.dtype)  # (B, N, H, D), the layout of out
+    o = _ensure(o, q.dtype)
+    if o.shape != do.shape:
+        raise ValueError(f"o (the forward's output) must be {tuple(do.shape)}, got {tuple(o.shape)}")
     pos = _ensure(pos, torch.float32)  # (B, N, 2)
     w, wb, bk, bv = (_ensure(t) for t in (bias_weight, bias_bias, blank_k, blank_v))
     dev = q.device
@@ -753,7 +775,7 @@ def attention_backward(
     rows = torch.empty(2, B, H, N, device=dev, dtype=torch.float32)  # corrected lse, delta
     parts = torch.empty(6 * H + 2 * H * D, B * nG, device=dev, dtype=torch.float32)  # per program
     _bwd_q_kernel[(nG, B * H)](
-        q, k, v, do, pos, grp, w, wb, bk, bv, lse, rows, dq, parts,
+        q, k, v, do, o, pos, grp, w, wb, bk, bv, lse, rows, dq, parts,
         *strides, grp.shape[1], H * N, N, B * H * N,
         H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale), **tiles,
     )
@@ -773,7 +795,7 @@ def check_packed(qkv: torch.Tensor) -> None:
 
 
 def attention_backward_packed(
-    do, qkv, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
+    do, qkv, o, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
     grp: torch.Tensor | None = None, grp_t: torch.Tensor | None = None, **tiling,
 ):
     """``attention_backward`` for q, k, v = ``qkv.unbind(2)`` of a packed (B, N, 3, H, D) ``qkv``
@@ -786,7 +808,7 @@ def attention_backward_packed(
     check_packed(qkv)
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     *_, g = attention_backward(
-        do, *qkv.unbind(2), lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
+        do, *qkv.unbind(2), o, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
         grp=grp, grp_t=grp_t, dqkv=dqkv, **tiling,
     )
     return dqkv, g
