@@ -1,6 +1,6 @@
 """Host time of one eager cluster-attention forward + backward (Triton and reference), and a
 cProfile of the Triton path: where the isolated eager call's time goes when the GPU work is
-small. One GPU, about 30 s. Usage: python scripts/device/attention_host.py OUT_PREFIX"""
+small (isolated call, and with the group structures prebuilt: shared). One GPU, about 30 s. Usage: python scripts/device/attention_host.py OUT_PREFIX"""
 import cProfile
 import pstats
 import sys
@@ -14,7 +14,8 @@ out = sys.argv[1] if len(sys.argv) > 1 else "attention_host"
 lines = []
 for res, stage in ((512, 1), (512, 3)):
     s = make_stage(res, stage, 16, torch.bfloat16, "cuda")
-    for name, fn in (("triton", triton_impl(s)), ("torch", torch_impl(s))):
+    for name, fn in (("triton", triton_impl(s)), ("shared", triton_impl(s, shared=True)),
+                     ("torch", torch_impl(s))):
         leaves = _leaves(s)
 
         def step():
@@ -39,14 +40,14 @@ for res, stage in ((512, 1), (512, 3)):
             lines.append(f"{res} px stage {stage} {name:6s} {label:8s} host {1e3 * (t1 - t0) / n:.3f} ms/call, "
                          f"host+drain {1e3 * (t2 - t0) / n:.3f} ms/call")
             print(lines[-1], flush=True)
-        if name == "triton":
+        if name != "torch":
             pr = cProfile.Profile()
             pr.enable()
             for _ in range(100):
                 step()
             pr.disable()
             torch.cuda.synchronize()
-            with open(f"{out}_prof_{res}_{stage}.txt", "w") as fh:
+            with open(f"{out}_prof_{name}_{res}_{stage}.txt", "w") as fh:
                 pstats.Stats(pr, stream=fh).sort_stats("tottime").print_stats(30)
 with open(f"{out}.txt", "w") as fh:
     fh.write("\n".join(lines) + "\n")
