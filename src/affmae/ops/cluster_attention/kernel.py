@@ -665,6 +665,10 @@ def _tiles(m: int, D: int, dtype: torch.dtype, G: int, block_k: int = BLOCK_K,
         DOT_T=dot_t, DOT_PREC="ieee" if dot_t == tl.float32 else "tf32",
         # One warp per 16 rows (one warp per 16-row tile measured fastest on an H100).
         num_warps=num_warps or (block_q // 16) * (1 if block_d <= 64 else 2),
+        # Two software-pipelining stages, not Triton's default three: faster for all three
+        # kernels at every aff_small stage on an H200 (forward 9%, pass 1 2%, pass 2 10% summed
+        # over the stages; docs/bench/tile_sweep_h200_session14.txt), and less shared memory.
+        num_stages=2,
     )
 
 
