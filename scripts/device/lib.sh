@@ -5,6 +5,9 @@
 #   t LIMIT ARGS..  pytest -m gpu ARGS with a time limit, appended to $R/gpu_tests.txt
 #   ab_bench WHICH MODEL LIMIT   a replayed-step bench at 512 px of the current sources
 #                   (WHICH=cur) or of .cache/WHICH/src (e.g. WHICH=base), to $R/ab_<s>_WHICH_MODEL.txt
+#   kernels_ab      per-kernel device time of the cluster-attention kernels
+#                   (scripts/device/attention_kernels.py) of the current sources, then of
+#                   .cache/base/src, to $R/attention_kernels_{cur,base}.txt
 set -u
 R=$OUT/r
 mkdir -p "$R"
@@ -17,4 +20,13 @@ ab_bench() {
   PYTHONPATH=$P timeout "$3" python -u -m affmae.cli bench --models "$2" --resolutions 512 \
     --cuda-graph > "$R/ab_${SECONDS}_$1_$2.txt" 2>&1
   echo "== $1 $2 $SECONDS s"; grep -hE "^$2 " "$R"/ab_*_$1_$2.txt | tail -1; pack
+}
+kernels_ab() {
+  local which P
+  for which in cur base; do
+    P=/tmp/site:$PWD/src; [ "$which" = base ] && P=/tmp/site:$PWD/.cache/base/src
+    PYTHONPATH=$P timeout 120 python -u scripts/device/attention_kernels.py "$R/attention_kernels_$which.txt" \
+      > "$R/attention_kernels_$which.log" 2>&1
+    echo "== kernels $which rc=$? $SECONDS s"; cut -c1-200 "$R/attention_kernels_$which.txt"; pack
+  done
 }

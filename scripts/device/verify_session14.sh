@@ -5,12 +5,7 @@
 # Usage: bash scripts/device/verify_session14.sh OUT
 OUT=${1:?OUT}
 source "$(dirname "$0")/lib.sh"
-for which in cur base; do
-  P=/tmp/site:$PWD/src; [ "$which" = base ] && P=/tmp/site:$PWD/.cache/base/src
-  PYTHONPATH=$P timeout 120 python -u scripts/device/attention_kernels.py "$R/attention_kernels_$which.txt" \
-    > "$R/attention_kernels_$which.log" 2>&1
-  echo "== kernels $which rc=$? $SECONDS s"; cat "$R/attention_kernels_$which.txt"; pack
-done
+kernels_ab
 t 220 tests/ops/test_cluster_attention_triton.py
 echo "== tests $SECONDS s"; tail -3 "$R/gpu_tests.txt"
 timeout $((590 - SECONDS)) python -u -m affmae.bench.attention --impl triton triton_shared torch \

@@ -7,12 +7,7 @@
 # Usage: bash scripts/device/verify_session14d.sh OUT
 OUT=${1:?OUT}
 source "$(dirname "$0")/lib.sh"
-for which in cur base; do
-  P=/tmp/site:$PWD/src; [ "$which" = base ] && P=/tmp/site:$PWD/.cache/base/src
-  PYTHONPATH=$P timeout 120 python -u scripts/device/attention_kernels.py "$R/attention_kernels_$which.txt" \
-    > "$R/attention_kernels_$which.log" 2>&1
-  echo "== kernels $which rc=$? $SECONDS s"; cut -c1-200 "$R/attention_kernels_$which.txt"; pack
-done
+kernels_ab
 timeout 120 python -u -m affmae.bench.attention --impl triton triton_shared torch \
   --out "$R/attention.json" > "$R/attention.txt" 2>&1
 echo "== table rc=$? $SECONDS s"; grep "^#" "$R/attention.txt" | cut -c1-300; pack
