@@ -143,3 +143,42 @@ def test_a_stopped_run_keeps_the_rows_it_measured(tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert any(ln.startswith("vit_tiny ") and ln.endswith("ok") for ln in err.splitlines()), err
     assert not (tmp_path / "b.json.tmp").exists()
+
+
+def test_plot_labels_token_counts_within_one_decade():
+    from affmae.bench.plot import make_figure
+
+    rows = [{"model": m, "resolution": r, "tokens": t, "gflops": g, "peak_mem_gib": 1.0,
+             "img_s": 100.0 / g, "step_ms": g}
+            for m, g0 in (("aff", 1.0), ("vit", 4.0)) for r, t, g in ((512, 4096, g0), (768, 9216, 3 * g0))]
+    fig = make_figure(rows)
+    ax = fig.axes[3]  # step time against tokens, log-log
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert list(ax.get_xticks()) == [4096, 9216]
+    assert all(labels) and len(labels) == 2, labels
+
+
+def test_environment_marks_a_checkout_that_differs_from_its_commit(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    src = repo / "pkg" / "m.py"
+    src.write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
+        subprocess.run(git + cmd, check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(cli, "__file__", str(src))  # environment() asks git beside the module
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu"])
+    assert cli.environment(args, torch.device("cpu"))["git_commit"] == head
+    src.write_text("x = 2\n")
+    assert cli.environment(args, torch.device("cpu"))["git_commit"] == head + "-dirty"

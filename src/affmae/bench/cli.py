@@ -197,9 +197,10 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     except ImportError:
         meta["triton"] = None
     try:
+        # "-dirty" when the sources differ from that commit (a copied or edited checkout).
         meta["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-            text=True, timeout=10).stdout.strip() or None
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         meta["git_commit"] = None
     return meta

@@ -10,6 +10,18 @@ from typing import Any
 def plot_results(results: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Write a 2x2 PNG from bench result rows (see ``affmae.bench.cli``); missing values (OOM,
     memory on CPU) are left out of the lines. Returns the path written."""
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(results, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def make_figure(results: list[dict[str, Any]], title: str = ""):
+    """The matplotlib figure ``plot_results`` writes."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: the bench runs on servers
@@ -25,6 +37,7 @@ def plot_results(results: list[dict[str, Any]], path: str | Path, title: str = "
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 8))
     resolutions = sorted({r["resolution"] for r in results})
+    tokens = sorted({r["tokens"] for r in results if r.get("tokens")})
     models = list(dict.fromkeys(r["model"] for r in results))
     for ax, (key, xlabel, ylabel, yscale) in zip(axes.flat, panels):
         xkey = "tokens" if key == "step_ms" else "resolution"
@@ -39,6 +52,9 @@ def plot_results(results: list[dict[str, Any]], path: str | Path, title: str = "
         ax.set_yscale(yscale)
         if key == "step_ms":
             ax.set_xscale("log")
+            # The measured token counts as the ticks: a log axis spanning less than a decade
+            # (e.g. 512 and 768 px: 4,096 and 9,216 tokens) has no labelled tick of its own.
+            ax.set_xticks(tokens)
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
         else:
@@ -52,8 +68,4 @@ def plot_results(results: list[dict[str, Any]], path: str | Path, title: str = "
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
