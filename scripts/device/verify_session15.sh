@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # For the next session's first call (600 s): session 14's last kernel change (the three kernels
 # as a loop over GPP groups per program calling a per-group helper; GPP = 1 by default) was
-# made after its device time ran out. First the kernel's GPU tests (with the new groups-per-
-# program one) but the two aff_small steps
+# made after its device time ran out. First the kernel's GPU tests but the two aff_small steps
 # (about 100 s on an H200), then the groups-per-program sweep (scripts/device/tile_sweep.py
 # --gpp), then the per-kernel profile of the current sources against .cache/base/src (set that
 # to commit 20cd23b's src, the last GPU-verified kernels: git archive 20cd23b src | tar x -C

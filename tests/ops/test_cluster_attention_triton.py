@@ -669,27 +669,6 @@ def test_gpu_packed_qkv_is_bitwise_unpacked(dtype, stage):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("gpp", [2, 3, 8])
-def test_gpu_groups_per_program_is_bitwise_one(gpp):
-    """Several groups per program compute every group exactly as one per program (stage 1 at
-    512 px, bf16: 128 groups per image; 3 leaves a partial last program)."""
-    from affmae.ops.cluster_attention import kernel
-
-    inp = stage_inputs(0)
-    args = (*(inp[n].to(torch.bfloat16) for n in "qkv"), inp["pos"], inp["nbr"], inp["n_valid"],
-            *inp["params"], 32 ** -0.5)
-    do = inp["do"].to(torch.bfloat16)
-    outs = []
-    for g in (1, gpp):
-        o, lse = kernel.attention_forward(*args, groups_per_program=g)
-        outs.append((o, lse, *kernel.attention_backward(do, *args[:3], o, lse, *args[3:],
-                                                         groups_per_program=g)))
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "param grads"), *outs):
-        assert torch.equal(a, b), f"groups_per_program={gpp}: {name} differs from 1 per program"
-
-
-@pytest.mark.gpu
-@gpu
 def test_gpu_auto_backend_uses_triton(monkeypatch):
     monkeypatch.delenv("AFFMAE_ATTENTION_BACKEND", raising=False)
     from affmae.ops.cluster_attention import resolve_backend
