@@ -381,7 +381,10 @@ def _bwd_q_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
     GPP: tl.constexpr,
 ):
-    # GPP consecutive groups per program, as in _fwd_kernel.
+    # GPP consecutive groups per program, one after the other: their unions overlap, so the
+    # later groups' gathers can hit this SM's L1. 1: one group per program. When GPP does not
+    # divide nG, the last program repeats the last group (writing the same values again) rather
+    # than branching around the body.
     bh = tl.program_id(1)
     for i in tl.static_range(GPP):
         g = tl.minimum(tl.program_id(0) * GPP + i, nG - 1)
@@ -462,7 +465,10 @@ def _bwd_kv_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
     GPP: tl.constexpr,
 ):
-    # GPP consecutive groups per program, as in _fwd_kernel.
+    # GPP consecutive groups per program, one after the other: their unions overlap, so the
+    # later groups' gathers can hit this SM's L1. 1: one group per program. When GPP does not
+    # divide nG, the last program repeats the last group (writing the same values again) rather
+    # than branching around the body.
     bh = tl.program_id(1)
     for i in tl.static_range(GPP):
         g = tl.minimum(tl.program_id(0) * GPP + i, nG - 1)
