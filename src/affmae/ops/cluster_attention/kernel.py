@@ -228,18 +228,17 @@ def _fwd_kernel(
     GPP: tl.constexpr,
 ):
     # GPP consecutive groups per program, one after the other: their unions overlap, so the
-    # later groups' gathers can hit this SM's L1. 1: one group per program. When GPP does not
-    # divide nG, the last program repeats the last group (writing the same values again) rather
-    # than branching around the body.
+    # later groups' gathers can hit this SM's L1. 1: one group per program.
     bh = tl.program_id(1)
     for i in tl.static_range(GPP):
-        g = tl.minimum(tl.program_id(0) * GPP + i, nG - 1)
-        _fwd_group(
-            g, bh,
-            Q, K, V, POS, GRP, W, WB, BK, BV, O, LSE, sb, sn, sh, ob, on, oh, spb, spn, sgb,
-            slb, slh, H, M, n_valid, nG, CAP, scale, m, D, G, BLOCK_Q, BLOCK_K, BLOCK_D, DOT_T,
-            DOT_PREC,
-        )
+        g = tl.program_id(0) * GPP + i
+        if g < nG:
+            _fwd_group(
+                g, bh,
+                Q, K, V, POS, GRP, W, WB, BK, BV, O, LSE, sb, sn, sh, ob, on, oh, spb, spn, sgb,
+                slb, slh, H, M, n_valid, nG, CAP, scale, m, D, G, BLOCK_Q, BLOCK_K, BLOCK_D, DOT_T,
+                DOT_PREC,
+            )
 
 
 @triton.jit
@@ -382,18 +381,17 @@ def _bwd_q_kernel(
     GPP: tl.constexpr,
 ):
     # GPP consecutive groups per program, one after the other: their unions overlap, so the
-    # later groups' gathers can hit this SM's L1. 1: one group per program. When GPP does not
-    # divide nG, the last program repeats the last group (writing the same values again) rather
-    # than branching around the body.
+    # later groups' gathers can hit this SM's L1. 1: one group per program.
     bh = tl.program_id(1)
     for i in tl.static_range(GPP):
-        g = tl.minimum(tl.program_id(0) * GPP + i, nG - 1)
-        _bwd_q_group(
-            g, bh,
-            Q, K, V, DO, O, POS, GRP, W, WB, BK, BV, LSE, ROWS, DQ, GP, sb, sn, sh, ob, on, oh,
-            gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride, H, M, n_valid, nG, CAP, scale, m,
-            D, G, BLOCK_Q, BLOCK_K, BLOCK_D, DOT_T, DOT_PREC,
-        )
+        g = tl.program_id(0) * GPP + i
+        if g < nG:
+            _bwd_q_group(
+                g, bh,
+                Q, K, V, DO, O, POS, GRP, W, WB, BK, BV, LSE, ROWS, DQ, GP, sb, sn, sh, ob, on, oh,
+                gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride, H, M, n_valid, nG, CAP, scale, m,
+                D, G, BLOCK_Q, BLOCK_K, BLOCK_D, DOT_T, DOT_PREC,
+            )
 
 
 @triton.jit
@@ -466,18 +464,17 @@ def _bwd_kv_kernel(
     GPP: tl.constexpr,
 ):
     # GPP consecutive groups per program, one after the other: their unions overlap, so the
-    # later groups' gathers can hit this SM's L1. 1: one group per program. When GPP does not
-    # divide nG, the last program repeats the last group (writing the same values again) rather
-    # than branching around the body.
+    # later groups' gathers can hit this SM's L1. 1: one group per program.
     bh = tl.program_id(1)
     for i in tl.static_range(GPP):
-        g = tl.minimum(tl.program_id(0) * GPP + i, nG - 1)
-        _bwd_kv_group(
-            g, bh,
-            Q, K, V, DO, POS, GRP, W, WB, ROWS, DK, DV, sb, sn, sh, ob, on, oh, gb, gn, gh,
-            spb, spn, sgb, slb, slh, rows_stride, H, M, n_valid, nG, CAP, scale, m, D, G,
-            BLOCK_Q, BLOCK_K, BLOCK_D, DOT_T, DOT_PREC,
-        )
+        g = tl.program_id(0) * GPP + i
+        if g < nG:
+            _bwd_kv_group(
+                g, bh,
+                Q, K, V, DO, POS, GRP, W, WB, ROWS, DK, DV, sb, sn, sh, ob, on, oh, gb, gn, gh,
+                spb, spn, sgb, slb, slh, rows_stride, H, M, n_valid, nG, CAP, scale, m, D, G,
+                BLOCK_Q, BLOCK_K, BLOCK_D, DOT_T, DOT_PREC,
+            )
 
 
 # ----------------------------------------------------------------------------------------------
