@@ -218,27 +218,6 @@ def _custom_op_path_difference() -> float:
     return max((a - b).abs().max().item() for a, b in zip(direct, op))
 
 
-def _groups_per_program() -> list[str]:
-    """Several consecutive groups per program (``groups_per_program``) against one: every
-    group's arithmetic is the same wherever it runs, so all outputs are bitwise equal. N = 217
-    in clusters of 8: 28 clusters, 14 groups, so 3 and 4 per program leave a partial last
-    program; 16 per program, one program for all."""
-    from affmae.ops.cluster_attention import kernel
-
-    inp = make_inputs(B=2, n_valid=217, m=8, H=2, D=16, Kc=4)
-    args = (inp["q"], inp["k"], inp["v"], inp["pos"], inp["nbr"], inp["n_valid"], *inp["params"], 0.25)
-
-    def run(gpp):
-        o, lse = kernel.attention_forward(*args, groups_per_program=gpp)
-        grads = kernel.attention_backward(inp["do"], *args[:3], o, lse, *args[3:], groups_per_program=gpp)
-        return (o, lse, *grads)
-
-    names = ("out", "lse", "dq", "dk", "dv", "param grads")
-    one = run(1)
-    return [f"groups_per_program={gpp}: {name} differs" for gpp in (3, 4, 16)
-            for name, a, b in zip(names, one, run(gpp)) if not torch.equal(a, b)]
-
-
 def _given_groups() -> dict:
     """Attention with caller-built group structures (what the model shares across a stage's
     blocks) against calls that build their own: through autograd, through the custom op, and
@@ -414,7 +393,6 @@ def _worker(path: str) -> None:
     jobs.update({name: packed(*spec) for name, spec in PACKED_CASES.items()})
     write_results(path, {**jobs, "groups": _group_mismatches, "custom_op": _custom_op_path_difference,
                          "given_groups": _given_groups, "packed_layer": _packed_layer,
-                         "groups_per_program": _groups_per_program,
                          "packed_compiled": _packed_compiled})
 
 
@@ -467,11 +445,6 @@ def test_interpreter_packed_layer_has_no_stack(interpreter_results):
 
 def test_interpreter_packed_compiles(interpreter_results):
     bad = result(interpreter_results, "packed_compiled")
-    assert bad == [], "\n".join(bad)
-
-
-def test_interpreter_groups_per_program_is_the_same_function(interpreter_results):
-    bad = result(interpreter_results, "groups_per_program")
     assert bad == [], "\n".join(bad)
 
 

@@ -46,11 +46,6 @@ How it is computed:
    dV accumulate in registers and are written once (float32 atomics from pass 1 were measured
    1.9-2.7x slower on an H100 and are gone).
 
-"One program per group" above is the default; each kernel can take GPP consecutive groups per
-program, one after the other (``groups_per_program``, a tiling override): neighbouring groups'
-unions overlap, so the later groups' key gathers may hit the SM's L1 instead of L2. The result
-is bitwise the same; whether it is faster is not yet measured (``tile_sweep.py --gpp``).
-
 Repeated neighbours (Kc > M, the global case) are kept: the j-th repeat of a cluster in a list
 is its own union entry, so every key counts as often as the reference counts it.
 
@@ -79,9 +74,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 MAX_CLUSTER_SIZE = 64
 BLOCK_K = 32  # union keys (forward, pass 1) or gathered queries (pass 2) per tile
-#: Consecutive groups one program takes, one after the other (``groups_per_program``): 1 until
-#: more is measured faster (scripts/device/tile_sweep.py sweeps it).
-GROUPS_PER_PROGRAM = 1
 GROUP_ROWS = 16  # a group's queries fill this many tile rows: G = GROUP_ROWS // m (at least 1)
 MAX_GROUP = 16  # the membership masks are int32 bit sets over a group's clusters
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -156,16 +148,16 @@ def _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m: tl.constexpr, BLOCK_K: t
     return cl * m + t % m, t_ok, bits
 
 
-@triton.jit
-def _fwd_group(
-    g, bh,
+@triton.jit(do_not_specialize=_SIZES)
+def _fwd_kernel(
     Q, K, V, POS, GRP, W, WB, BK, BV, O, LSE,
     sb, sn, sh, ob, on, oh, spb, spn, sgb, slb, slh,
     H, M, n_valid, nG, CAP, scale,
     m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # Group g of batch * head bh (the kernel below calls it for its groups).
+    g = tl.program_id(0)
+    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
@@ -218,29 +210,6 @@ def _fwd_group(
     tl.store(LSE + b * slb + h * slh + tq, m_i + tl.log2(l_i), mask=q_row)
 
 
-@triton.jit(do_not_specialize=_SIZES)
-def _fwd_kernel(
-    Q, K, V, POS, GRP, W, WB, BK, BV, O, LSE,
-    sb, sn, sh, ob, on, oh, spb, spn, sgb, slb, slh,
-    H, M, n_valid, nG, CAP, scale,
-    m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
-    GPP: tl.constexpr,
-):
-    # GPP consecutive groups per program, one after the other: their unions overlap, so the
-    # later groups' gathers can hit this SM's L1. 1: one group per program.
-    bh = tl.program_id(1)
-    for i in tl.static_range(GPP):
-        g = tl.program_id(0) * GPP + i
-        if g < nG:
-            _fwd_group(
-                g, bh,
-                Q, K, V, POS, GRP, W, WB, BK, BV, O, LSE, sb, sn, sh, ob, on, oh, spb, spn, sgb,
-                slb, slh, H, M, n_valid, nG, CAP, scale, m, D, G, BLOCK_Q, BLOCK_K, BLOCK_D, DOT_T,
-                DOT_PREC,
-            )
-
-
 @triton.jit
 def _bwd_tile(q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn,
                     nG, CAP, n_valid, sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd,
@@ -265,21 +234,21 @@ def _bwd_tile(q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, sta
     return p, dp, k, dx, dy, rr, inv_r
 
 
-@triton.jit
-def _bwd_q_group(
-    g, bh,
+@triton.jit(do_not_specialize=_SIZES)
+def _bwd_q_kernel(
     Q, K, V, DO, O, POS, GRP, W, WB, BK, BV, LSE, ROWS, DQ, GP,
     sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride,
     H, M, n_valid, nG, CAP, scale,
     m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # Group g of batch * head bh (the kernel below calls it for its groups).
     # One sweep over the union (module docstring, backward pass 1): with p the tile's P from the
     # saved log-sum-exp (not yet renormalised) and c = dO . O per row (O as stored), accumulate
     # S0 = sum p, S1 = sum p (dP - c), A = sum p (dP - c) k, Bk = sum p k and the same sums
     # against the five bias features; at the end e = S1 / S0, delta = c + e and
     # dS = p / S0 * ((dP - c) - e), so dQ = (A - e Bk) / S0, and so on.
+    g = tl.program_id(0)
+    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
@@ -372,40 +341,17 @@ def _bwd_q_group(
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _bwd_q_kernel(
-    Q, K, V, DO, O, POS, GRP, W, WB, BK, BV, LSE, ROWS, DQ, GP,
-    sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride,
-    H, M, n_valid, nG, CAP, scale,
-    m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
-    GPP: tl.constexpr,
-):
-    # GPP consecutive groups per program, one after the other: their unions overlap, so the
-    # later groups' gathers can hit this SM's L1. 1: one group per program.
-    bh = tl.program_id(1)
-    for i in tl.static_range(GPP):
-        g = tl.program_id(0) * GPP + i
-        if g < nG:
-            _bwd_q_group(
-                g, bh,
-                Q, K, V, DO, O, POS, GRP, W, WB, BK, BV, LSE, ROWS, DQ, GP, sb, sn, sh, ob, on, oh,
-                gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride, H, M, n_valid, nG, CAP, scale, m,
-                D, G, BLOCK_Q, BLOCK_K, BLOCK_D, DOT_T, DOT_PREC,
-            )
-
-
-@triton.jit
-def _bwd_kv_group(
-    g, bh,
+def _bwd_kv_kernel(
     Q, K, V, DO, POS, GRP, W, WB, ROWS, DK, DV,
     sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride,
     H, M, n_valid, nG, CAP, scale,
     m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # Group g of batch * head bh (the kernel below calls it for its groups).
     # Key-major: program (group of G key clusters, batch * head) streams over the union of the
     # query clusters listing any of them (transposed group structure); S, P, dP are keys x queries.
+    g = tl.program_id(0)
+    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
@@ -452,29 +398,6 @@ def _bwd_kv_group(
              (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
     tl.store(DV + b * gb + h * gh + tk[:, None] * gn + rd[None, :],
              dv.to(DV.dtype.element_ty), mask=kd_ok)
-
-
-@triton.jit(do_not_specialize=_SIZES)
-def _bwd_kv_kernel(
-    Q, K, V, DO, POS, GRP, W, WB, ROWS, DK, DV,
-    sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride,
-    H, M, n_valid, nG, CAP, scale,
-    m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
-    GPP: tl.constexpr,
-):
-    # GPP consecutive groups per program, one after the other: their unions overlap, so the
-    # later groups' gathers can hit this SM's L1. 1: one group per program.
-    bh = tl.program_id(1)
-    for i in tl.static_range(GPP):
-        g = tl.program_id(0) * GPP + i
-        if g < nG:
-            _bwd_kv_group(
-                g, bh,
-                Q, K, V, DO, POS, GRP, W, WB, ROWS, DK, DV, sb, sn, sh, ob, on, oh, gb, gn, gh,
-                spb, spn, sgb, slb, slh, rows_stride, H, M, n_valid, nG, CAP, scale, m, D, G,
-                BLOCK_Q, BLOCK_K, BLOCK_D, DOT_T, DOT_PREC,
-            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -727,7 +650,7 @@ def group_size(m: int) -> int:
 
 
 def _tiles(m: int, D: int, dtype: torch.dtype, G: int, block_k: int = BLOCK_K,
-           num_warps: int | None = None, groups_per_program: int | None = None) -> dict:
+           num_warps: int | None = None) -> dict:
     """Compile-time tile parameters: these depend on the model, never on batch size or resolution."""
     # Products take the input dtype (tensor cores, float32 accumulation). Triton's interpreter
     # multiplies bfloat16 as raw integers, so there bfloat16 operands are widened to float32 first:
@@ -746,7 +669,6 @@ def _tiles(m: int, D: int, dtype: torch.dtype, G: int, block_k: int = BLOCK_K,
         # kernels at every aff_small stage on an H200 (forward 9%, pass 1 2%, pass 2 10% summed
         # over the stages; docs/bench/tile_sweep_h200_session14.txt), and less shared memory.
         num_stages=2,
-        GPP=groups_per_program or GROUPS_PER_PROGRAM,
     )
 
 
@@ -779,14 +701,13 @@ def attention_groups(nbr: torch.Tensor, m: int, transpose: bool = False) -> torc
 def attention_forward(
     q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
     grp: torch.Tensor | None = None, group: int | None = None, block_k: int = BLOCK_K,
-    num_warps: int | None = None, groups_per_program: int | None = None,
+    num_warps: int | None = None,
 ):
     """Forward kernel. Returns out (B, N, H, D) in q's dtype and lse (B, H, N) float32, base 2.
 
     ``grp``: ``attention_groups(nbr, m)`` if the caller has it (built here otherwise).
-    ``group``, ``block_k``, ``num_warps``, ``groups_per_program``: override the tiling (clusters
-    per group, keys per tile, launch width, consecutive groups per program) for
-    ``affmae.bench.attention`` and the device scripts; a given ``grp`` must match ``group``.
+    ``group``, ``block_k``, ``num_warps``: override the tiling (clusters per program, keys per
+    tile, launch width) for ``affmae.bench.attention``; a given ``grp`` must match ``group``.
     """
     m = check_inputs(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v)
     q, k, v = _token_views(q, k, v)
@@ -798,11 +719,11 @@ def attention_forward(
     w, wb, bk, bv = (_ensure(t) for t in (bias_weight, bias_bias, blank_k, blank_v))
     out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-    tiles = _tiles(m, D, q.dtype, G, block_k, num_warps, groups_per_program)
-    _fwd_kernel[(triton.cdiv(nG, tiles["GPP"]), B * H)](
+    _fwd_kernel[(nG, B * H)](
         q, k, v, pos, grp, w, wb, bk, bv, out, lse,
         q.stride(0), q.stride(1), q.stride(2), N * H * D, H * D, D, N * 2, 2, grp.shape[1], H * N, N,
-        H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale), **tiles,
+        H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale),
+        **_tiles(m, D, q.dtype, G, block_k, num_warps),
     )
     return out, lse
 
@@ -811,7 +732,7 @@ def attention_backward(
     do, q, k, v, o, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
     grp: torch.Tensor | None = None, grp_t: torch.Tensor | None = None, group: int | None = None,
     block_k: int = BLOCK_K, num_warps: int | None = None, dqkv: torch.Tensor | None = None,
-    passes: str = "qkv", groups_per_program: int | None = None,
+    passes: str = "qkv",
 ):
     """Backward kernels. Returns dq, dk, dv (input dtype) and g (6 H + 2 H D,) float32, the
     packed small gradients, parameter after parameter: d bias_weight (H, 5), d bias_bias (H,),
@@ -826,8 +747,7 @@ def attention_backward(
     ``dqkv``: a (B, N, 3, H, D) tensor in q's dtype, unit stride on the head dim, that the kernels
     write dq, dk, dv into (returned as its three slices) instead of three new tensors; see
     ``attention_backward_packed``.
-    ``group``, ``block_k``, ``num_warps``, ``groups_per_program``: tiling overrides
-    (``attention_forward``).
+    ``group``, ``block_k``, ``num_warps``: tiling overrides (``attention_forward``).
     ``passes``: "q" runs the query-major pass alone (dq and the parameter gradients; dk and dv
     are returned unwritten), to time each pass.
     """
@@ -846,8 +766,7 @@ def attention_backward(
     pos = _ensure(pos, torch.float32)  # (B, N, 2)
     w, wb, bk, bv = (_ensure(t) for t in (bias_weight, bias_bias, blank_k, blank_v))
     dev = q.device
-    tiles = _tiles(m, D, q.dtype, G, block_k, num_warps, groups_per_program)
-    grid = (triton.cdiv(nG, tiles["GPP"]), B * H)
+    tiles = _tiles(m, D, q.dtype, G, block_k, num_warps)
     if dqkv is None:
         dq, dk, dv = (torch.empty(B, N, H, D, device=dev, dtype=q.dtype) for _ in range(3))
     else:
@@ -859,13 +778,13 @@ def attention_backward(
     strides = (*q.stride()[:3], N * H * D, H * D, D, *dq.stride()[:3], N * 2, 2)
     rows = torch.empty(2, B, H, N, device=dev, dtype=torch.float32)  # corrected lse, delta
     parts = torch.empty(6 * H + 2 * H * D, B * nG, device=dev, dtype=torch.float32)  # per program
-    _bwd_q_kernel[grid](
+    _bwd_q_kernel[(nG, B * H)](
         q, k, v, do, o, pos, grp, w, wb, bk, bv, lse, rows, dq, parts,
         *strides, grp.shape[1], H * N, N, B * H * N,
         H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale), **tiles,
     )
     if passes == "qkv":
-        _bwd_kv_kernel[grid](
+        _bwd_kv_kernel[(nG, B * H)](
             q, k, v, do, pos, grp_t, w, wb, rows, dk, dv,
             *strides, grp_t.shape[1], H * N, N, B * H * N,
             H, M, n_valid, nG, (grp_t.shape[1] - 2 * nG) // 2, float(scale), **tiles,
