@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Session 15, call 1: the eager call's host-time floors (attention_host_floor.py), then the
+# groups-per-program sweep of the reverted refactor (its sources under .cache/gpp: git archive of
+# branch gpp's src, scripts and tests), which runs the GPP = 1 baseline in the same process.
+# Usage: bash scripts/device/verify_session15a.sh OUT
+OUT=${1:?OUT}
+source "$(dirname "$0")/lib.sh"
+timeout 150 python -u scripts/device/attention_host_floor.py "$R/attention_host_floor.txt" > "$R/floor.log" 2>&1
+echo "== floor rc=$? $SECONDS s"; cat "$R/attention_host_floor.txt"; pack
+PYTHONPATH=/tmp/site:$PWD/.cache/gpp/src timeout 240 python -u .cache/gpp/scripts/device/tile_sweep.py \
+  "$R/tile_sweep_gpp.txt" --gpp > "$R/tile_sweep_gpp.log" 2>&1
+echo "== gpp sweep rc=$? $SECONDS s"; tail -40 "$R/tile_sweep_gpp.txt"; pack
