@@ -218,6 +218,27 @@ def _custom_op_path_difference() -> float:
     return max((a - b).abs().max().item() for a, b in zip(direct, op))
 
 
+def _param_grad_sums() -> list[str]:
+    """Pass 2 sums pass 1's per-program partial parameter gradients in the kernel: against
+    torch's sum of the same partials (``passes="q"`` returns that), for a grid with fewer
+    programs than 16-row blocks of partials (each program then sums several) and a larger one.
+    Only the order of float32 additions may differ."""
+    from affmae.ops.cluster_attention import kernel
+
+    bad = []
+    for kw in (dict(B=1, n_valid=9, m=8, H=1, D=48, Kc=2), dict(B=2, n_valid=217, m=8, H=2, D=16, Kc=3)):
+        inp = make_inputs(**kw)
+        args = (inp["q"], inp["k"], inp["v"], inp["pos"], inp["nbr"], inp["n_valid"], *inp["params"], 0.25)
+        o, lse = kernel.attention_forward(*args)
+        bwd = (inp["do"], *args[:3], o, lse, *args[3:])
+        g = kernel.attention_backward(*bwd)[-1]
+        ref = kernel.attention_backward(*bwd, passes="q")[-1]
+        H, D = kw["H"], kw["D"]
+        if g.shape != (6 * H + 2 * H * D,) or not torch.allclose(g, ref, rtol=1e-5, atol=1e-6):
+            bad.append(f"{kw}: in-kernel sums differ from torch's by {(g - ref).abs().max().item():.3e}")
+    return bad
+
+
 def _given_groups() -> dict:
     """Attention with caller-built group structures (what the model shares across a stage's
     blocks) against calls that build their own: through autograd, through the custom op, and
@@ -393,6 +414,7 @@ def _worker(path: str) -> None:
     jobs.update({name: packed(*spec) for name, spec in PACKED_CASES.items()})
     write_results(path, {**jobs, "groups": _group_mismatches, "custom_op": _custom_op_path_difference,
                          "given_groups": _given_groups, "packed_layer": _packed_layer,
+                         "param_grad_sums": _param_grad_sums,
                          "packed_compiled": _packed_compiled})
 
 
@@ -445,6 +467,11 @@ def test_interpreter_packed_layer_has_no_stack(interpreter_results):
 
 def test_interpreter_packed_compiles(interpreter_results):
     bad = result(interpreter_results, "packed_compiled")
+    assert bad == [], "\n".join(bad)
+
+
+def test_interpreter_param_grad_sums_in_kernel(interpreter_results):
+    bad = result(interpreter_results, "param_grad_sums")
     assert bad == [], "\n".join(bad)
 
 

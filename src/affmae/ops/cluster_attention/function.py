@@ -159,8 +159,8 @@ class ClusterAttentionFunction(torch.autograd.Function):
             launch, op = kernel.attention_backward_packed, torch.ops.affmae.cluster_attention_bwd_packed
         else:
             launch, op = kernel.attention_backward, torch.ops.affmae.cluster_attention_bwd
-        if plain_eager(do, *tokens, pos, nbr):
-            *token_grads, g = launch(*args[:-2], grp=grp, grp_t=grp_t)
+        if plain_eager(do, *tokens, pos, nbr):  # the forward checked these tensors
+            *token_grads, g = launch(*args[:-2], grp=grp, grp_t=grp_t, validate=False)
         else:
             *token_grads, g = op(*args)
         if packed:  # dqkv in q's place; k and v are None

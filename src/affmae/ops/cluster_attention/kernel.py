@@ -39,8 +39,10 @@ How it is computed:
    gradient, a row's sum of dS over the union, is exactly -dS of the blank key. (Until session
    13 the pass swept twice: row sums first, then dS.)
    dQ in registers; the bias-weight and blank gradients reduced over the tile and written as one
-   partial column per program ((6 H + 2 H D, B * nG) floats, summed by torch; never per
-   query-key), parameter-major, so each parameter's gradient is a contiguous piece of the sum.
+   partial column per program ((6 H + 2 H D, B * nG) floats; never per query-key),
+   parameter-major, so each parameter's gradient is a contiguous piece of the sum. Pass 2's
+   first programs sum the columns (in a fixed order: deterministic), which saves a reduction
+   launch and its host time.
 3. Backward pass 2 (dK, dV), one program per (key group, batch * head) over the transposed
    structure: the group's keys are the tile rows, gathered incoming queries the columns; dK /
    dV accumulate in registers and are written once (float32 atomics from pass 1 were measured
@@ -63,6 +65,8 @@ float32; float32 inputs use IEEE (not TF32) products. Positions get no gradient.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -340,11 +344,11 @@ def _bwd_q_kernel(
              tl.sum((p_b * inv_sum)[:, None] * do.to(tl.float32), 0), mask=d_ok)
 
 
-@triton.jit(do_not_specialize=_SIZES)
+@triton.jit(do_not_specialize=_SIZES + ["n_param", "n_part"])
 def _bwd_kv_kernel(
-    Q, K, V, DO, POS, GRP, W, WB, ROWS, DK, DV,
+    Q, K, V, DO, POS, GRP, W, WB, ROWS, DK, DV, GP, GSUM,
     sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride,
-    H, M, n_valid, nG, CAP, scale,
+    H, M, n_valid, nG, CAP, scale, n_param, n_part,
     m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -352,6 +356,21 @@ def _bwd_kv_kernel(
     # query clusters listing any of them (transposed group structure); S, P, dP are keys x queries.
     g = tl.program_id(0)
     bh = tl.program_id(1)
+    # First, pass 1's per-program partial parameter gradients GP (n_param, n_part) summed into
+    # GSUM (n_param,): rows RED_R at a time, program after program (the first programs of the
+    # grid, or every program taking several blocks when the grid is small), columns in a fixed
+    # order, so the sums are deterministic. This saves the backward a reduction launch.
+    RED_R: tl.constexpr = 16
+    RED_C: tl.constexpr = 64
+    n_prog = tl.num_programs(0) * tl.num_programs(1)
+    for r0 in range((bh * nG + g) * RED_R, n_param, n_prog * RED_R):
+        pr = r0 + tl.arange(0, RED_R)
+        part = tl.zeros([RED_R, RED_C], tl.float32)
+        for c0 in range(0, n_part, RED_C):
+            pc = c0 + tl.arange(0, RED_C)
+            part += tl.load(GP + pr[:, None].to(tl.int64) * n_part + pc[None, :],
+                            mask=(pr[:, None] < n_param) & (pc[None, :] < n_part), other=0.0)
+        tl.store(GSUM + pr, tl.sum(part, 1), mask=pr < n_param)
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
@@ -651,16 +670,23 @@ def group_size(m: int) -> int:
 
 def _tiles(m: int, D: int, dtype: torch.dtype, G: int, block_k: int = BLOCK_K,
            num_warps: int | None = None) -> dict:
-    """Compile-time tile parameters: these depend on the model, never on batch size or resolution."""
+    """Compile-time tile parameters: these depend on the model, never on batch size or resolution.
+    A new dict each call (callers may change it); computed once per distinct argument set."""
+    return dict(_tile_items(m, D, dtype, G, block_k, num_warps, interpreting()))
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_items(m: int, D: int, dtype: torch.dtype, G: int, block_k: int, num_warps: int | None,
+                interpret: bool) -> tuple:
     # Products take the input dtype (tensor cores, float32 accumulation). Triton's interpreter
     # multiplies bfloat16 as raw integers, so there bfloat16 operands are widened to float32 first:
     # exact, since a bfloat16 x bfloat16 product fits a float32 mantissa.
     dot_t = _TL_DTYPE[dtype]
-    if dtype == torch.bfloat16 and interpreting():
+    if dtype == torch.bfloat16 and interpret:
         dot_t = tl.float32
     block_d = max(16, triton.next_power_of_2(D))
     block_q = max(16, triton.next_power_of_2(G * m))
-    return dict(
+    return tuple(dict(
         m=m, D=D, G=G, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d,
         DOT_T=dot_t, DOT_PREC="ieee" if dot_t == tl.float32 else "tf32",
         # One warp per 16 rows (one warp per 16-row tile measured fastest on an H100).
@@ -669,7 +695,7 @@ def _tiles(m: int, D: int, dtype: torch.dtype, G: int, block_k: int = BLOCK_K,
         # kernels at every aff_small stage on an H200 (forward 9%, pass 1 2%, pass 2 10% summed
         # over the stages; docs/bench/tile_sweep_h200_session14.txt), and less shared memory.
         num_stages=2,
-    )
+    ).items())
 
 
 def _ensure(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -732,7 +758,7 @@ def attention_backward(
     do, q, k, v, o, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
     grp: torch.Tensor | None = None, grp_t: torch.Tensor | None = None, group: int | None = None,
     block_k: int = BLOCK_K, num_warps: int | None = None, dqkv: torch.Tensor | None = None,
-    passes: str = "qkv",
+    passes: str = "qkv", validate: bool = True,
 ):
     """Backward kernels. Returns dq, dk, dv (input dtype) and g (6 H + 2 H D,) float32, the
     packed small gradients, parameter after parameter: d bias_weight (H, 5), d bias_bias (H,),
@@ -750,10 +776,16 @@ def attention_backward(
     ``group``, ``block_k``, ``num_warps``: tiling overrides (``attention_forward``).
     ``passes``: "q" runs the query-major pass alone (dq and the parameter gradients; dk and dv
     are returned unwritten), to time each pass.
+    ``validate=False`` skips the checks of q, k, v, positions, neighbourhoods and parameters
+    (not those of the group structures and ``dqkv``): for the autograd Function, whose forward
+    checked the same tensors (host time per eager backward).
     """
     if passes not in ("qkv", "q"):
         raise ValueError(f"passes must be 'qkv' or 'q', got {passes!r}")
-    m = check_inputs(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v)
+    if validate:
+        m = check_inputs(q, k, v, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v)
+    else:
+        m = q.shape[1] // nbr.shape[1]
     q, k, v = _token_views(q, k, v)
     B, N, H, D = q.shape
     M = nbr.shape[1]
@@ -783,13 +815,16 @@ def attention_backward(
         *strides, grp.shape[1], H * N, N, B * H * N,
         H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale), **tiles,
     )
-    if passes == "qkv":
-        _bwd_kv_kernel[(nG, B * H)](
-            q, k, v, do, pos, grp_t, w, wb, rows, dk, dv,
-            *strides, grp_t.shape[1], H * N, N, B * H * N,
-            H, M, n_valid, nG, (grp_t.shape[1] - 2 * nG) // 2, float(scale), **tiles,
-        )
-    return dq, dk, dv, parts.sum(-1)  # (6 H + 2 H D,)
+    if passes == "q":  # pass 2 (which sums the partials) skipped
+        return dq, dk, dv, parts.sum(-1)
+    g = torch.empty(parts.shape[0], device=dev, dtype=torch.float32)  # (6 H + 2 H D,)
+    _bwd_kv_kernel[(nG, B * H)](
+        q, k, v, do, pos, grp_t, w, wb, rows, dk, dv, parts, g,
+        *strides, grp_t.shape[1], H * N, N, B * H * N,
+        H, M, n_valid, nG, (grp_t.shape[1] - 2 * nG) // 2, float(scale), parts.shape[0], parts.shape[1],
+        **tiles,
+    )
+    return dq, dk, dv, g
 
 
 def check_packed(qkv: torch.Tensor) -> None:
@@ -800,7 +835,7 @@ def check_packed(qkv: torch.Tensor) -> None:
 
 def attention_backward_packed(
     do, qkv, o, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
-    grp: torch.Tensor | None = None, grp_t: torch.Tensor | None = None, **tiling,
+    grp: torch.Tensor | None = None, grp_t: torch.Tensor | None = None, **options,
 ):
     """``attention_backward`` for q, k, v = ``qkv.unbind(2)`` of a packed (B, N, 3, H, D) ``qkv``
     (a fused projection's output). Returns dqkv (B, N, 3, H, D), contiguous, in qkv's dtype, and g.
@@ -808,12 +843,13 @@ def attention_backward_packed(
     The kernels write dq, dk, dv straight into dqkv's slices, so dqkv is the gradient of the
     packed tensor as it is; three separate gradients would need autograd's ``UnbindBackward``
     to stack them (one copy kernel per attention layer). Same kernels, same values.
+    ``options``: ``attention_backward``'s keyword options (tiling, ``validate``).
     """
     check_packed(qkv)
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     *_, g = attention_backward(
         do, *qkv.unbind(2), o, lse, pos, nbr, n_valid, bias_weight, bias_bias, blank_k, blank_v, scale,
-        grp=grp, grp_t=grp_t, dqkv=dqkv, **tiling,
+        grp=grp, grp_t=grp_t, dqkv=dqkv, **options,
     )
     return dqkv, g
 
@@ -824,5 +860,6 @@ def unpack_param_grads(g: torch.Tensor, bias_weight, bias_bias, blank_k, blank_v
     (autograd then keeps them as the ``.grad``s without a copy)."""
     H, D = blank_k.shape
     w, wb, bk, bv = g.split([5 * H, H, H * D, H * D])
-    return (w.view(H, 5).to(bias_weight.dtype), wb.to(bias_bias.dtype),
-            bk.view(H, D).to(blank_k.dtype), bv.view(H, D).to(blank_v.dtype))
+    grads = (w.view(H, 5), wb, bk.view(H, D), bv.view(H, D))
+    params = (bias_weight, bias_bias, blank_k, blank_v)
+    return tuple(d if p.dtype == d.dtype else d.to(p.dtype) for d, p in zip(grads, params))
