@@ -45,6 +45,7 @@ import time
 
 import torch
 
+from affmae.bench.provenance import source_commit
 from affmae.bench.timing import time_op
 from affmae.ops.cluster_attention import cluster_attention
 from affmae.ops.cluster_attention.reference import cluster_attention_ref
@@ -255,7 +256,7 @@ def run(resolutions, batch, dtype_name, impls, sweep, log, out_path=None) -> dic
     meta = dict(
         device=torch.cuda.get_device_name(dev), torch=torch.__version__, triton=triton.__version__,
         python=platform.python_version(), dtype=dtype_name, batch=batch, command=" ".join(sys.argv),
-        copy_ceiling_gbs=copy_ceiling_gbs(dev),
+        copy_ceiling_gbs=copy_ceiling_gbs(dev), git_commit=source_commit(),
     )
     log(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, copy ceiling "
         f"{meta['copy_ceiling_gbs']:.0f} GB/s")

@@ -23,7 +23,6 @@ import gc
 import math
 import os
 import platform
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -35,6 +34,7 @@ from affmae.devices import resolve_device
 from affmae.bench.flops import count_model_flops
 from affmae.bench.plot import plot_results
 from affmae.bench.profile import format_profile, profile_step
+from affmae.bench.provenance import source_commit
 from affmae.bench.step import DTYPES, Trainer, measure_steps
 
 GIB = 1024**3
@@ -196,13 +196,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         meta["triton"] = triton.__version__
     except ImportError:
         meta["triton"] = None
-    try:
-        # "-dirty" when the sources differ from that commit (a copied or edited checkout).
-        meta["git_commit"] = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        meta["git_commit"] = None
+    meta["git_commit"] = source_commit(Path(__file__).parent)
     return meta
 
 
