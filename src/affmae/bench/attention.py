@@ -30,6 +30,13 @@ neighbour lists; write out and the float32 log-sum-exp. Backward: read q, k, v, 
 positions, neighbour lists; write dq, dk, dv. Gathered neighbour reads beyond the first are not
 counted (they hit L2 in a good kernel), so 100 % is the copy ceiling for this traffic.
 
+Eager columns: at these sizes both implementations are bound by the host (Python, launches,
+autograd), not the GPU. Autograd runs a CUDA backward on its own device thread, and the handoff
+to it and back costs most when that thread sits on another core than the caller: an H100 host
+measured the Triton call 2x faster, and the reference 1.2-1.6x, with the process pinned to one
+core (``taskset -c 3 python -m affmae.bench.attention``; docs/BENCHMARKS.md, session 15), and
+far steadier. Compare eager numbers only from runs pinned alike.
+
 Token positions: random distinct cells of the patch grid (uniform mask; each stage a random subset
 of the previous one), clustered with ``balanced_clustering`` as the encoder does.
 """
