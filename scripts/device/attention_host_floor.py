@@ -19,20 +19,12 @@ Usage: python scripts/device/attention_host_floor.py OUT.txt [--dry]
   --dry   Triton's interpreter on CPU, one tiny stage, 2 calls each: checks the script only
 """
 import sys
-import time
 
 import torch
-import triton
-import triton.language as tl
+from hostlib import DRY, host_ms, launch_empty, stage_setup
 
-from affmae.bench.attention import _leaves, make_stage, torch_impl, triton_impl
+from affmae.bench.attention import torch_impl, triton_impl
 from affmae.ops.cluster_attention import kernel
-
-
-@triton.jit
-def _empty(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10,
-           i11, i12, i13, i14, i15, i16, i17, i18, f0, C0: tl.constexpr, C1: tl.constexpr):
-    pass
 
 
 class _Null(torch.autograd.Function):
@@ -47,23 +39,6 @@ class _Null(torch.autograd.Function):
         return tuple(torch.empty_like(t) for t in (q, k, v, w, wb, bk, bv))
 
 
-DRY = "--dry" in sys.argv
-DEV = "cpu" if DRY else "cuda"
-sync = (lambda: None) if DRY else torch.cuda.synchronize
-
-
-def host_ms(f, n=2 if DRY else 200):
-    for _ in range(1 if DRY else 20):
-        f()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        f()
-    t1 = time.perf_counter()
-    sync()
-    return 1e3 * (t1 - t0) / n
-
-
 out = sys.argv[1]
 lines = []
 
@@ -74,20 +49,13 @@ def emit(s):
 
 
 for res, stage in ((64, 0),) if DRY else ((512, 0), (512, 2)):
-    s = make_stage(res, stage, 1 if DRY else 16, torch.float32 if DRY else torch.bfloat16, DEV)
-    leaves = _leaves(s)
-    q, k, v, *params = leaves
-    do = s["do"]
-    grp, grp_t = kernel.attention_groups(s["nbr"], s["m"]), kernel.attention_groups(s["nbr"], s["m"], True)
-    scale = s["D"] ** -0.5
-    args = (s["pos"], s["nbr"], s["n_valid"], *params, scale)
-    with torch.no_grad():
-        o, lse = kernel.attention_forward(q, k, v, *args, grp=grp)
+    x = stage_setup(res, stage)
+    s, leaves, q, k, v, do, grp, grp_t, args, o, lse, ptrs = (
+        x[n] for n in ("s", "leaves", "q", "k", "v", "do", "grp", "grp_t", "args", "o", "lse", "ptrs"))
     fn, ref = triton_impl(s, shared=True), torch_impl(s)
-    ptrs = [q, k, v, s["pos"], grp, *params, o, lse]
 
     def launch():
-        _empty[(1, 1)](*ptrs, *range(1, 20), 0.5, C0=8, C1=32)
+        launch_empty(ptrs)
 
     def null_step():
         torch.autograd.grad(_Null.apply(*leaves), leaves, do)

@@ -17,9 +17,9 @@ import os
 import statistics
 import sys
 import threading
-import time
 
 import torch
+from hostlib import block_ms
 
 from affmae.bench.attention import _leaves, make_stage, torch_impl, triton_impl
 from affmae.ops.cluster_attention import kernel
@@ -48,13 +48,7 @@ def ref_step():
 
 
 def block(f, n=50):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        f()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return 1e3 * (t1 - t0) / n
+    return block_ms(f, n)
 
 
 class Worker:

@@ -10,9 +10,9 @@ import os
 import statistics
 import sys
 import threading
-import time
 
 import torch
+from hostlib import block_ms
 
 from affmae.bench.attention import _leaves, make_stage, torch_impl, triton_impl
 
@@ -49,13 +49,7 @@ def set_engine(cpus):
 
 
 def block(f, n=50):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        f()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return 1e3 * (t1 - t0) / n
+    return block_ms(f, n)
 
 
 steps = {"fn fwd+bwd": lambda: torch.autograd.grad(fn(*leaves), leaves, do),
