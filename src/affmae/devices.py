@@ -14,3 +14,18 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return dev
+
+
+def backward_on_calling_thread():
+    """Context manager: autograd runs the backward of CUDA tensors on the thread that calls
+    ``backward()`` / ``autograd.grad``, not on its per-device worker thread.
+
+    By default PyTorch hands a CUDA backward to a worker thread and blocks the caller until it
+    ends. Every handoff wakes that thread, often on another core, and the Python backward of a
+    custom autograd Function (this package's kernels) then runs there with cold caches: on an
+    H100 host one cluster-attention forward + backward took 2x as long as with the two threads
+    on one core (docs/BENCHMARKS.md, session 15). With one device per process, as in every run
+    of this package (DDP starts a process per GPU), the worker thread buys nothing; PyTorch
+    itself plans to make this the default. Thread-local; a no-op for CPU tensors, whose backward
+    already runs on the calling thread."""
+    return torch.autograd.set_multithreading_enabled(False)

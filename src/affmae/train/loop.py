@@ -5,7 +5,7 @@ loop owns everything else, in this order per optimizer step:
 
 1. lr for this step from the schedule (a pure function of the step), times each group's lr_scale;
 2. ``grad_accum`` micro-steps: forward under autocast (bf16/fp16), backward of loss/grad_accum
-   (scaled for fp16), DDP gradient sync only on the last micro-step (``no_sync`` before), or
+   (scaled for fp16; on the calling thread, ``affmae.devices.backward_on_calling_thread``), DDP gradient sync only on the last micro-step (``no_sync`` before), or
    with ``grad_sync="allreduce"`` (and always for a CUDA-graphed loss) one bucketed
    ``all_reduce`` of every gradient after the last micro-step;
 3. unscale (fp16), clip the global grad norm, optimizer step, scaler update;
@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from affmae.devices import backward_on_calling_thread
 from affmae.train.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from affmae.train.config import TrainConfig, save_yaml
 from affmae.train.distributed import (DistContext, all_gather_objects, all_reduce_gradients,
@@ -384,7 +385,8 @@ def fit(job: TrainJob, ctx: DistContext) -> TrainResult:
                 with sync:
                     with autocast:
                         outputs = job.loss(net, batch, step, micro)
-                    scaler.scale(outputs["loss"] / cfg.grad_accum).backward()
+                    with backward_on_calling_thread():  # no handoff to autograd's worker thread
+                        scaler.scale(outputs["loss"] / cfg.grad_accum).backward()
                 if not keys:
                     keys = ["loss"] + sorted(k for k in outputs
                                              if k.startswith("loss_") and outputs[k].ndim == 0)
