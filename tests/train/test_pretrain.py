@@ -371,3 +371,22 @@ def test_graphed_runs_pin_batches_in_the_main_thread(monkeypatch):
     monkeypatch.setattr(torch.cuda, "make_graphed_callables",
                         lambda callables, sample_args, num_warmup_iters=3: None)
     assert graphs.capture_mode_kwargs() == {}
+
+
+def test_backward_runs_with_autograd_multithreading_off(images64, tmp_path, monkeypatch):
+    # The trainer runs every backward on the calling thread (affmae.devices.
+    # backward_on_calling_thread): autograd's multithreading flag, which a gradient hook sees in
+    # the backward's thread-local state, is off there, and back on after the run.
+    real_loss = PretrainJob.loss
+    seen = []
+
+    def loss_with_hook(self, model, batch, step, micro):
+        out = real_loss(self, model, batch, step, micro)
+        out["loss"].register_hook(lambda g: seen.append(torch._C._is_multithreading_enabled()))
+        return out
+
+    monkeypatch.setattr(PretrainJob, "loss", loss_with_hook)
+    assert torch._C._is_multithreading_enabled()
+    run_pretrain(_cfg(images64, tmp_path, steps=2, grad_accum=2, ckpt_every=2))
+    assert seen == [False] * 4, f"multithreading flag in the 4 backwards: {seen}"
+    assert torch._C._is_multithreading_enabled(), "the trainer left autograd multithreading off"
