@@ -28,10 +28,7 @@ Implementations (one function, same inputs):
 Bandwidth: the minimum bytes any implementation must move. Forward: read q, k, v, positions,
 neighbour lists; write out and the float32 log-sum-exp. Backward: read q, k, v, dO, log-sum-exp,
 positions, neighbour lists; write dq, dk, dv. Gathered neighbour reads beyond the first are not
-counted (they hit L2 in a good kernel), so 100 % is the copy ceiling for this traffic. The copy
-ceiling is that of a large (256 MiB) copy; a kernel this short also pays its launch, ramp-up and
-tail, so each row also gives the kernels' time against a CUDA-graphed copy of the same bytes
-("same-size copy": 100 % would be a copy's speed at this size).
+counted (they hit L2 in a good kernel), so 100 % is the copy ceiling for this traffic.
 
 Eager columns: at these sizes both implementations are bound by the host (Python, launches,
 autograd), not the GPU. By default autograd runs a CUDA backward on its own device (worker)
@@ -233,15 +230,6 @@ def copy_ceiling_gbs(device) -> float:
     return 2 * n / (ms * 1e-3) / 1e9
 
 
-def copy_ms(nbytes: int, device) -> float:
-    """Device time (CUDA graph, median) of one copy that reads and writes ``nbytes`` in all."""
-    from triton.testing import do_bench_cudagraph
-
-    x = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    return do_bench_cudagraph(lambda: y.copy_(x), return_mode="median")
-
-
 SWEEP = ((1, 32), (2, 16), (2, 32), (2, 64), (4, 32))  # (clusters per program, keys per tile)
 
 
@@ -316,15 +304,11 @@ def run(resolutions, batch, dtype_name, impls, sweep, log, out_path=None,
                 torch.cuda.empty_cache()
             fb, bb = min_bytes(s, s["q"].element_size())
             ceil = meta["copy_ceiling_gbs"] * 1e9
-            if any(f"{name}_fwd_graph_ms" in row for name in ("triton", "triton_shared")):
-                row["copy_fwd_ms"], row["copy_fwdbwd_ms"] = copy_ms(fb, dev), copy_ms(fb + bb, dev)
             for name in ("triton", "triton_shared"):  # GPU time of the kernels vs the copy ceiling
                 if f"{name}_fwd_graph_ms" in row:
                     row[f"{name}_fwd_bw_pct"] = 100 * fb / (row[f"{name}_fwd_graph_ms"] * 1e-3) / ceil
                     row[f"{name}_fwdbwd_bw_pct"] = (100 * (fb + bb) / (row[f"{name}_fwdbwd_graph_ms"] * 1e-3)
                                                     / ceil)
-                    row[f"{name}_fwd_copy_pct"] = 100 * row["copy_fwd_ms"] / row[f"{name}_fwd_graph_ms"]
-                    row[f"{name}_fwdbwd_copy_pct"] = 100 * row["copy_fwdbwd_ms"] / row[f"{name}_fwdbwd_graph_ms"]
             if sweep:
                 row.update({f"sweep_{k}": v for k, v in sweep_triton(s).items()})
             rows.append(row)
@@ -375,9 +359,7 @@ def format_row(r, impls) -> str:
         )
     for name in ("triton", "triton_shared"):
         if f"{name}_fwd_bw_pct" in r:
-            parts.append(f"{name} bw {r[f'{name}_fwd_bw_pct']:.0f}% / {r[f'{name}_fwdbwd_bw_pct']:.0f}% "
-                         f"(same-size copy {r[f'{name}_fwd_copy_pct']:.0f}% / "
-                         f"{r[f'{name}_fwdbwd_copy_pct']:.0f}%)")
+            parts.append(f"{name} bw {r[f'{name}_fwd_bw_pct']:.0f}% / {r[f'{name}_fwdbwd_bw_pct']:.0f}%")
     return " | ".join(parts)
 
 
