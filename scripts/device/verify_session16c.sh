@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 16, the last short call: the trainer's and the step bench's GPU tests with the backward
+# Session 16, the one call that ran (H100, cut by the device budget at 227 s: three of the four tests passed, the fourth and the table did not finish): the trainer's and the step bench's GPU tests with the backward
 # on the calling thread, then the probe (backward_thread.py), then issue 3's table at 512 px as
 # far as the device time lasts.
 # Usage: bash scripts/device/verify_session16c.sh OUT

@@ -5,9 +5,10 @@ loop owns everything else, in this order per optimizer step:
 
 1. lr for this step from the schedule (a pure function of the step), times each group's lr_scale;
 2. ``grad_accum`` micro-steps: forward under autocast (bf16/fp16), backward of loss/grad_accum
-   (scaled for fp16; on the calling thread, ``affmae.devices.backward_on_calling_thread``), DDP gradient sync only on the last micro-step (``no_sync`` before), or
-   with ``grad_sync="allreduce"`` (and always for a CUDA-graphed loss) one bucketed
-   ``all_reduce`` of every gradient after the last micro-step;
+   (scaled for fp16; run on the calling thread, ``affmae.devices.backward_on_calling_thread``),
+   DDP gradient sync only on the last micro-step (``no_sync`` before), or with
+   ``grad_sync="allreduce"`` (and always for a CUDA-graphed loss) one bucketed ``all_reduce`` of
+   every gradient after the last micro-step;
 3. unscale (fp16), clip the global grad norm, optimizer step, scaler update;
 4. losses averaged over micro-steps and ranks; a non-finite loss (or, outside fp16 where the
    scaler skips such steps, a non-finite grad norm) stops the run with an error naming the step;
