@@ -59,8 +59,8 @@ for res, stage in STAGES:
                      f"{statistics.median(t):.3f} ms")
         print(lines[-1], flush=True)
     for mname in modes:
-        r = [statistics.median(times[f"torch {mname}"]) / statistics.median(times[f"triton {mname}"])]
-        lines.append(f"{res}px s{stage + 1} {mname}: reference / triton (medians) {r[0]:.2f}x")
+        r = statistics.median(times[f"torch {mname}"]) / statistics.median(times[f"triton {mname}"])
+        lines.append(f"{res}px s{stage + 1} {mname}: reference / triton (medians) {r:.2f}x")
         print(lines[-1], flush=True)
 with open(sys.argv[1], "w") as fh:
     fh.write("\n".join(lines) + "\n")

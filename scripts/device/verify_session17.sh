@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # For the next session (written in session 16, not yet run): finish checking autograd's backward
-# on the calling thread. First `git revert d085f8a` (puts the calling-thread backward back into
-# affmae bench's step, inside its CUDA-graph capture too) and copy the sources before that into
-# .cache/base (`git archive 6849383 src | tar x -C .cache/base`). Then, in one call:
+# on the calling thread. First `git revert 797093f d085f8a` (puts back `python -m
+# affmae.bench.attention --backward-thread caller|worker` and the calling-thread backward in
+# affmae bench's step; both also capture that backward inside CUDA graphs) and copy the sources
+# before session 16 into .cache/base (`git archive 6849383 src | tar x -C .cache/base`). Then,
+# in one call:
 # 1. the step bench's GPU test (its graph capture with the backward on the calling thread);
 # 2. the aff_small eager training step (no CUDA graph), current sources against .cache/base
 #    (autograd's worker thread), alternated;
