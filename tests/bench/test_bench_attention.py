@@ -1,7 +1,9 @@
-"""affmae.bench.attention on CPU: the stage sizes it documents and its byte count (the
-measurements themselves need a GPU: docs/BENCHMARKS.md)."""
+"""affmae.bench.attention on CPU: the stage sizes it documents, its byte count and its options
+(the measurements themselves need a GPU: docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
+
+import pytest
 
 from affmae.bench import attention
 
@@ -20,3 +22,9 @@ def test_min_bytes_counts_each_tensor_once():
     lse = 2 * 3 * 16 * 4
     assert attention.min_bytes(s, 2) == (4 * tensor + small + lse, 7 * tensor + small + lse)
 
+
+def test_backward_thread_is_checked():
+    with pytest.raises(ValueError, match="backward_thread"):
+        attention.run([512], 1, "bf16", ["torch"], False, log=print, backward_thread="gpu")
+    with pytest.raises(SystemExit):
+        attention.main(["--backward-thread", "gpu"])

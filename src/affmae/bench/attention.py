@@ -31,11 +31,14 @@ positions, neighbour lists; write dq, dk, dv. Gathered neighbour reads beyond th
 counted (they hit L2 in a good kernel), so 100 % is the copy ceiling for this traffic.
 
 Eager columns: at these sizes both implementations are bound by the host (Python, launches,
-autograd), not the GPU. Autograd runs a CUDA backward on its own device thread, and the handoff
-to it and back costs most when that thread sits on another core than the caller: an H100 host
-measured the Triton call 2x faster, and the reference 1.2-1.6x, with the process pinned to one
-core (``taskset -c 3 python -m affmae.bench.attention``; docs/BENCHMARKS.md, session 15), and
-far steadier. Compare eager numbers only from runs pinned alike.
+autograd), not the GPU. By default autograd runs a CUDA backward on its own device (worker)
+thread, and the handoff to it and back costs most when that thread sits on another core than the
+caller: an H100 host measured the Triton call 2x faster, and the reference 1.2-1.6x, with the
+process pinned to one core (docs/BENCHMARKS.md, session 15). ``--backward-thread caller`` (the
+default) runs every backward on the calling thread instead
+(``affmae.devices.backward_on_calling_thread``), as the package's trainer does;
+``--backward-thread worker`` keeps PyTorch's default. Both implementations are timed alike, and
+the JSON's meta records the mode. Compare eager numbers only from runs in the same mode.
 
 Token positions: random distinct cells of the patch grid (uniform mask; each stage a random subset
 of the previous one), clustered with ``balanced_clustering`` as the encoder does.
@@ -54,6 +57,7 @@ import torch
 
 from affmae.bench.provenance import source_commit
 from affmae.bench.timing import time_op
+from affmae.devices import backward_on_calling_thread
 from affmae.ops.cluster_attention import cluster_attention
 from affmae.ops.cluster_attention.reference import cluster_attention_ref
 from affmae.ops.clustering import balanced_clustering, gather_tokens, pad_tokens
@@ -254,8 +258,16 @@ def sweep_triton(s) -> dict:
     return out
 
 
-def run(resolutions, batch, dtype_name, impls, sweep, log, out_path=None) -> dict:
-    """Measure every stage of every resolution; the JSON at ``out_path`` is rewritten after each row."""
+BACKWARD_THREADS = ("caller", "worker")
+
+
+def run(resolutions, batch, dtype_name, impls, sweep, log, out_path=None,
+        backward_thread: str = "caller") -> dict:
+    """Measure every stage of every resolution; the JSON at ``out_path`` is rewritten after each row.
+    ``backward_thread``: "caller" runs the backwards on this thread, "worker" on autograd's
+    device thread (module docstring, eager columns)."""
+    if backward_thread not in BACKWARD_THREADS:
+        raise ValueError(f"backward_thread must be one of {BACKWARD_THREADS}, got {backward_thread!r}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     dev = torch.device("cuda")
     import triton
@@ -264,9 +276,12 @@ def run(resolutions, batch, dtype_name, impls, sweep, log, out_path=None) -> dic
         device=torch.cuda.get_device_name(dev), torch=torch.__version__, triton=triton.__version__,
         python=platform.python_version(), dtype=dtype_name, batch=batch, command=" ".join(sys.argv),
         copy_ceiling_gbs=copy_ceiling_gbs(dev), git_commit=source_commit(),
+        backward_thread=backward_thread,
     )
     log(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, copy ceiling "
-        f"{meta['copy_ceiling_gbs']:.0f} GB/s")
+        f"{meta['copy_ceiling_gbs']:.0f} GB/s, backward on the {backward_thread} thread")
+    threads = (backward_on_calling_thread if backward_thread == "caller"
+               else lambda: torch.autograd.set_multithreading_enabled(True))
     rows = []
     for res in resolutions:
         for stage in range(4):
@@ -280,7 +295,9 @@ def run(resolutions, batch, dtype_name, impls, sweep, log, out_path=None) -> dic
                         fn = torch_impl(s)
                     else:
                         fn = triton_impl(s, shared=name == "triton_shared")
-                    for key, val in measure(fn, s, graph=not name.startswith("flex")).items():
+                    with threads():
+                        timed = measure(fn, s, graph=not name.startswith("flex"))
+                    for key, val in timed.items():
                         row[f"{name}_{key}"] = val
                 except Exception as e:  # recorded in the table, the other implementations go on
                     row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -358,10 +375,14 @@ def main(argv=None) -> int:
                     help="implementations (flex_nograd: FlexAttention with the bias weights detached)")
     ap.add_argument("--sweep", action="store_true",
                     help="also time the raw kernels at other tilings (clusters per program, keys per tile)")
+    ap.add_argument("--backward-thread", choices=BACKWARD_THREADS, default="caller",
+                    help="run backwards on the calling thread (as the trainer does) or on "
+                         "autograd's device worker thread (PyTorch's default)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("the attention benchmark needs a CUDA GPU")
-    result = run(args.res, args.batch, args.dtype, args.impl, args.sweep, log=print, out_path=args.out)
+    result = run(args.res, args.batch, args.dtype, args.impl, args.sweep, log=print, out_path=args.out,
+                 backward_thread=args.backward_thread)
     for res, tot in result["summary"].items():
         print(f"# {res}px totals: " + ", ".join(f"{k} {v:.3f}" for k, v in tot.items()))
     return 0
