@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
+from affmae.devices import backward_on_calling_thread
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -107,7 +109,7 @@ class Trainer:
             with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 loss = self.fn(self.imgs, self.is_masked, num_masked=self.num_masked)["loss"]
-        with record_function("step/backward"):
+        with record_function("step/backward"), backward_on_calling_thread():  # as the trainer
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         with record_function("step/optimizer"):
             if self.scaler:
