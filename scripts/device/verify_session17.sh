@@ -11,9 +11,10 @@
 # 3. issue 3's table (python -m affmae.bench.attention --impl triton triton_shared torch) with
 #    the backward on the calling thread (the default) and on autograd's worker thread.
 # About 10 minutes on an H100: split it over two calls if the limit is tight.
-# Usage: bash scripts/device/verify_session17.sh OUT
-OUT=${1:?OUT}
+# Usage: bash scripts/device/verify_session17.sh OUT [PART]   (PART 1: steps 1-2, 2: step 3, all: both)
+OUT=${1:?OUT}; PART=${2:-all}
 source "$(dirname "$0")/lib.sh"
+if [ "$PART" != 2 ]; then
 t 150 tests/bench/test_bench_cuda_graph.py
 echo "== tests $SECONDS s"; tail -3 "$R/gpu_tests.txt"
 for which in cur base cur base; do
@@ -22,6 +23,8 @@ for which in cur base cur base; do
     --out "$R/step_${which}_$SECONDS.json" > "$R/step_${which}_$SECONDS.txt" 2>&1
   echo "== step $which rc=$? $SECONDS s"; grep -h "^aff_small " "$R"/step_${which}_*.txt | tail -1; pack
 done
+fi
+[ "$PART" = 1 ] && exit 0
 for mode in caller worker; do
   timeout 270 python -u -m affmae.bench.attention --impl triton triton_shared torch \
     --backward-thread $mode --out "$R/attention_$mode.json" > "$R/attention_$mode.txt" 2>&1
