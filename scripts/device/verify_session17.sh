@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# For the next session (written in session 16, not yet run): finish checking autograd's backward
+# Written in session 16, run in session 17 (docs/BENCHMARKS.md "Session 17"): finish checking autograd's backward
 # on the calling thread. First `git revert 797093f d085f8a` (puts back `python -m
 # affmae.bench.attention --backward-thread caller|worker` and the calling-thread backward in
 # affmae bench's step; both also capture that backward inside CUDA graphs) and copy the sources
