@@ -25,7 +25,9 @@ def backward_on_calling_thread():
     custom autograd Function (this package's kernels) then runs there with cold caches. On an
     H100 host one cluster-attention forward + backward (aff_small, 512 px, batch 16) took
     0.48-0.58 ms of host time with the worker thread and 0.33-0.35 ms on the calling thread,
-    with bitwise the same gradients (docs/BENCHMARKS.md, session 16). With one device per
+    with bitwise the same gradients (docs/BENCHMARKS.md, session 16). A training step calls
+    ``backward()`` once, so it pays that handoff once: its eager aff_small step measured the
+    same either way (110-150 ms, session 17). With one device per
     process, as in every run of this package (DDP starts a process per GPU), the worker thread
     buys nothing; PyTorch itself plans to make this the default. Thread-local; a no-op for CPU
     tensors, whose backward already runs on the calling thread."""
