@@ -130,26 +130,61 @@ def _bias_weights(W, WB, h):
 
 
 @triton.jit
-def _relpos_bias(dx, dy, w0, w1, w2, w3, w4, wb):
-    """Bias of offsets (dx, dy) = p_key - p_query: Linear(5 -> 1) of (dx, dy, r, dx/r, dy/r).
+def _add_bias(t, dx, dy, w0, w1, w2, w3, w4):
+    """t + the relative-position bias of offsets (dx, dy) = p_key - p_query, without its constant
+    term: Linear(5 -> 1) of (dx, dy, r, dx/r, dy/r), as dx (w0 + w3 / r) + dy (w1 + w4 / r) + w2 r,
+    four fused multiply-adds after the one special-function op. At r = 0 (a query and a key at
+    one position) dx, dy and r2 are 0, so the clamped 1/r leaves r and both quotients 0, as the
+    reference defines them.
 
-    Returns the bias tile and the two features the bias-weight gradient needs (r, 1/r or 0)."""
+    Returns the sum and the two features the bias-weight gradient needs (r, 1/r)."""
     r2 = dx * dx + dy * dy
-    inv_r = tl.where(r2 > 0, tl.rsqrt(tl.where(r2 > 0, r2, 1.0)), 0.0)  # one special-function op
+    inv_r = tl.rsqrt(tl.maximum(r2, 1.0e-30))
     r = r2 * inv_r
-    return w0 * dx + w1 * dy + w2 * r + (w3 * dx + w4 * dy) * inv_r + wb, r, inv_r
+    t = w2 * r + t
+    t = dx * (w3 * inv_r + w0) + t
+    t = dy * (w4 * inv_r + w1) + t
+    return t, r, inv_r
+
+
+@triton.jit
+def _offsets(bits, r, wb, G: tl.constexpr):
+    """The (rows, columns) tile every logit starts from: the bias's constant term wb where the
+    row's cluster lists the column's key (bit r of the column's membership bits), else the
+    masked logit. For G <= 2 it is picked per column, then by row (one select per logit)."""
+    if G == 1:
+        off = tl.where((bits & 1) != 0, wb, -1.0e30)[None, :] + tl.zeros_like(r).to(tl.float32)[:, None]
+    elif G == 2:
+        f0 = tl.where((bits & 1) != 0, wb, -1.0e30)
+        f1 = tl.where((bits & 2) != 0, wb, -1.0e30)
+        off = tl.where((r == 1)[:, None], f1[None, :], f0[None, :])
+    else:
+        off = tl.where(((bits[None, :] >> r[:, None]) & 1) != 0, wb, -1.0e30)
+    return off
 
 
 @triton.jit
 def _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m: tl.constexpr, BLOCK_K: tl.constexpr):
     """Flat index t = start .. start + BLOCK_K over a group's union entries (m tokens each):
-    token index, in-range flag and membership mask of each column."""
+    token index and membership mask of each column. Columns past the union get mask 0 and a
+    token of cluster 0, so loads through them need no mask."""
     t = start + tl.arange(0, BLOCK_K)
     t_ok = t < Kn
     e = GRP + b * sgb + 2 * nG + u0 + t // m
     cl = tl.load(e, mask=t_ok, other=0)
     bits = tl.load(e + CAP, mask=t_ok, other=0)
-    return cl * m + t % m, t_ok, bits
+    return cl * m + t % m, bits
+
+
+@triton.jit
+def _rows(base, rows, stride, rd, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gather rows (valid token indices) of one head: (len(rows), BLOCK_D), zero past D."""
+    ptr = base + rows[:, None] * stride + rd[None, :]
+    if D == BLOCK_D:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=(rd < D)[None, :], other=0.0)
+    return x
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -190,17 +225,15 @@ def _fwd_kernel(
     u0 = tl.load(GRP + b * sgb + g)
     Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
     for start in range(0, Kn, BLOCK_K):
-        tk, t_ok, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m, BLOCK_K)
-        pkx = tl.load(POS + b * spb + tk * spn, mask=t_ok, other=0.0)
-        pky = tl.load(POS + b * spb + tk * spn + 1, mask=t_ok, other=0.0)
-        kd_ok = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
-        v = tl.load(V + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
-        s = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC) * qk_scale
-        bias, _r, _ir = _relpos_bias(pkx[None, :] - pqx[:, None], pky[None, :] - pqy[:, None],
-                                     w0, w1, w2, w3, w4, wb)
-        ok = (((bits[None, :] >> r[:, None]) & 1) != 0) & (t_ok & (tk < n_valid))[None, :]
-        s = tl.where(ok, s + bias, -1.0e30)
+        tk, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m, BLOCK_K)
+        bits = tl.where(tk < n_valid, bits, 0)  # padded keys: masked for every row
+        pkx = tl.load(POS + b * spb + tk * spn)
+        pky = tl.load(POS + b * spb + tk * spn + 1)
+        k = _rows(K + b * sb + h * sh, tk, sn, rd, D, BLOCK_D)
+        v = _rows(V + b * sb + h * sh, tk, sn, rd, D, BLOCK_D)
+        s = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
+        s, _r, _ir = _add_bias(s * qk_scale + _offsets(bits, r, wb, G), pkx[None, :] - pqx[:, None],
+                               pky[None, :] - pqy[:, None], w0, w1, w2, w3, w4)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -208,31 +241,29 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_T), v.to(DOT_T), input_precision=DOT_PREC)
         m_i = m_new
 
-    out = acc / l_i[:, None]
+    out = acc * (1.0 / l_i)[:, None]
     tl.store(O + b * ob + h * oh + tq[:, None] * on + rd[None, :],
              out.to(O.dtype.element_ty), mask=q_row[:, None] & d_ok[None, :])
     tl.store(LSE + b * slb + h * slh + tq, m_i + tl.log2(l_i), mask=q_row)
 
 
 @triton.jit
-def _bwd_tile(q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn,
-                    nG, CAP, n_valid, sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd,
-                    d_ok, m: tl.constexpr, BLOCK_K: tl.constexpr, DOT_T: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+def _bwd_tile(q, do, lse, pqx, pqy, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, CAP, n_valid,
+              sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd, m: tl.constexpr,
+              G: tl.constexpr, D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+              DOT_T: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key tile of a group's union: P (before the row correction), dP, and what the
-    gradients need."""
-    tk, t_ok, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m, BLOCK_K)
-    pkx = tl.load(POS + b * spb + tk * spn, mask=t_ok, other=0.0)
-    pky = tl.load(POS + b * spb + tk * spn + 1, mask=t_ok, other=0.0)
-    kd_ok = t_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
-    v = tl.load(V + b * sb + h * sh + tk[:, None] * sn + rd[None, :], mask=kd_ok, other=0.0)
+    gradients need. Rows past the group have lse = +1e30, so their P is 0."""
+    tk, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m, BLOCK_K)
+    bits = tl.where(tk < n_valid, bits, 0)
+    pkx = tl.load(POS + b * spb + tk * spn)
+    pky = tl.load(POS + b * spb + tk * spn + 1)
+    k = _rows(K + b * sb + h * sh, tk, sn, rd, D, BLOCK_D)
+    v = _rows(V + b * sb + h * sh, tk, sn, rd, D, BLOCK_D)
     dx = pkx[None, :] - pqx[:, None]
     dy = pky[None, :] - pqy[:, None]
-    s = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC) * qk_scale
-    bias, rr, inv_r = _relpos_bias(dx, dy, w0, w1, w2, w3, w4, wb)
-    ok = (((bits[None, :] >> r[:, None]) & 1) != 0) & (t_ok & (tk < n_valid))[None, :] & q_row[:, None]
-    s = tl.where(ok, s + bias, -1.0e30)
+    s = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
+    s, rr, inv_r = _add_bias(s * qk_scale + _offsets(bits, r, wb, G), dx, dy, w0, w1, w2, w3, w4)
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do.to(DOT_T), tl.trans(v.to(DOT_T)), input_precision=DOT_PREC)
     return p, dp, k, dx, dy, rr, inv_r
@@ -268,7 +299,7 @@ def _bwd_q_kernel(
     do = tl.load(DO + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd_ok, other=0.0)
     o = tl.load(O + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd_ok, other=0.0)
     c = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # delta to the output's rounding
-    lse = tl.load(LSE + b * slb + h * slh + tq, mask=q_row, other=0.0)
+    lse = tl.load(LSE + b * slb + h * slh + tq, mask=q_row, other=1.0e30)  # P = 0 past the group
     pqx = tl.load(POS + b * spb + tq * spn, mask=q_row, other=0.0)
     pqy = tl.load(POS + b * spb + tq * spn + 1, mask=q_row, other=0.0)
     w0, w1, w2, w3, w4, wb = _bias_weights(W, WB, h)
@@ -298,9 +329,9 @@ def _bwd_q_kernel(
     Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
     for start in range(0, Kn, BLOCK_K):
         p, dp, k, dx, dy, rr, inv_r = _bwd_tile(
-            q, do, lse, pqx, pqy, q_row, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, CAP,
-            n_valid, sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd, d_ok,
-            m, BLOCK_K, DOT_T, DOT_PREC)
+            q, do, lse, pqx, pqy, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, CAP, n_valid,
+            sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd,
+            m, G, D, BLOCK_K, BLOCK_D, DOT_T, DOT_PREC)
         pd = p * (dp - c[:, None])
         s0 += tl.sum(p, 1)
         s1 += tl.sum(pd, 1)
@@ -394,25 +425,26 @@ def _bwd_kv_kernel(
     dk = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for start in range(0, n_in, BLOCK_K):
-        tq, u_ok, bits = _union_tile(GRP, sgb, b, u0, start, n_in, nG, CAP, m, BLOCK_K)
-        qd = u_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :], mask=qd, other=0.0)
-        do = tl.load(DO + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd, other=0.0)
-        lse = tl.load(ROWS + b * slb + h * slh + tq, mask=u_ok, other=0.0)
-        delta = tl.load(ROWS + rows_stride + b * slb + h * slh + tq, mask=u_ok, other=0.0)
-        pqx = tl.load(POS + b * spb + tq * spn, mask=u_ok, other=0.0)
-        pqy = tl.load(POS + b * spb + tq * spn + 1, mask=u_ok, other=0.0)
-        s = tl.dot(k.to(DOT_T), tl.trans(q.to(DOT_T)), input_precision=DOT_PREC) * qk_scale
-        bias, _r, _ir = _relpos_bias(pkx[:, None] - pqx[None, :], pky[:, None] - pqy[None, :],
-                                     w0, w1, w2, w3, w4, wb)
-        ok = (((bits[None, :] >> r[:, None]) & 1) != 0) & k_ok[:, None] & u_ok[None, :]
-        s = tl.where(ok, s + bias, -1.0e30)
+        tq, bits = _union_tile(GRP, sgb, b, u0, start, n_in, nG, CAP, m, BLOCK_K)
+        q = _rows(Q + b * sb + h * sh, tq, sn, rd, D, BLOCK_D)
+        do = _rows(DO + b * ob + h * oh, tq, on, rd, D, BLOCK_D)
+        lse = tl.load(ROWS + b * slb + h * slh + tq)
+        delta = tl.load(ROWS + rows_stride + b * slb + h * slh + tq)
+        pqx = tl.load(POS + b * spb + tq * spn)
+        pqy = tl.load(POS + b * spb + tq * spn + 1)
+        s = tl.dot(k.to(DOT_T), tl.trans(q.to(DOT_T)), input_precision=DOT_PREC)
+        s, _r, _ir = _add_bias(s * qk_scale + _offsets(bits, r, wb, G), pkx[:, None] - pqx[None, :],
+                               pky[:, None] - pqy[None, :], w0, w1, w2, w3, w4)
         p = tl.exp2(s - lse[None, :])
         dv += tl.dot(p.to(DOT_T), do.to(DOT_T), input_precision=DOT_PREC)
         dp = tl.dot(v.to(DOT_T), tl.trans(do.to(DOT_T)), input_precision=DOT_PREC)
         ds = p * (dp - delta[None, :])
         dk += tl.dot(ds.to(DOT_T), q.to(DOT_T), input_precision=DOT_PREC)
 
+    # Padded keys (past n_valid) take part in no logit: their rows above are not masked (that
+    # would cost a select per logit), so their gradients are zeroed here.
+    dk = tl.where(k_ok[:, None], dk, 0.0)
+    dv = tl.where(k_ok[:, None], dv, 0.0)
     tl.store(DK + b * gb + h * gh + tk[:, None] * gn + rd[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
     tl.store(DV + b * gb + h * gh + tk[:, None] * gn + rd[None, :],
