@@ -3,8 +3,11 @@ prebuilt), at aff_small's stages (512 and 768 px, batch 16, bf16): forward, back
 (``passes="q"``) and pass 2 (whole backward minus pass 1), median of ``do_bench_cudagraph``.
 Also writes the outputs' checksum so two source trees can be compared. Run it once per tree
 (PYTHONPATH picks the tree) and alternate trees for an A/B. About 30 s on one GPU.
-Usage: python scripts/device/kernel_times.py OUT.json [--dry] (--dry: Triton's interpreter on
-CPU, one tiny stage, each function run once: checks the script, not the kernels)"""
+``--maxnreg 0,96,80``: also time with Triton's register cap ``maxnreg`` (0: none) given to every
+launch, one setting after another (register-limited occupancy: one-warp programs of 121-255
+registers leave 8-16 warps per multiprocessor).
+Usage: python scripts/device/kernel_times.py OUT.json [--maxnreg LIST] [--dry] (--dry: Triton's
+interpreter on CPU, one tiny stage, each function run once: checks the script, not the kernels)"""
 import json
 import sys
 
@@ -24,6 +27,19 @@ else:
     def bench(f):
         return 1e3 * do_bench_cudagraph(f, return_mode="median")
 
+CAPS = [int(x) for x in sys.argv[sys.argv.index("--maxnreg") + 1].split(",")] if "--maxnreg" in sys.argv else [0]
+_orig = kernel._tiles
+cap = {"n": 0}
+
+
+def _tiles(*a, **kw):
+    t = _orig(*a, **kw)
+    if cap["n"]:
+        t["maxnreg"] = cap["n"]
+    return t
+
+
+kernel._tiles = _tiles
 STAGES = [(64, 0)] if DRY else [(r, st) for r in (512, 768) for st in range(4)]
 rows = []
 for res, stage in STAGES:
@@ -34,14 +50,20 @@ for res, stage in STAGES:
     o, lse = kernel.attention_forward(*args, grp=grp)
     bargs = (s["do"], *args[:3], o, lse, *args[3:])
     grads = kernel.attention_backward(*bargs, grp=grp, grp_t=grp_t)
-    t = [bench(f) for f in (
-        lambda: kernel.attention_forward(*args, grp=grp),
-        lambda: kernel.attention_backward(*bargs, grp=grp, grp_t=grp_t, passes="q"),
-        lambda: kernel.attention_backward(*bargs, grp=grp, grp_t=grp_t))]
-    t[2] -= t[1]
-    rows.append(dict(res=res, stage=stage + 1, fwd_us=t[0], pass1_us=t[1], pass2_us=t[2],
-                     sums=[float(x.double().abs().sum()) for x in (o, *grads)]))
-    print(f"{res} s{stage + 1}: fwd {t[0]:.1f} pass1 {t[1]:.1f} pass2 {t[2]:.1f} us", flush=True)
-tot = [sum(r[k] for r in rows) for k in ("fwd_us", "pass1_us", "pass2_us")]
-print(f"total: fwd {tot[0]:.1f} pass1 {tot[1]:.1f} pass2 {tot[2]:.1f} sum {sum(tot):.1f} us")
-json.dump(dict(rows=rows, total=tot), open(sys.argv[1], "w"), indent=1)
+    for n in CAPS:
+        cap["n"] = n
+        t = [bench(f) for f in (
+            lambda: kernel.attention_forward(*args, grp=grp),
+            lambda: kernel.attention_backward(*bargs, grp=grp, grp_t=grp_t, passes="q"),
+            lambda: kernel.attention_backward(*bargs, grp=grp, grp_t=grp_t))]
+        t[2] -= t[1]
+        rows.append(dict(res=res, stage=stage + 1, maxnreg=n, fwd_us=t[0], pass1_us=t[1], pass2_us=t[2],
+                         sums=[float(x.double().abs().sum()) for x in (o, *grads)]))
+        print(f"{res} s{stage + 1} maxnreg {n}: fwd {t[0]:.1f} pass1 {t[1]:.1f} pass2 {t[2]:.1f} us", flush=True)
+    cap["n"] = 0
+total = {}
+for n in CAPS:
+    tot = [sum(r[k] for r in rows if r["maxnreg"] == n) for k in ("fwd_us", "pass1_us", "pass2_us")]
+    total[n] = tot
+    print(f"total maxnreg {n}: fwd {tot[0]:.1f} pass1 {tot[1]:.1f} pass2 {tot[2]:.1f} sum {sum(tot):.1f} us")
+json.dump(dict(rows=rows, total=total), open(sys.argv[1], "w"), indent=1)

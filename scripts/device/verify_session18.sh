@@ -3,7 +3,8 @@
 # (bias as four fused multiply-adds, masks as per-column offsets, unmasked gathers).
 # .cache/base holds HEAD's src (git archive d00686c src | tar x -C .cache/base).
 # 1. GPU tests of the kernels; 2. per-kernel device time, current vs base, alternated;
-# 3. Nsight Compute sections of both at 768 px stage 1.
+# 3. a register-cap sweep (maxnreg) of the current kernels; 4. Nsight Compute sections of both
+# at 768 px stage 1. The aff_small step tests: call 2.
 # Usage: bash scripts/device/verify_session18.sh OUT
 OUT=${1:?OUT}
 source "$(dirname "$0")/lib.sh"
@@ -16,6 +17,9 @@ for which in cur base cur base; do
     > "$R/kt_${which}_$SECONDS.txt" 2>&1
   echo "== kt $which rc=$? $SECONDS s"; tail -1 "$R"/kt_${which}_*.txt | tail -1; pack
 done
+PYTHONPATH=/tmp/site:$PWD/src timeout 150 python -u scripts/device/kernel_times.py "$R/kt_maxnreg.json" \
+  --maxnreg 0,128,96,80,64 > "$R/kt_maxnreg.txt" 2>&1
+echo "== maxnreg rc=$? $SECONDS s"; tail -5 "$R/kt_maxnreg.txt"; pack
 SECS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SourceCounters --section InstructionStats"
 for which in cur base; do
   P=/tmp/site:$PWD/src; [ $which = base ] && P=/tmp/site:$PWD/.cache/base/src
@@ -23,5 +27,3 @@ for which in cur base; do
     -s 3 -c 3 $SECS python scripts/device/ncu_attention.py 768 1 > "$R/ncu_$which.txt" 2>&1
   echo "== ncu $which rc=$? $SECONDS s"; grep -E "^\s+(Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Issue Slots Busy|Registers Per Thread)" "$R/ncu_$which.txt" | head -24; pack
 done
-t 280 tests/ops/test_cluster_attention_triton.py -k "training_step"
-echo "== step tests $SECONDS s"; tail -3 "$R/gpu_tests.txt"
