@@ -6,7 +6,10 @@ Also writes the outputs' checksum so two source trees can be compared. Run it on
 ``--maxnreg 0,96,80``: also time with Triton's register cap ``maxnreg`` (0: none) given to every
 launch, one setting after another (register-limited occupancy: one-warp programs of 121-255
 registers leave 8-16 warps per multiprocessor).
-Usage: python scripts/device/kernel_times.py OUT.json [--maxnreg LIST] [--dry] (--dry: Triton's
+``--configs fwd:32:104,q:16:168,kv:32:128``: also time single kernels with keys per tile and a
+register cap (0: none): ``fwd`` the forward, ``q`` backward pass 1, ``kv`` pass 2 (the whole
+backward minus pass 1, both run with the setting).
+Usage: python scripts/device/kernel_times.py OUT.json [--maxnreg LIST] [--configs LIST] [--dry] (--dry: Triton's
 interpreter on CPU, one tiny stage, each function run once: checks the script, not the kernels)"""
 import json
 import sys
@@ -40,6 +43,7 @@ def _tiles(*a, **kw):
 
 
 kernel._tiles = _tiles
+CONFIGS = sys.argv[sys.argv.index("--configs") + 1].split(",") if "--configs" in sys.argv else []
 STAGES = [(64, 0)] if DRY else [(r, st) for r in (512, 768) for st in range(4)]
 rows = []
 for res, stage in STAGES:
@@ -61,9 +65,24 @@ for res, stage in STAGES:
                          sums=[float(x.double().abs().sum()) for x in (o, *grads)]))
         print(f"{res} s{stage + 1} maxnreg {n}: fwd {t[0]:.1f} pass1 {t[1]:.1f} pass2 {t[2]:.1f} us", flush=True)
     cap["n"] = 0
+    for cfg in CONFIGS:
+        which, bk, n = cfg.split(":")
+        cap["n"] = int(n)
+        kw = dict(block_k=int(bk))
+        if which == "fwd":
+            t = bench(lambda: kernel.attention_forward(*args, grp=grp, **kw))
+        else:
+            t1 = bench(lambda: kernel.attention_backward(*bargs, grp=grp, grp_t=grp_t, passes="q", **kw))
+            t = t1 if which == "q" else bench(lambda: kernel.attention_backward(*bargs, grp=grp, grp_t=grp_t, **kw)) - t1
+        cap["n"] = 0
+        rows.append(dict(res=res, stage=stage + 1, config=cfg, us=t))
+        print(f"{res} s{stage + 1} {cfg}: {t:.1f} us", flush=True)
 total = {}
+for cfg in CONFIGS:
+    total[cfg] = sum(r["us"] for r in rows if r.get("config") == cfg)
+    print(f"total {cfg}: {total[cfg]:.1f} us")
 for n in CAPS:
-    tot = [sum(r[k] for r in rows if r["maxnreg"] == n) for k in ("fwd_us", "pass1_us", "pass2_us")]
+    tot = [sum(r[k] for r in rows if r.get("maxnreg") == n) for k in ("fwd_us", "pass1_us", "pass2_us")]
     total[n] = tot
     print(f"total maxnreg {n}: fwd {tot[0]:.1f} pass1 {tot[1]:.1f} pass2 {tot[2]:.1f} sum {sum(tot):.1f} us")
 json.dump(dict(rows=rows, total=total), open(sys.argv[1], "w"), indent=1)

@@ -263,9 +263,9 @@ def _bwd_tile(q, do, lse, pqx, pqy, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn,
     dx = pkx[None, :] - pqx[:, None]
     dy = pky[None, :] - pqy[:, None]
     s = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
+    dp = tl.dot(do.to(DOT_T), tl.trans(v.to(DOT_T)), input_precision=DOT_PREC)
     s, rr, inv_r = _add_bias(s * qk_scale + _offsets(bits, r, wb, G), dx, dy, w0, w1, w2, w3, w4)
     p = tl.exp2(s - lse[:, None])
-    dp = tl.dot(do.to(DOT_T), tl.trans(v.to(DOT_T)), input_precision=DOT_PREC)
     return p, dp, k, dx, dy, rr, inv_r
 
 
@@ -369,6 +369,12 @@ def _bwd_q_kernel(
     tl.store(col + (h * 5 + 3) * P, tl.sum((a3 - e * b3) * inv_sum, 0))
     tl.store(col + (h * 5 + 4) * P, tl.sum((a4 - e * b4) * inv_sum, 0))
     tl.store(col + (5 * H + h) * P, tl.sum(-ds_b, 0))
+    # q and dO again (cache hits): keeping their float32 copies live through the sweep for
+    # these two sums cost registers, and so occupancy.
+    q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :], mask=qd_ok, other=0.0,
+                cache_modifier=".cg")
+    do = tl.load(DO + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd_ok, other=0.0,
+                 cache_modifier=".cg")
     tl.store(col + (6 * H + h * D + rd) * P,
              tl.sum(ds_b[:, None] * q.to(tl.float32), 0) * scale, mask=d_ok)
     tl.store(col + (6 * H + (H + h) * D + rd) * P,

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Session 18, call 3: backward pass 1 with fewer live registers (dP before the bias, q and dO
+# reloaded for the epilogue's sums: 243 registers and no spills where it had 255 and spills),
+# checked and timed against .cache/base (HEAD before this session), then single-kernel settings:
+# keys per tile and a register cap (register-limited occupancy: 8 warps per SM for pass 1).
+# Usage: bash scripts/device/verify_session18c.sh OUT
+OUT=${1:?OUT}
+source "$(dirname "$0")/lib.sh"
+t 150 tests/ops/test_cluster_attention_triton.py -k "not training_step"
+echo "== tests $SECONDS s"; tail -3 "$R/gpu_tests.txt"
+for which in cur base cur base; do
+  P=/tmp/site:$PWD/src; [ $which = base ] && P=/tmp/site:$PWD/.cache/base/src
+  PYTHONPATH=$P timeout 90 python -u scripts/device/kernel_times.py "$R/kt_${which}_$SECONDS.json" \
+    > "$R/kt_${which}_$SECONDS.txt" 2>&1
+  echo "== kt $which rc=$? $SECONDS s"; grep total "$R"/kt_${which}_*.txt | tail -1; pack
+done
+PYTHONPATH=/tmp/site:$PWD/src timeout 200 python -u scripts/device/kernel_times.py "$R/kt_configs.json" \
+  --configs fwd:32:0,fwd:32:112,fwd:32:104,q:32:0,q:16:0,q:16:168,q:32:216,kv:32:0,kv:32:128 \
+  > "$R/kt_configs.txt" 2>&1
+echo "== configs rc=$? $SECONDS s"; grep total "$R/kt_configs.txt"; pack
