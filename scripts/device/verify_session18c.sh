@@ -15,6 +15,6 @@ for which in cur base cur base; do
   echo "== kt $which rc=$? $SECONDS s"; grep total "$R"/kt_${which}_*.txt | tail -1; pack
 done
 PYTHONPATH=/tmp/site:$PWD/src timeout 200 python -u scripts/device/kernel_times.py "$R/kt_configs.json" \
-  --configs fwd:32:0,fwd:32:112,fwd:32:104,q:32:0,q:16:0,q:16:168,q:32:216,kv:32:0,kv:32:128 \
+  --configs fwd:32:0,fwd:32:96,q:32:0,q:16:0,q:16:168,q:16:128,kv:32:0,kv:32:128 \
   > "$R/kt_configs.txt" 2>&1
 echo "== configs rc=$? $SECONDS s"; grep total "$R/kt_configs.txt"; pack
