@@ -3,7 +3,7 @@
 Compiles ``_fwd_kernel``, ``_bwd_q_kernel`` and ``_bwd_kv_kernel`` for sm_90 with Triton's bundled
 ptxas (aff_small's shapes: m = 8, head dim 32, two clusters per program, bf16), disassembles them
 with ``nvdisasm -g`` and prints, per kernel: registers, spill instructions, instructions in all and
-in each loop (a backward branch's range), by opcode. ``--lines`` adds the main loop's instructions
+in each loop (a backward branch's range), by opcode. ``--lines`` adds the attention loop's instructions
 per source line (the line numbers ``-g`` records), the quickest way to see what a logit costs.
 
 Pointers and the token strides are marked divisible by 16, as Triton specialises them at run time
@@ -133,7 +133,8 @@ def main() -> None:
                 print(f"  loop {lo:#06x}-{hi:#06x}: {len(body)} instructions: "
                       f"{top(collections.Counter(op for _a, op, _s, _t in body), 12)}")
             if args.lines and ranges:
-                lo, hi = max(ranges, key=lambda r: sum(r[0] <= i[0] <= r[1] for i in ins))  # the longest
+                # the attention loop: the one with the most tensor-core instructions
+                lo, hi = max(ranges, key=lambda r: sum(r[0] <= i[0] <= r[1] and i[1] == "HMMA" for i in ins))
                 per = collections.defaultdict(collections.Counter)
                 for addr, op, src, _t in ins:
                     if lo <= addr <= hi:
