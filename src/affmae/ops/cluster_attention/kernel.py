@@ -24,6 +24,12 @@ How it is computed:
    blank value), so no row is ever empty. Logits, bias, softmax and accumulation are float32;
    the bias is computed in the kernel from the two positions and the (H, 5) + (H,) weights:
    no table, no (B, H, N, K) scores or biases in memory. Saved: output and the row log-sum-exp.
+   Each logit starts from one offset that holds both the membership mask and the bias's
+   constant term (``_offsets``: picked per column, then by row), and the bias adds four fused
+   multiply-adds after one reciprocal square root (``_add_bias``); columns past the union and
+   rows past the group are neutralised by their mask bits and log-sum-exp, so the gathers and
+   the per-logit work carry no masks (about 28 instructions per logit and thread in the
+   forward's loop, from 38: ``scripts/sass_count.py``, docs/BENCHMARKS.md session 18).
 2. Backward pass 1, one program per (query group, batch * head), in one sweep over the union:
    P from the saved log-sum-exp, renormalised per row in float32 (so sum_j dS_j = 0 holds to
    float32 rounding even when huge logits make the stored log-sum-exp coarse), and delta =
@@ -151,7 +157,8 @@ def _add_bias(t, dx, dy, w0, w1, w2, w3, w4):
 def _offsets(bits, r, wb, G: tl.constexpr):
     """The (rows, columns) tile every logit starts from: the bias's constant term wb where the
     row's cluster lists the column's key (bit r of the column's membership bits), else the
-    masked logit. For G <= 2 it is picked per column, then by row (one select per logit)."""
+    masked logit. For G <= 2 it is picked per column, then by row (at most one select per
+    logit); larger groups test the bit per logit."""
     if G == 1:
         off = tl.where((bits & 1) != 0, wb, -1.0e30)[None, :] + tl.zeros_like(r).to(tl.float32)[:, None]
     elif G == 2:
