@@ -77,7 +77,9 @@ def cluster_attention(
     """Cluster attention with relative-position bias and a blank key/value.
 
     Args:
-        q, k, v: (B, N, H, D) clustered tokens, N = M * m; slots >= n_valid are padding.
+        q, k, v: (B, N, H, D) clustered tokens, N = M * m; slots >= n_valid are padding, which
+            must be finite (``pad_tokens`` repeats the last token): the Triton kernels
+            gather padded rows and give them zero weight, and 0 * NaN is NaN.
         pos: (B, N, 2) float positions. nbr: (B, M, Kc) neighbour clusters of each cluster.
         n_valid: real token count. bias_weight: (H, 5), bias_bias: (H,). blank_k, blank_v: (H, D).
         scale: logit scale (default D ** -0.5). backend: "auto" | "triton" | "torch".
