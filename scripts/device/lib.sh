@@ -5,6 +5,9 @@
 #   t LIMIT ARGS..  pytest -m gpu ARGS with a time limit, appended to $R/gpu_tests.txt
 #   ab_bench WHICH MODEL LIMIT   a replayed-step bench at 512 px of the current sources
 #                   (WHICH=cur) or of .cache/WHICH/src (e.g. WHICH=base), to $R/ab_<s>_WHICH_MODEL.txt
+#   kt_ab           per-kernel device time of the three cluster-attention kernels in CUDA graphs
+#                   (scripts/device/kernel_times.py), current sources and .cache/base/src
+#                   alternated (cur base cur base), to $R/kt_{cur,base}_SECONDS.{txt,json}
 #   kernels_ab      per-kernel device time of the cluster-attention kernels
 #                   (scripts/device/attention_kernels.py) of the current sources, then of
 #                   .cache/base/src, to $R/attention_kernels_{cur,base}.txt
@@ -28,5 +31,14 @@ kernels_ab() {
     PYTHONPATH=$P timeout 120 python -u scripts/device/attention_kernels.py "$R/attention_kernels_$which.txt" \
       > "$R/attention_kernels_$which.log" 2>&1
     echo "== kernels $which rc=$? $SECONDS s"; cut -c1-200 "$R/attention_kernels_$which.txt"; pack
+  done
+}
+kt_ab() {
+  local which P
+  for which in cur base cur base; do
+    P=/tmp/site:$PWD/src; [ $which = base ] && P=/tmp/site:$PWD/.cache/base/src
+    PYTHONPATH=$P timeout 90 python -u scripts/device/kernel_times.py "$R/kt_${which}_$SECONDS.json" \
+      > "$R/kt_${which}_$SECONDS.txt" 2>&1
+    echo "== kt $which rc=$? $SECONDS s"; grep total "$R"/kt_${which}_*.txt | tail -1; pack
   done
 }

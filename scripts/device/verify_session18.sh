@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Ran in session 18 (docs/BENCHMARKS.md "Session 18"); its kernel-time loop moved to lib.sh's kt_ab after the run (same commands).
 # Session 18, call 1: the cluster-attention kernels with fewer instructions per logit
 # (bias as four fused multiply-adds, masks as per-column offsets, unmasked gathers).
 # .cache/base holds HEAD's src (git archive d00686c src | tar x -C .cache/base).
@@ -11,12 +12,7 @@ source "$(dirname "$0")/lib.sh"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv > "$R/gpu.txt" 2>&1
 t 200 tests/ops/test_cluster_attention_triton.py -k "not training_step"
 echo "== tests $SECONDS s"; tail -3 "$R/gpu_tests.txt"
-for which in cur base cur base; do
-  P=/tmp/site:$PWD/src; [ $which = base ] && P=/tmp/site:$PWD/.cache/base/src
-  PYTHONPATH=$P timeout 90 python -u scripts/device/kernel_times.py "$R/kt_${which}_$SECONDS.json" \
-    > "$R/kt_${which}_$SECONDS.txt" 2>&1
-  echo "== kt $which rc=$? $SECONDS s"; tail -1 "$R"/kt_${which}_*.txt | tail -1; pack
-done
+kt_ab
 PYTHONPATH=/tmp/site:$PWD/src timeout 150 python -u scripts/device/kernel_times.py "$R/kt_maxnreg.json" \
   --maxnreg 0,128,96,80,64 > "$R/kt_maxnreg.txt" 2>&1
 echo "== maxnreg rc=$? $SECONDS s"; tail -5 "$R/kt_maxnreg.txt"; pack

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Ran in session 18 (docs/BENCHMARKS.md "Session 18"); its kernel-time loop moved to lib.sh's kt_ab after the run (same commands).
 # Session 18, call 3: backward pass 1 with fewer live registers (dP before the bias, q and dO
 # reloaded for the epilogue's sums: 243 registers and no spills where it had 255 and spills),
 # checked and timed against .cache/base (HEAD before this session), then single-kernel settings:
@@ -8,12 +9,7 @@ OUT=${1:?OUT}
 source "$(dirname "$0")/lib.sh"
 t 150 tests/ops/test_cluster_attention_triton.py -k "not training_step"
 echo "== tests $SECONDS s"; tail -3 "$R/gpu_tests.txt"
-for which in cur base cur base; do
-  P=/tmp/site:$PWD/src; [ $which = base ] && P=/tmp/site:$PWD/.cache/base/src
-  PYTHONPATH=$P timeout 90 python -u scripts/device/kernel_times.py "$R/kt_${which}_$SECONDS.json" \
-    > "$R/kt_${which}_$SECONDS.txt" 2>&1
-  echo "== kt $which rc=$? $SECONDS s"; grep total "$R"/kt_${which}_*.txt | tail -1; pack
-done
+kt_ab
 PYTHONPATH=/tmp/site:$PWD/src timeout 200 python -u scripts/device/kernel_times.py "$R/kt_configs.json" \
   --configs fwd:32:0,fwd:32:96,q:32:0,q:16:0,q:16:168,q:16:128,kv:32:0,kv:32:128 \
   > "$R/kt_configs.txt" 2>&1
