@@ -9,8 +9,9 @@ registers leave 8-16 warps per multiprocessor).
 ``--configs fwd:32:104,q:16:168,kv:32:128``: also time single kernels with keys per tile and a
 register cap (0: none): ``fwd`` the forward, ``q`` backward pass 1, ``kv`` pass 2 (the whole
 backward minus pass 1, both run with the setting).
-Usage: python scripts/device/kernel_times.py OUT.json [--maxnreg LIST] [--configs LIST] [--dry] (--dry: Triton's
-interpreter on CPU, one tiny stage, each function run once: checks the script, not the kernels)"""
+Usage: python scripts/device/kernel_times.py OUT.json [--maxnreg LIST] [--configs LIST] [--dry]
+(--dry: Triton's interpreter on CPU, one tiny stage, each function run once: checks the script,
+not the kernels)"""
 import json
 import sys
 
