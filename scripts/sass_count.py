@@ -41,7 +41,7 @@ KERNELS = {
     "bwd_q": (K._bwd_q_kernel, dict(Q=BF, K=BF, V=BF, DO=BF, O=BF, POS=F32, GRP=I32, W=F32, WB=F32, BK=F32,
                                     BV=F32, LSE=F32, ROWS=F32, DQ=BF, GP=F32)),
     "bwd_kv": (K._bwd_kv_kernel, dict(Q=BF, K=BF, V=BF, DO=BF, POS=F32, GRP=I32, W=F32, WB=F32, ROWS=F32,
-                                      DK=BF, DV=BF, GP=F32, GSUM=F32)),
+                                      DK=BF, DV=BF, GP=F32, GSUM=F32, GW=F32)),
 }
 DIV16 = {"sb", "sn", "sh", "ob", "on", "oh", "gb", "gn", "gh", "spb", "slb"}
 INSTR = re.compile(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")

@@ -38,21 +38,27 @@ How it is computed:
    and gave ~10x the reference's error). Both need the row sums before dS exists, so the sweep
    accumulates sums the end combines: with p the P from the saved log-sum-exp and c = dO . O
    (O as stored: within its rounding of delta), S0 = sum p, S1 = sum p (dP - c),
-   A = sum p (dP - c) k, Bk = sum p k and the same two sums against each bias feature; then
+   A = sum p (dP - c) k and Bk = sum p k; then
    e = S1 / S0 (= delta - c), dS = p / S0 * ((dP - c) - e), dQ = (A - e Bk) / S0. Subtracting c
    before the half-precision product A keeps its rounding that of dS itself (c is within the
    output's rounding of delta, so e is small and Bk's rounding hardly counts). The bias bias's
    gradient, a row's sum of dS over the union, is exactly -dS of the blank key. (Until session
    13 the pass swept twice: row sums first, then dS.)
-   dQ in registers; the bias-weight and blank gradients reduced over the tile and written as one
-   partial column per program ((6 H + 2 H D, B * nG) floats; never per query-key),
+   dQ in registers; the gradients of the bias bias and the blank key / value reduced over the
+   tile and written as one partial column per program ((H + 2 H D, B * nG) floats; never per
+   query-key),
    parameter-major, so each parameter's gradient is a contiguous piece of the sum. Pass 2's
    first programs sum the columns (in a fixed order: deterministic), which saves a reduction
    launch and its host time.
 3. Backward pass 2 (dK, dV), one program per (key group, batch * head) over the transposed
    structure: the group's keys are the tile rows, gathered incoming queries the columns; dK /
    dV accumulate in registers and are written once (float32 atomics from pass 1 were measured
-   1.9-2.7x slower on an H100 and are gone).
+   1.9-2.7x slower on an H100 and are gone). With pass 1's corrected log-sum-exp and delta its
+   dS is exact, so the bias weights' gradient (dS times each of the five bias features, summed
+   over all pairs) is summed here: five row sums per tile, one partial per program and weight,
+   which one torch reduction adds up after the pass. In pass 1, before delta is known, each
+   feature needed two row sums (p f and p (dP - c) f): ten per tile, 40% of its loop
+   (session 19 moved them).
 
 Repeated neighbours (Kc > M, the global case) are kept: the j-th repeat of a cluster in a list
 is its own union entry, so every key counts as often as the reference counts it.
@@ -259,21 +265,20 @@ def _bwd_tile(q, do, lse, pqx, pqy, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn,
               sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd, m: tl.constexpr,
               G: tl.constexpr, D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
               DOT_T: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One key tile of a group's union: P (before the row correction), dP, and what the
-    gradients need. Rows past the group have lse = +1e30, so their P is 0."""
+    """One key tile of a group's union: P (before the row correction), dP and the keys. Rows
+    past the group have lse = +1e30, so their P is 0."""
     tk, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m, BLOCK_K)
     bits = tl.where(tk < n_valid, bits, 0)
     pkx = tl.load(POS + b * spb + tk * spn)
     pky = tl.load(POS + b * spb + tk * spn + 1)
     k = _rows(K + b * sb + h * sh, tk, sn, rd, D, BLOCK_D)
     v = _rows(V + b * sb + h * sh, tk, sn, rd, D, BLOCK_D)
-    dx = pkx[None, :] - pqx[:, None]
-    dy = pky[None, :] - pqy[:, None]
     s = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
     dp = tl.dot(do.to(DOT_T), tl.trans(v.to(DOT_T)), input_precision=DOT_PREC)
-    s, rr, inv_r = _add_bias(s * qk_scale + _offsets(bits, r, wb, G), dx, dy, w0, w1, w2, w3, w4)
+    s, _r, _ir = _add_bias(s * qk_scale + _offsets(bits, r, wb, G), pkx[None, :] - pqx[:, None],
+                           pky[None, :] - pqy[:, None], w0, w1, w2, w3, w4)
     p = tl.exp2(s - lse[:, None])
-    return p, dp, k, dx, dy, rr, inv_r
+    return p, dp, k
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -286,9 +291,8 @@ def _bwd_q_kernel(
 ):
     # One sweep over the union (module docstring, backward pass 1): with p the tile's P from the
     # saved log-sum-exp (not yet renormalised) and c = dO . O per row (O as stored), accumulate
-    # S0 = sum p, S1 = sum p (dP - c), A = sum p (dP - c) k, Bk = sum p k and the same sums
-    # against the five bias features; at the end e = S1 / S0, delta = c + e and
-    # dS = p / S0 * ((dP - c) - e), so dQ = (A - e Bk) / S0, and so on.
+    # S0 = sum p, S1 = sum p (dP - c), A = sum p (dP - c) k and Bk = sum p k; at the end
+    # e = S1 / S0, delta = c + e and dS = p / S0 * ((dP - c) - e), so dQ = (A - e Bk) / S0.
     g = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -322,20 +326,10 @@ def _bwd_q_kernel(
 
     acc_a = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     acc_b = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    a0 = tl.zeros([BLOCK_Q], tl.float32)
-    a1 = tl.zeros([BLOCK_Q], tl.float32)
-    a2 = tl.zeros([BLOCK_Q], tl.float32)
-    a3 = tl.zeros([BLOCK_Q], tl.float32)
-    a4 = tl.zeros([BLOCK_Q], tl.float32)
-    b0 = tl.zeros([BLOCK_Q], tl.float32)
-    b1 = tl.zeros([BLOCK_Q], tl.float32)
-    b2 = tl.zeros([BLOCK_Q], tl.float32)
-    b3 = tl.zeros([BLOCK_Q], tl.float32)
-    b4 = tl.zeros([BLOCK_Q], tl.float32)
     u0 = tl.load(GRP + b * sgb + g)
     Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
     for start in range(0, Kn, BLOCK_K):
-        p, dp, k, dx, dy, rr, inv_r = _bwd_tile(
+        p, dp, k = _bwd_tile(
             q, do, lse, pqx, pqy, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, CAP, n_valid,
             sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd,
             m, G, D, BLOCK_K, BLOCK_D, DOT_T, DOT_PREC)
@@ -344,18 +338,6 @@ def _bwd_q_kernel(
         s1 += tl.sum(pd, 1)
         acc_a += tl.dot(pd.to(DOT_T), k.to(DOT_T), input_precision=DOT_PREC)
         acc_b += tl.dot(p.to(DOT_T), k.to(DOT_T), input_precision=DOT_PREC)
-        dxr = dx * inv_r
-        dyr = dy * inv_r
-        a0 += tl.sum(pd * dx, 1)
-        a1 += tl.sum(pd * dy, 1)
-        a2 += tl.sum(pd * rr, 1)
-        a3 += tl.sum(pd * dxr, 1)
-        a4 += tl.sum(pd * dyr, 1)
-        b0 += tl.sum(p * dx, 1)
-        b1 += tl.sum(p * dy, 1)
-        b2 += tl.sum(p * rr, 1)
-        b3 += tl.sum(p * dxr, 1)
-        b4 += tl.sum(p * dyr, 1)
 
     inv_sum = tl.where(q_row, 1.0 / tl.where(q_row, s0, 1.0), 0.0)
     e = s1 * inv_sum  # delta - c
@@ -365,32 +347,28 @@ def _bwd_q_kernel(
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_ok)
     tl.store(ROWS + b * slb + h * slh + tq, lse + tl.log2(tl.where(q_row, s0, 1.0)), mask=q_row)
     tl.store(ROWS + rows_stride + b * slb + h * slh + tq, c + e, mask=q_row)
-    # GP: (6 H + 2 H D, B * nG), one column per program, parameter-major (as kernel.py). The
+    # GP: (H + 2 H D, B * nG), one column per program, parameter-major: the gradients of the
+    # bias bias, the blank key and the blank value (the bias weights' come from pass 2). The
     # bias bias's gradient is the row's sum of dS over the union keys, which is exactly -dS of
     # the blank key (a row's dS sum to 0).
     P = (tl.num_programs(1) // H) * nG
     col = GP + (b * nG + g)
-    tl.store(col + (h * 5) * P, tl.sum((a0 - e * b0) * inv_sum, 0))
-    tl.store(col + (h * 5 + 1) * P, tl.sum((a1 - e * b1) * inv_sum, 0))
-    tl.store(col + (h * 5 + 2) * P, tl.sum((a2 - e * b2) * inv_sum, 0))
-    tl.store(col + (h * 5 + 3) * P, tl.sum((a3 - e * b3) * inv_sum, 0))
-    tl.store(col + (h * 5 + 4) * P, tl.sum((a4 - e * b4) * inv_sum, 0))
-    tl.store(col + (5 * H + h) * P, tl.sum(-ds_b, 0))
+    tl.store(col + h * P, tl.sum(-ds_b, 0))
     # q and dO again (cache hits): keeping their float32 copies live through the sweep for
     # these two sums cost registers, and so occupancy.
     q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :], mask=qd_ok, other=0.0,
                 cache_modifier=".cg")
     do = tl.load(DO + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd_ok, other=0.0,
                  cache_modifier=".cg")
-    tl.store(col + (6 * H + h * D + rd) * P,
+    tl.store(col + (H + h * D + rd) * P,
              tl.sum(ds_b[:, None] * q.to(tl.float32), 0) * scale, mask=d_ok)
-    tl.store(col + (6 * H + (H + h) * D + rd) * P,
+    tl.store(col + (H + (H + h) * D + rd) * P,
              tl.sum((p_b * inv_sum)[:, None] * do.to(tl.float32), 0), mask=d_ok)
 
 
 @triton.jit(do_not_specialize=_SIZES + ["n_param", "n_part"])
 def _bwd_kv_kernel(
-    Q, K, V, DO, POS, GRP, W, WB, ROWS, DK, DV, GP, GSUM,
+    Q, K, V, DO, POS, GRP, W, WB, ROWS, DK, DV, GP, GSUM, GW,
     sb, sn, sh, ob, on, oh, gb, gn, gh, spb, spn, sgb, slb, slh, rows_stride,
     H, M, n_valid, nG, CAP, scale, n_param, n_part,
     m: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -398,6 +376,9 @@ def _bwd_kv_kernel(
 ):
     # Key-major: program (group of G key clusters, batch * head) streams over the union of the
     # query clusters listing any of them (transposed group structure); S, P, dP are keys x queries.
+    # With P and delta corrected by pass 1, dS here is exact, so the bias weights' gradient
+    # (sum of dS times each bias feature over all query-key pairs) is summed here: one partial
+    # per program and weight into GW.
     g = tl.program_id(0)
     bh = tl.program_id(1)
     # First, pass 1's per-program partial parameter gradients GP (n_param, n_part) summed into
@@ -437,6 +418,11 @@ def _bwd_kv_kernel(
     n_in = (tl.load(GRP + b * sgb + nG + g) - u0) * m
     dk = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    f0 = tl.zeros([BLOCK_Q], tl.float32)  # sums of dS times dx, dy, r, dx / r, dy / r per key
+    f1 = tl.zeros([BLOCK_Q], tl.float32)
+    f2 = tl.zeros([BLOCK_Q], tl.float32)
+    f3 = tl.zeros([BLOCK_Q], tl.float32)
+    f4 = tl.zeros([BLOCK_Q], tl.float32)
     for start in range(0, n_in, BLOCK_K):
         tq, bits = _union_tile(GRP, sgb, b, u0, start, n_in, nG, CAP, m, BLOCK_K)
         q = _rows(Q + b * sb + h * sh, tq, sn, rd, D, BLOCK_D)
@@ -445,19 +431,34 @@ def _bwd_kv_kernel(
         delta = tl.load(ROWS + rows_stride + b * slb + h * slh + tq)
         pqx = tl.load(POS + b * spb + tq * spn)
         pqy = tl.load(POS + b * spb + tq * spn + 1)
+        dx = pkx[:, None] - pqx[None, :]
+        dy = pky[:, None] - pqy[None, :]
         s = tl.dot(k.to(DOT_T), tl.trans(q.to(DOT_T)), input_precision=DOT_PREC)
-        s, _r, _ir = _add_bias(s * qk_scale + _offsets(bits, r, wb, G), pkx[:, None] - pqx[None, :],
-                               pky[:, None] - pqy[None, :], w0, w1, w2, w3, w4)
+        s, rr, inv_r = _add_bias(s * qk_scale + _offsets(bits, r, wb, G), dx, dy, w0, w1, w2, w3, w4)
         p = tl.exp2(s - lse[None, :])
         dv += tl.dot(p.to(DOT_T), do.to(DOT_T), input_precision=DOT_PREC)
         dp = tl.dot(v.to(DOT_T), tl.trans(do.to(DOT_T)), input_precision=DOT_PREC)
         ds = p * (dp - delta[None, :])
         dk += tl.dot(ds.to(DOT_T), q.to(DOT_T), input_precision=DOT_PREC)
+        f0 += tl.sum(ds * dx, 1)
+        f1 += tl.sum(ds * dy, 1)
+        f2 += tl.sum(ds * rr, 1)
+        ds = ds * inv_r
+        f3 += tl.sum(ds * dx, 1)
+        f4 += tl.sum(ds * dy, 1)
 
     # Padded keys (past n_valid) take part in no logit: their rows above are not masked (that
     # would cost a select per logit), so their gradients are zeroed here.
     dk = tl.where(k_ok[:, None], dk, 0.0)
     dv = tl.where(k_ok[:, None], dv, 0.0)
+    # GW: (5 H, B * nG), one column per program, parameter-major (as GP).
+    col = GW + (b * nG + g)
+    P = (tl.num_programs(1) // H) * nG
+    tl.store(col + (h * 5) * P, tl.sum(tl.where(k_ok, f0, 0.0), 0))
+    tl.store(col + (h * 5 + 1) * P, tl.sum(tl.where(k_ok, f1, 0.0), 0))
+    tl.store(col + (h * 5 + 2) * P, tl.sum(tl.where(k_ok, f2, 0.0), 0))
+    tl.store(col + (h * 5 + 3) * P, tl.sum(tl.where(k_ok, f3, 0.0), 0))
+    tl.store(col + (h * 5 + 4) * P, tl.sum(tl.where(k_ok, f4, 0.0), 0))
     tl.store(DK + b * gb + h * gh + tk[:, None] * gn + rd[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
     tl.store(DV + b * gb + h * gh + tk[:, None] * gn + rd[None, :],
@@ -713,11 +714,20 @@ def group_size(m: int) -> int:
     return max(1, min(MAX_GROUP, GROUP_ROWS // m))
 
 
+#: Register cap (Triton's ``maxnreg``) per kernel: "fwd", "q" (backward pass 1), "kv" (pass 2);
+#: None leaves the choice to the compiler. One-warp programs: each of an SM's four schedulers
+#: has 64 K / 4 registers per thread lane, so a cap of 168 lets it hold 3 warps, 128 lets it hold 4.
+MAXNREG: dict[str, int | None] = {"fwd": None, "q": None, "kv": None}
+
+
 def _tiles(m: int, D: int, dtype: torch.dtype, G: int, block_k: int = BLOCK_K,
-           num_warps: int | None = None) -> dict:
+           num_warps: int | None = None, kernel: str = "fwd") -> dict:
     """Compile-time tile parameters: these depend on the model, never on batch size or resolution.
     A new dict each call (callers may change it); computed once per distinct argument set."""
-    return dict(_tile_items(m, D, dtype, G, block_k, num_warps, interpreting()))
+    tiles = dict(_tile_items(m, D, dtype, G, block_k, num_warps, interpreting()))
+    if MAXNREG[kernel] and not interpreting():
+        tiles["maxnreg"] = MAXNREG[kernel]
+    return tiles
 
 
 @functools.lru_cache(maxsize=256)
@@ -819,8 +829,9 @@ def attention_backward(
     write dq, dk, dv into (returned as its three slices) instead of three new tensors; see
     ``attention_backward_packed``.
     ``group``, ``block_k``, ``num_warps``: tiling overrides (``attention_forward``).
-    ``passes``: "q" runs the query-major pass alone (dq and the parameter gradients; dk and dv
-    are returned unwritten), to time each pass.
+    ``passes``: "q" runs the query-major pass alone (dq and the gradients of the bias bias and
+    the blank key / value; dk and dv are returned unwritten and the bias weights' gradient,
+    which pass 2 computes, as NaN), to time each pass.
     ``validate=False`` skips the checks of q, k, v, positions, neighbourhoods and parameters
     (not those of the group structures and ``dqkv``): for the autograd Function, whose forward
     checked the same tensors (host time per eager backward).
@@ -843,7 +854,7 @@ def attention_backward(
     pos = _ensure(pos, torch.float32)  # (B, N, 2)
     w, wb, bk, bv = (_ensure(t) for t in (bias_weight, bias_bias, blank_k, blank_v))
     dev = q.device
-    tiles = _tiles(m, D, q.dtype, G, block_k, num_warps)
+    tiles = _tiles(m, D, q.dtype, G, block_k, num_warps, kernel="q")
     if dqkv is None:
         dq, dk, dv = (torch.empty(B, N, H, D, device=dev, dtype=q.dtype) for _ in range(3))
     else:
@@ -854,21 +865,28 @@ def attention_backward(
     # dq, dk, dv share strides: all contiguous (B, N, H, D), or all slices of dqkv.
     strides = (*q.stride()[:3], N * H * D, H * D, D, *dq.stride()[:3], N * 2, 2)
     rows = torch.empty(2, B, H, N, device=dev, dtype=torch.float32)  # corrected lse, delta
-    parts = torch.empty(6 * H + 2 * H * D, B * nG, device=dev, dtype=torch.float32)  # per program
+    g = torch.empty(6 * H + 2 * H * D, device=dev, dtype=torch.float32)  # the packed gradients
+    # Per-program partial gradients, parameter-major: pass 1's of the bias bias and the blank
+    # key / value (H + 2 H D rows), pass 2's of the bias weights (5 H rows).
+    parts = torch.empty(H + 2 * H * D, B * nG, device=dev, dtype=torch.float32)
     _bwd_q_kernel[(nG, B * H)](
         q, k, v, do, o, pos, grp, w, wb, bk, bv, lse, rows, dq, parts,
         *strides, grp.shape[1], H * N, N, B * H * N,
         H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale), **tiles,
     )
-    if passes == "q":  # pass 2 (which sums the partials) skipped
-        return dq, dk, dv, parts.sum(-1)
-    g = torch.empty(parts.shape[0], device=dev, dtype=torch.float32)  # (6 H + 2 H D,)
+    tiles = _tiles(m, D, q.dtype, G, block_k, num_warps, kernel="kv")
+    if passes == "q":  # pass 2 (which sums pass 1's partials and computes the weights') skipped
+        g[:5 * H] = float("nan")
+        torch.sum(parts, -1, out=g[5 * H:])
+        return dq, dk, dv, g
+    parts_w = torch.empty(5 * H, B * nG, device=dev, dtype=torch.float32)
     _bwd_kv_kernel[(nG, B * H)](
-        q, k, v, do, pos, grp_t, w, wb, rows, dk, dv, parts, g,
+        q, k, v, do, pos, grp_t, w, wb, rows, dk, dv, parts, g[5 * H:], parts_w,
         *strides, grp_t.shape[1], H * N, N, B * H * N,
         H, M, n_valid, nG, (grp_t.shape[1] - 2 * nG) // 2, float(scale), parts.shape[0], parts.shape[1],
         **tiles,
     )
+    torch.sum(parts_w, -1, out=g[:5 * H])  # pass 2's partials: one more (small) launch
     return dq, dk, dv, g
 
 
