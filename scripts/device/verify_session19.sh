@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Session 19, call 1: the bias weights' gradient moved from backward pass 1 to pass 2 (pass 1's
-# loop 768 -> 473 instructions, pass 2's 474 -> 616, Triton 3.6 counts). GPU tests of the
+# loop 768 -> 457 instructions, pass 2's 474 -> 600, Triton 3.6 counts; r2 carries 1e-30 instead of a
+# clamp: the forward 437 -> 421). GPU tests of the
 # kernels, per-kernel device time against .cache/base (81503f1) alternated, register caps for
 # the two passes, the kernel tests again under the caps, then the aff_small step tests.
 # Usage: bash scripts/device/verify_session19.sh OUT

@@ -145,13 +145,14 @@ def _bias_weights(W, WB, h):
 def _add_bias(t, dx, dy, w0, w1, w2, w3, w4):
     """t + the relative-position bias of offsets (dx, dy) = p_key - p_query, without its constant
     term: Linear(5 -> 1) of (dx, dy, r, dx/r, dy/r), as dx (w0 + w3 / r) + dy (w1 + w4 / r) + w2 r,
-    four fused multiply-adds after the one special-function op. At r = 0 (a query and a key at
-    one position) dx, dy and r2 are 0, so the clamped 1/r leaves r and both quotients 0, as the
-    reference defines them.
+    four fused multiply-adds after the one special-function op. r2 carries 1e-30 (folded into
+    its fused multiply-adds, so it costs no instruction), which rounds away for any r2 above
+    about 1e-23 and keeps 1/r finite (1e15) at r = 0, a query and a key at one position: there
+    both quotients are 0, as the reference defines them, and r is 1e-15 for the reference's 0.
 
     Returns the sum and the two features the bias-weight gradient needs (r, 1/r)."""
-    r2 = dx * dx + dy * dy
-    inv_r = tl.rsqrt(tl.maximum(r2, 1.0e-30))
+    r2 = dx * dx + (dy * dy + 1.0e-30)
+    inv_r = tl.rsqrt(r2)
     r = r2 * inv_r
     t = w2 * r + t
     t = dx * (w3 * inv_r + w0) + t
