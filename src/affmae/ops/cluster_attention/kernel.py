@@ -28,8 +28,8 @@ How it is computed:
    constant term (``_offsets``: picked per column, then by row), and the bias adds four fused
    multiply-adds after one reciprocal square root (``_add_bias``); columns past the union and
    rows past the group are neutralised by their mask bits and log-sum-exp, so the gathers and
-   the per-logit work carry no masks (about 28 instructions per logit and thread in the
-   forward's loop, from 38: ``scripts/sass_count.py``, docs/BENCHMARKS.md session 18).
+   the per-logit work carry no masks (about 26 instructions per logit and thread in the
+   forward's loop, from 38: ``scripts/sass_count.py``, docs/BENCHMARKS.md sessions 18-19).
 2. Backward pass 1, one program per (query group, batch * head), in one sweep over the union:
    P from the saved log-sum-exp, renormalised per row in float32 (so sum_j dS_j = 0 holds to
    float32 rounding even when huge logits make the stored log-sum-exp coarse), and delta =
