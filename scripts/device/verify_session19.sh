@@ -11,7 +11,7 @@ t 150 tests/ops/test_cluster_attention_triton.py -k "not training_step"
 echo "== tests $SECONDS s"; tail -2 "$R/gpu_tests.txt"
 kt_ab
 PYTHONPATH=/tmp/site:$PWD/src timeout 150 python -u scripts/device/kernel_times.py "$R/kt_configs.json" \
-  --configs q:32:0,q:32:168,q:32:128,kv:32:0,kv:32:168 > "$R/kt_configs.txt" 2>&1
+  --configs q:32:0,q:32:168,q:32:128,kv:32:0,kv:32:168,kv:16:0,kv:16:168 > "$R/kt_configs.txt" 2>&1
 echo "== configs rc=$? $SECONDS s"; grep total "$R/kt_configs.txt"; pack
 echo "== caps q=168,kv=168: tests/ops/test_cluster_attention_triton.py -k 'not training_step'" >> "$R/gpu_tests.txt"
 timeout 120 python scripts/device/with_maxnreg.py q=168,kv=168 -m pytest -q -m gpu -p no:cacheprovider \
