@@ -8,6 +8,8 @@
 #   kt_ab           per-kernel device time of the three cluster-attention kernels in CUDA graphs
 #                   (scripts/device/kernel_times.py), current sources and .cache/base/src
 #                   alternated (cur base cur base), to $R/kt_{cur,base}_SECONDS.{txt,json}
+#   kt_configs LIMIT LIST   single-kernel settings of the current sources (kernel_times.py
+#                   --configs LIST, e.g. q:32:168,kv:16:0) with a time limit, to $R/kt_configs.txt
 #   kernels_ab      per-kernel device time of the cluster-attention kernels
 #                   (scripts/device/attention_kernels.py) of the current sources, then of
 #                   .cache/base/src, to $R/attention_kernels_{cur,base}.txt
@@ -41,4 +43,9 @@ kt_ab() {
       > "$R/kt_${which}_$SECONDS.txt" 2>&1
     echo "== kt $which rc=$? $SECONDS s"; grep total "$R"/kt_${which}_*.txt | tail -1; pack
   done
+}
+kt_configs() {
+  PYTHONPATH=/tmp/site:$PWD/src timeout "$1" python -u scripts/device/kernel_times.py "$R/kt_configs.json" \
+    --configs "$2" > "$R/kt_configs.txt" 2>&1
+  echo "== configs rc=$? $SECONDS s"; grep total "$R/kt_configs.txt"; pack
 }
