@@ -3,11 +3,12 @@ prebuilt), at aff_small's stages (512 and 768 px, batch 16, bf16): forward, back
 (``passes="q"``) and pass 2 (whole backward minus pass 1), median of ``do_bench_cudagraph``.
 Also writes the outputs' checksum so two source trees can be compared. Run it once per tree
 (PYTHONPATH picks the tree) and alternate trees for an A/B. About 30 s on one GPU.
-``--maxnreg 0,96,80``: also time with Triton's register cap ``maxnreg`` (0: none) given to every
-launch, one setting after another (register-limited occupancy: one-warp programs of 121-255
+``--maxnreg 0,96,80``: also time with Triton's register cap ``maxnreg`` given to every launch
+(0: the package's own caps, ``kernel.MAXNREG``; to time without any, run the script through
+``with_maxnreg.py none -m kernel_times``), one setting after another (register-limited occupancy: one-warp programs of 121-255
 registers leave 8-16 warps per multiprocessor).
 ``--configs fwd:32:104,q:16:168,kv:32:128``: also time single kernels with keys per tile and a
-register cap (0: none): ``fwd`` the forward, ``q`` backward pass 1, ``kv`` pass 2 (the whole
+register cap (0: the package's own): ``fwd`` the forward, ``q`` backward pass 1, ``kv`` pass 2 (the whole
 backward minus pass 1, both run with the setting).
 Usage: python scripts/device/kernel_times.py OUT.json [--maxnreg LIST] [--configs LIST] [--dry]
 (--dry: Triton's interpreter on CPU, one tiny stage, each function run once: checks the script,
