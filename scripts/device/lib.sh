@@ -36,12 +36,12 @@ kernels_ab() {
   done
 }
 kt_ab() {
-  local which P
+  local which P f
   for which in cur base cur base; do
     P=/tmp/site:$PWD/src; [ $which = base ] && P=/tmp/site:$PWD/.cache/base/src
-    PYTHONPATH=$P timeout 90 python -u scripts/device/kernel_times.py "$R/kt_${which}_$SECONDS.json" \
-      > "$R/kt_${which}_$SECONDS.txt" 2>&1
-    echo "== kt $which rc=$? $SECONDS s"; grep total "$R"/kt_${which}_*.txt | tail -1; pack
+    f=$R/kt_${which}_$SECONDS  # this run's files (the grep below reads only them)
+    PYTHONPATH=$P timeout 90 python -u scripts/device/kernel_times.py "$f.json" > "$f.txt" 2>&1
+    echo "== kt $which rc=$? $SECONDS s"; grep total "$f.txt"; pack
   done
 }
 kt_configs() {

@@ -717,11 +717,12 @@ def group_size(m: int) -> int:
 
 #: Register cap (Triton's ``maxnreg``) per kernel: "fwd", "q" (backward pass 1), "kv" (pass 2);
 #: None leaves the choice to the compiler. One-warp programs: each of an SM's four schedulers
-#: has 64 K / 4 registers per thread lane, so a cap of 168 lets it hold 3 warps, 128 lets it hold 4.
-#: Uncapped, ptxas gives pass 1 about 240 registers and pass 2 about 190 (2 warps each); at 168
-#: pass 1 has no spills and pass 2 four spill instructions, and on an H100 (session 19, summed
-#: over aff_small's 8 stages) pass 1 took 418 us against 461 uncapped and pass 2 315 against
-#: 341. The forward (122 registers, 4 warps) gained nothing from a cap (session 18).
+#: has a quarter of its 64 K registers (512 per thread lane), so a cap of 168 lets it hold 3
+#: warps, 128 lets it hold 4. Uncapped, ptxas gives pass 1 about 240 registers and pass 2 about
+#: 190 (2 warps each); at 168 pass 1 has no spills and pass 2 four spill instructions. On an
+#: H100 (session 19, summed over aff_small's 8 stages, one machine) pass 1 took 418 us capped
+#: against 461 uncapped and pass 2 315 against 341. The forward (122 registers, 4 warps) gained
+#: nothing from a cap (session 18).
 MAXNREG: dict[str, int | None] = {"fwd": None, "q": 168, "kv": 168}
 
 
@@ -879,11 +880,11 @@ def attention_backward(
         *strides, grp.shape[1], H * N, N, B * H * N,
         H, M, n_valid, nG, (grp.shape[1] - 2 * nG) // 2, float(scale), **tiles,
     )
-    tiles = _tiles(m, D, q.dtype, G, block_k, num_warps, kernel="kv")
     if passes == "q":  # pass 2 (which sums pass 1's partials and computes the weights') skipped
         g[:5 * H] = float("nan")
         torch.sum(parts, -1, out=g[5 * H:])
         return dq, dk, dv, g
+    tiles = _tiles(m, D, q.dtype, G, block_k, num_warps, kernel="kv")
     parts_w = torch.empty(5 * H, B * nG, device=dev, dtype=torch.float32)
     _bwd_kv_kernel[(nG, B * H)](
         q, k, v, do, pos, grp_t, w, wb, rows, dk, dv, parts, g[5 * H:], parts_w,
