@@ -25,6 +25,15 @@ Implementations (one function, same inputs):
   which a training step pays once per batch and stage). ``flex_nograd``: the same with the bias
   weights detached (FlexAttention's backward for learnable captured tensors is its slow path).
 
+Dense windows (``sdpa_flash``, ``sdpa_cudnn``, ``sdpa_efficient``; not the same function, a
+yardstick for the bandwidth target): ``scaled_dot_product_attention`` with one backend forced, over
+the stage's tokens cut into fixed windows of Kc * m = 64 consecutive tokens (the first
+64 * floor(N / 64)), so each query attends to 64 keys as in cluster attention, but with no bias,
+blank key, gather or masking. Same dtype, batch, heads and head dim; q, k, v strided views of one
+packed tensor. Their bandwidth counts the same bytes (q, k, v, out, log-sum-exp; dO, dq, dk, dv)
+for their token count, without positions and neighbour lists: what the best dense attention
+kernels reach on this traffic.
+
 Bandwidth: the minimum bytes any implementation must move. Forward: read q, k, v, positions,
 neighbour lists; write out and the float32 log-sum-exp. Backward: read q, k, v, dO, log-sum-exp,
 positions, neighbour lists; write dq, dk, dv. Gathered neighbour reads beyond the first are not
@@ -123,6 +132,55 @@ def triton_impl(s, shared: bool = False):
 
 def torch_impl(s):
     return lambda q, k, v, *p: cluster_attention_ref(q, k, v, s["pos"], s["nbr"], s["n_valid"], *p)
+
+
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
+                 "sdpa_efficient": "EFFICIENT_ATTENTION"}
+
+
+def window_stage(s, window: int | None = None) -> dict:
+    """Inputs of the dense-window yardstick (module docstring) for stage ``s``: its batch, heads,
+    head dim and dtype, the first ``window * floor(N / window)`` tokens (window = Kc * m)."""
+    B, H, D = s["B"], s["H"], s["D"]
+    W = window or s["Kc"] * s["m"]
+    n = (s["N"] // W) * W
+    if n == 0:
+        raise ValueError(f"a stage of N={s['N']} tokens has no full window of {W}")
+    g = torch.Generator().manual_seed(1)
+    dev, dtype = s["q"].device, s["q"].dtype
+    qkv = torch.randn(B, n, 3, H, D, generator=g).to(device=dev, dtype=dtype)
+    q, k, v = qkv.unbind(2)
+    do = torch.randn(B, n, H, D, generator=g).to(device=dev, dtype=dtype)
+    return dict(q=q, k=k, v=v, do=do, params=[], B=B, N=n, H=H, D=D, W=W)
+
+
+def sdpa_impl(w, backend: str | None):
+    """fn(q, k, v) -> out: ``scaled_dot_product_attention`` within windows of ``w["W"]`` tokens,
+    with the named ``torch.nn.attention.SDPBackend`` forced (None: PyTorch's choice)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, n, H, D, W = w["B"], w["N"], w["H"], w["D"], w["W"]
+    def win(t):  # (B, n, H, D) -> (B * n / W, H, W, D), a view
+        return t.reshape(B * n // W, W, H, D).transpose(1, 2)
+
+    def fn(q, k, v, *_params):
+        if backend is None:
+            out = F.scaled_dot_product_attention(win(q), win(k), win(v))
+        else:
+            with sdpa_kernel([getattr(SDPBackend, backend)]):
+                out = F.scaled_dot_product_attention(win(q), win(k), win(v))
+        return out.transpose(1, 2).reshape(B, n, H, D)
+
+    return fn
+
+
+def window_bytes(B: int, n: int, H: int, D: int, elt: int) -> tuple[int, int]:
+    """``min_bytes`` of the dense-window yardstick over n tokens: the same tensors, no positions
+    or neighbour lists."""
+    tensor = B * n * H * D * elt
+    lse = B * H * n * 4
+    return 4 * tensor + lse, 7 * tensor + lse
 
 
 def flex_impl(s, bias_grad: bool = True):
@@ -289,14 +347,19 @@ def run(resolutions, batch, dtype_name, impls, sweep, log, out_path=None,
             row = dict(res=res, stage=stage + 1, tokens=s["n_valid"], N=s["N"], heads=s["H"], D=s["D"], Kc=s["Kc"])
             for name in impls:
                 try:
-                    if name.startswith("flex"):
+                    timed_stage = s
+                    if name.startswith("sdpa"):
+                        timed_stage = window_stage(s)
+                        row["window_tokens"] = timed_stage["N"]
+                        fn = sdpa_impl(timed_stage, SDPA_BACKENDS[name])
+                    elif name.startswith("flex"):
                         fn, row["flex_mask_ms"] = flex_impl(s, bias_grad=name == "flex")
                     elif name == "torch":
                         fn = torch_impl(s)
                     else:
                         fn = triton_impl(s, shared=name == "triton_shared")
                     with threads():
-                        timed = measure(fn, s, graph=not name.startswith("flex"))
+                        timed = measure(fn, timed_stage, graph=not name.startswith("flex"))
                     for key, val in timed.items():
                         row[f"{name}_{key}"] = val
                 except Exception as e:  # recorded in the table, the other implementations go on
@@ -304,7 +367,9 @@ def run(resolutions, batch, dtype_name, impls, sweep, log, out_path=None,
                 torch.cuda.empty_cache()
             fb, bb = min_bytes(s, s["q"].element_size())
             ceil = meta["copy_ceiling_gbs"] * 1e9
-            for name in ("triton", "triton_shared"):  # GPU time of the kernels vs the copy ceiling
+            for name in ("triton", "triton_shared", *SDPA_BACKENDS):  # GPU time vs the copy ceiling
+                if name in SDPA_BACKENDS and "window_tokens" in row:
+                    fb, bb = window_bytes(s["B"], row["window_tokens"], s["H"], s["D"], s["q"].element_size())
                 if f"{name}_fwd_graph_ms" in row:
                     row[f"{name}_fwd_bw_pct"] = 100 * fb / (row[f"{name}_fwd_graph_ms"] * 1e-3) / ceil
                     row[f"{name}_fwdbwd_bw_pct"] = (100 * (fb + bb) / (row[f"{name}_fwdbwd_graph_ms"] * 1e-3)
@@ -357,7 +422,7 @@ def format_row(r, impls) -> str:
             f"{name}: fwd {r[f'{name}_fwd_ms']:.3f} fwd+bwd {r[f'{name}_fwdbwd_ms']:.3f} ms{graph} "
             f"{r[f'{name}_peak_mib']:.0f} MiB"
         )
-    for name in ("triton", "triton_shared"):
+    for name in ("triton", "triton_shared", *SDPA_BACKENDS):
         if f"{name}_fwd_bw_pct" in r:
             parts.append(f"{name} bw {r[f'{name}_fwd_bw_pct']:.0f}% / {r[f'{name}_fwdbwd_bw_pct']:.0f}%")
     return " | ".join(parts)
@@ -371,8 +436,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16, help="batch size")
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="q, k, v dtype")
     ap.add_argument("--impl", nargs="+", default=["triton", "triton_shared", "torch", "flex", "flex_nograd"],
-                    choices=("triton", "triton_shared", "torch", "flex", "flex_nograd"),
-                    help="implementations (flex_nograd: FlexAttention with the bias weights detached)")
+                    choices=("triton", "triton_shared", "torch", "flex", "flex_nograd", *SDPA_BACKENDS),
+                    help="implementations (flex_nograd: FlexAttention with the bias weights detached; "
+                         "sdpa_*: the dense-window yardstick, see the module docstring)")
     ap.add_argument("--sweep", action="store_true",
                     help="also time the raw kernels at other tilings (clusters per program, keys per tile)")
     ap.add_argument("--backward-thread", choices=BACKWARD_THREADS, default="caller",
