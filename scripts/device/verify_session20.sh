@@ -4,7 +4,8 @@
 # call next to the dense-window yardstick (SDPA's flash, cuDNN and memory-efficient kernels over
 # the same tokens in windows of 64: affmae.bench.attention's module docstring); (3) Nsight
 # Compute of the three kernels at 768 px stage 1 with the package's register caps, and the
-# per-instruction stall samples (source page, SASS) of each.
+# per-instruction stall samples (source page, SASS) of each; (4) per-kernel device time against
+# .cache/base (e9c97f8's src: the log2 of the log-sum-exp through lg2.approx).
 # Usage: bash scripts/device/verify_session20.sh OUT
 OUT=${1:?OUT}
 source "$(dirname "$0")/lib.sh"
@@ -25,3 +26,4 @@ for k in _fwd_kernel _bwd_q_kernel _bwd_kv_kernel; do
   echo "== source $k rc=$? $(wc -l < "$R/ncu_src$k.csv") lines"
 done
 pack
+kt_ab

@@ -83,6 +83,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from affmae.ops.dispatch import interpreting
 
@@ -126,6 +127,23 @@ def why_not(q: torch.Tensor) -> str | None:
 # strides (ob, on, oh); dq, dk, dv share strides (gb, gn, gh): contiguous (B, N, H, D) too, or
 # the three slices of one packed (B, N, 3, H, D) gradient. The head dim has stride 1 everywhere.
 # ----------------------------------------------------------------------------------------------
+
+
+#: The rows' log-sum-exp take log2 through the GPU's special-function unit (``lg2.approx``,
+#: libdevice's ``fast_log2f``: one instruction, within 2^-22 of the exact value), not
+#: ``tl.log2``'s accurate software routine (about 30 instructions per value: 98 of the
+#: forward's 587 instructions outside its loop, ``scripts/sass_count.py``). Triton's interpreter
+#: has no libdevice, so under it the kernels keep ``tl.log2``.
+_FAST_LOG2 = tl.constexpr(not interpreting())
+
+
+@triton.jit
+def _log2(x):
+    if _FAST_LOG2:
+        y = libdevice.fast_log2f(x)
+    else:
+        y = tl.log2(x)
+    return y
 
 
 @triton.jit
@@ -258,7 +276,7 @@ def _fwd_kernel(
     out = acc * (1.0 / l_i)[:, None]
     tl.store(O + b * ob + h * oh + tq[:, None] * on + rd[None, :],
              out.to(O.dtype.element_ty), mask=q_row[:, None] & d_ok[None, :])
-    tl.store(LSE + b * slb + h * slh + tq, m_i + tl.log2(l_i), mask=q_row)
+    tl.store(LSE + b * slb + h * slh + tq, m_i + _log2(l_i), mask=q_row)
 
 
 @triton.jit
@@ -346,7 +364,7 @@ def _bwd_q_kernel(
     dq = (acc_a - e[:, None] * acc_b) * inv_sum[:, None] + ds_b[:, None] * bk[None, :]
     tl.store(DQ + b * gb + h * gh + tq[:, None] * gn + rd[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_ok)
-    tl.store(ROWS + b * slb + h * slh + tq, lse + tl.log2(tl.where(q_row, s0, 1.0)), mask=q_row)
+    tl.store(ROWS + b * slb + h * slh + tq, lse + _log2(tl.where(q_row, s0, 1.0)), mask=q_row)
     tl.store(ROWS + rows_stride + b * slb + h * slh + tq, c + e, mask=q_row)
     # GP: (H + 2 H D, B * nG), one column per program, parameter-major: the gradients of the
     # bias bias, the blank key and the blank value (the bias weights' come from pass 2). The
