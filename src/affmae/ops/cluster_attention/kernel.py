@@ -232,6 +232,11 @@ def _fwd_kernel(
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
+    # The group's union first: its bounds start the kernel's longest chain of dependent loads
+    # (bounds, then union entries, then the gathered keys), so their latency overlaps the
+    # loads below.
+    u0 = tl.load(GRP + b * sgb + g)
+    Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
 
     # 1. The G * m queries of group g (row cluster r = row // m).
     rq = tl.arange(0, BLOCK_Q)
@@ -254,10 +259,12 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32) + bv[None, :]
 
     # 3. Stream over the union of the group's neighbourhoods.
-    u0 = tl.load(GRP + b * sgb + g)
-    Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
+    # The union entries (token indices, membership bits) of each tile are loaded one iteration
+    # ahead and carried, so the software pipeline can issue a tile's gathers as soon as the
+    # previous tile starts, not after an index load within the same iteration (see _union_tile).
+    tk, bits = _union_tile(GRP, sgb, b, u0, 0, Kn, nG, CAP, m, BLOCK_K)
     for start in range(0, Kn, BLOCK_K):
-        tk, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m, BLOCK_K)
+        tk_next, bits_next = _union_tile(GRP, sgb, b, u0, start + BLOCK_K, Kn, nG, CAP, m, BLOCK_K)
         bits = tl.where(tk < n_valid, bits, 0)  # padded keys: masked for every row
         pkx = tl.load(POS + b * spb + tk * spn)
         pky = tl.load(POS + b * spb + tk * spn + 1)
@@ -272,6 +279,7 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_T), v.to(DOT_T), input_precision=DOT_PREC)
         m_i = m_new
+        tk, bits = tk_next, bits_next
 
     out = acc * (1.0 / l_i)[:, None]
     tl.store(O + b * ob + h * oh + tq[:, None] * on + rd[None, :],
@@ -280,13 +288,12 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_tile(q, do, lse, pqx, pqy, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, CAP, n_valid,
-              sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd, m: tl.constexpr,
-              G: tl.constexpr, D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+def _bwd_tile(q, do, lse, pqx, pqy, r, K, V, POS, tk, bits, b, h, n_valid,
+              sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd,
+              G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
               DOT_T: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One key tile of a group's union: P (before the row correction), dP and the keys. Rows
-    past the group have lse = +1e30, so their P is 0."""
-    tk, bits = _union_tile(GRP, sgb, b, u0, start, Kn, nG, CAP, m, BLOCK_K)
+    """One key tile (tokens tk, membership bits) of a group's union: P (before the row
+    correction), dP and the keys. Rows past the group have lse = +1e30, so their P is 0."""
     bits = tl.where(tk < n_valid, bits, 0)
     pkx = tl.load(POS + b * spb + tk * spn)
     pky = tl.load(POS + b * spb + tk * spn + 1)
@@ -317,6 +324,8 @@ def _bwd_q_kernel(
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
+    u0 = tl.load(GRP + b * sgb + g)  # first: the head of the longest load chain (forward)
+    Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
 
     rq = tl.arange(0, BLOCK_Q)
     rd = tl.arange(0, BLOCK_D)
@@ -345,13 +354,14 @@ def _bwd_q_kernel(
 
     acc_a = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     acc_b = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    u0 = tl.load(GRP + b * sgb + g)
-    Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
+    tk, bits = _union_tile(GRP, sgb, b, u0, 0, Kn, nG, CAP, m, BLOCK_K)  # one tile ahead (forward)
     for start in range(0, Kn, BLOCK_K):
+        tk_next, bits_next = _union_tile(GRP, sgb, b, u0, start + BLOCK_K, Kn, nG, CAP, m, BLOCK_K)
         p, dp, k = _bwd_tile(
-            q, do, lse, pqx, pqy, r, K, V, POS, GRP, sgb, b, h, u0, start, Kn, nG, CAP, n_valid,
+            q, do, lse, pqx, pqy, r, K, V, POS, tk, bits, b, h, n_valid,
             sb, sn, sh, spb, spn, qk_scale, w0, w1, w2, w3, w4, wb, rd,
-            m, G, D, BLOCK_K, BLOCK_D, DOT_T, DOT_PREC)
+            G, D, BLOCK_D, DOT_T, DOT_PREC)
+        tk, bits = tk_next, bits_next
         pd = p * (dp - c[:, None])
         s0 += tl.sum(p, 1)
         s1 += tl.sum(pd, 1)
@@ -418,6 +428,8 @@ def _bwd_kv_kernel(
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
+    u0 = tl.load(GRP + b * sgb + g)  # first: the head of the longest load chain (forward)
+    n_in = (tl.load(GRP + b * sgb + nG + g) - u0) * m
 
     rk = tl.arange(0, BLOCK_Q)
     rd = tl.arange(0, BLOCK_D)
@@ -433,8 +445,6 @@ def _bwd_kv_kernel(
     pky = tl.load(POS + b * spb + tk * spn + 1, mask=k_row, other=0.0)
     w0, w1, w2, w3, w4, wb = _bias_weights(W, WB, h)
 
-    u0 = tl.load(GRP + b * sgb + g)
-    n_in = (tl.load(GRP + b * sgb + nG + g) - u0) * m
     dk = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     f0 = tl.zeros([BLOCK_Q], tl.float32)  # sums of dS times dx, dy, r, dx / r, dy / r per key
@@ -442,6 +452,8 @@ def _bwd_kv_kernel(
     f2 = tl.zeros([BLOCK_Q], tl.float32)
     f3 = tl.zeros([BLOCK_Q], tl.float32)
     f4 = tl.zeros([BLOCK_Q], tl.float32)
+    # (Here the union entries are loaded in the iteration that uses them: carried one tile ahead
+    # as in the forward, they cost this kernel 126 spill instructions at its register cap.)
     for start in range(0, n_in, BLOCK_K):
         tq, bits = _union_tile(GRP, sgb, b, u0, start, n_in, nG, CAP, m, BLOCK_K)
         q = _rows(Q + b * sb + h * sh, tq, sn, rd, D, BLOCK_D)
@@ -744,11 +756,20 @@ def group_size(m: int) -> int:
 MAXNREG: dict[str, int | None] = {"fwd": None, "q": 168, "kv": 168}
 
 
+#: Software-pipelining stages per kernel (Triton's ``num_stages``). Two, not Triton's default
+#: three: faster for all three kernels at every aff_small stage on an H200 (forward 9%, pass 1
+#: 2%, pass 2 10% summed over the stages; docs/bench/tile_sweep_h200_session14.txt), and less
+#: shared memory. With two, a tile's gathers are issued after the previous tile's products (one
+#: shared-memory buffer) and waited for at the top of the next iteration.
+NUM_STAGES: dict[str, int] = {"fwd": 2, "q": 2, "kv": 2}
+
+
 def _tiles(m: int, D: int, dtype: torch.dtype, G: int, block_k: int = BLOCK_K,
            num_warps: int | None = None, kernel: str = "fwd") -> dict:
     """Compile-time tile parameters: these depend on the model, never on batch size or resolution.
     A new dict each call (callers may change it); computed once per distinct argument set."""
     tiles = dict(_tile_items(m, D, dtype, G, block_k, num_warps, interpreting()))
+    tiles["num_stages"] = NUM_STAGES[kernel]
     if MAXNREG[kernel] and not interpreting():
         tiles["maxnreg"] = MAXNREG[kernel]
     return tiles
@@ -770,10 +791,6 @@ def _tile_items(m: int, D: int, dtype: torch.dtype, G: int, block_k: int, num_wa
         DOT_T=dot_t, DOT_PREC="ieee" if dot_t == tl.float32 else "tf32",
         # One warp per 16 rows (one warp per 16-row tile measured fastest on an H100).
         num_warps=num_warps or (block_q // 16) * (1 if block_d <= 64 else 2),
-        # Two software-pipelining stages, not Triton's default three: faster for all three
-        # kernels at every aff_small stage on an H200 (forward 9%, pass 1 2%, pass 2 10% summed
-        # over the stages; docs/bench/tile_sweep_h200_session14.txt), and less shared memory.
-        num_stages=2,
     ).items())
 
 
