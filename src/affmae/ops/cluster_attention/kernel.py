@@ -232,12 +232,11 @@ def _fwd_kernel(
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
-    # The group's union first: its bounds and first entries start the kernel's longest chain of
-    # dependent loads (bounds, then union entries, then the gathered keys), so their latency
-    # overlaps the loads below.
+    # The group's union first: its bounds start the kernel's longest chain of dependent loads
+    # (bounds, then union entries, then the gathered keys), so their latency overlaps the
+    # loads below.
     u0 = tl.load(GRP + b * sgb + g)
     Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
-    tk, bits = _union_tile(GRP, sgb, b, u0, 0, Kn, nG, CAP, m, BLOCK_K)  # the first tile's entries
 
     # 1. The G * m queries of group g (row cluster r = row // m).
     rq = tl.arange(0, BLOCK_Q)
@@ -261,8 +260,9 @@ def _fwd_kernel(
 
     # 3. Stream over the union of the group's neighbourhoods.
     # The union entries (token indices, membership bits) of each tile are loaded one iteration
-    # ahead and carried (the first tile's at the top), so a tile's gathers need no index load
-    # within the iteration that issues them.
+    # ahead and carried, so the software pipeline can issue a tile's gathers as soon as the
+    # previous tile starts, not after an index load within the same iteration (see _union_tile).
+    tk, bits = _union_tile(GRP, sgb, b, u0, 0, Kn, nG, CAP, m, BLOCK_K)
     for start in range(0, Kn, BLOCK_K):
         tk_next, bits_next = _union_tile(GRP, sgb, b, u0, start + BLOCK_K, Kn, nG, CAP, m, BLOCK_K)
         bits = tl.where(tk < n_valid, bits, 0)  # padded keys: masked for every row
@@ -326,7 +326,6 @@ def _bwd_q_kernel(
     qk_scale = scale * 1.4426950408889634
     u0 = tl.load(GRP + b * sgb + g)  # first: the head of the longest load chain (forward)
     Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
-    tk, bits = _union_tile(GRP, sgb, b, u0, 0, Kn, nG, CAP, m, BLOCK_K)  # the first tile's entries
 
     rq = tl.arange(0, BLOCK_Q)
     rd = tl.arange(0, BLOCK_D)
@@ -355,6 +354,7 @@ def _bwd_q_kernel(
 
     acc_a = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     acc_b = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    tk, bits = _union_tile(GRP, sgb, b, u0, 0, Kn, nG, CAP, m, BLOCK_K)  # one tile ahead (forward)
     for start in range(0, Kn, BLOCK_K):
         tk_next, bits_next = _union_tile(GRP, sgb, b, u0, start + BLOCK_K, Kn, nG, CAP, m, BLOCK_K)
         p, dp, k = _bwd_tile(
@@ -383,10 +383,12 @@ def _bwd_q_kernel(
     P = (tl.num_programs(1) // H) * nG
     col = GP + (b * nG + g)
     tl.store(col + h * P, tl.sum(-ds_b, 0))
-    # q and dO again (cache hits, L1 if they are still there): keeping their float32 copies live
-    # through the sweep for these two sums cost registers, and so occupancy.
-    q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :], mask=qd_ok, other=0.0)
-    do = tl.load(DO + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd_ok, other=0.0)
+    # q and dO again (cache hits): keeping their float32 copies live through the sweep for
+    # these two sums cost registers, and so occupancy.
+    q = tl.load(Q + b * sb + h * sh + tq[:, None] * sn + rd[None, :], mask=qd_ok, other=0.0,
+                cache_modifier=".cg")
+    do = tl.load(DO + b * ob + h * oh + tq[:, None] * on + rd[None, :], mask=qd_ok, other=0.0,
+                 cache_modifier=".cg")
     tl.store(col + (H + h * D + rd) * P,
              tl.sum(ds_b[:, None] * q.to(tl.float32), 0) * scale, mask=d_ok)
     tl.store(col + (H + (H + h) * D + rd) * P,
