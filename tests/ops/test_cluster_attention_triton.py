@@ -510,6 +510,21 @@ def test_group_structure_spec_and_argument_checks():
         group_neighbourhood(nbr, 2, transpose=True, method="bucket")
 
 
+def test_launch_settings_per_kernel(monkeypatch):
+    """kernel.NUM_STAGES and kernel.MAXNREG reach each kernel's launch settings (the register
+    cap only off the interpreter, where Triton would reject it)."""
+    from affmae.ops.cluster_attention import kernel
+
+    monkeypatch.setitem(kernel.NUM_STAGES, "q", 3)
+    monkeypatch.setitem(kernel.MAXNREG, "kv", 128)
+    monkeypatch.setattr(kernel, "interpreting", lambda: False)
+    fwd, q, kv = (kernel._tiles(8, 32, torch.bfloat16, 2, kernel=k) for k in ("fwd", "q", "kv"))
+    assert (fwd["num_stages"], q["num_stages"], kv["num_stages"]) == (2, 3, 2)
+    assert kv["maxnreg"] == 128 and "maxnreg" not in fwd
+    monkeypatch.setattr(kernel, "interpreting", lambda: True)
+    assert "maxnreg" not in kernel._tiles(8, 32, torch.bfloat16, 2, kernel="kv")
+
+
 def test_why_not_names_the_reason(monkeypatch):
     from affmae.ops.cluster_attention import kernel
 
