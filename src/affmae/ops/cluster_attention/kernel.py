@@ -260,8 +260,9 @@ def _fwd_kernel(
 
     # 3. Stream over the union of the group's neighbourhoods.
     # The union entries (token indices, membership bits) of each tile are loaded one iteration
-    # ahead and carried, so the software pipeline can issue a tile's gathers as soon as the
-    # previous tile starts, not after an index load within the same iteration (see _union_tile).
+    # ahead and carried, so the iteration that issues a tile's gathers waits for no index load
+    # first (forward -2.7%, pass 1 -2.2% on an H100, session 20). See NUM_STAGES for when the
+    # gathers themselves are issued.
     tk, bits = _union_tile(GRP, sgb, b, u0, 0, Kn, nG, CAP, m, BLOCK_K)
     for start in range(0, Kn, BLOCK_K):
         tk_next, bits_next = _union_tile(GRP, sgb, b, u0, start + BLOCK_K, Kn, nG, CAP, m, BLOCK_K)
@@ -760,7 +761,9 @@ MAXNREG: dict[str, int | None] = {"fwd": None, "q": 168, "kv": 168}
 #: three: faster for all three kernels at every aff_small stage on an H200 (forward 9%, pass 1
 #: 2%, pass 2 10% summed over the stages; docs/bench/tile_sweep_h200_session14.txt), and less
 #: shared memory. With two, a tile's gathers are issued after the previous tile's products (one
-#: shared-memory buffer) and waited for at the top of the next iteration.
+#: shared-memory buffer) and waited for at the top of the next iteration: 14-18% of the kernels'
+#: stall samples (Nsight Compute, session 20). Three stages overlap them with the products but
+#: cost more instructions and, in pass 1, spills: still 1-2% slower in session 20 (H100).
 NUM_STAGES: dict[str, int] = {"fwd": 2, "q": 2, "kv": 2}
 
 
