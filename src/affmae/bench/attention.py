@@ -161,6 +161,7 @@ def sdpa_impl(w, backend: str | None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     B, n, H, D, W = w["B"], w["N"], w["H"], w["D"], w["W"]
+
     def win(t):  # (B, n, H, D) -> (B * n / W, H, W, D), a view
         return t.reshape(B * n // W, W, H, D).transpose(1, 2)
 
