@@ -41,12 +41,8 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
-    fn, ptrs = S.KERNELS[args.kernel]
-    consts = dict(m=8, D=32, G=2, BLOCK_Q=16, BLOCK_K=S.K.BLOCK_K, BLOCK_D=32, DOT_T=S.tl.bfloat16,
-                  DOT_PREC="tf32")
-    ck = S.compile_kernel(fn, ptrs, consts, args.stages, args.maxnreg)
     with tempfile.TemporaryDirectory() as work:
-        sass, _usage = S.disassemble(ck.asm["cubin"], work, args.kernel)
+        sass, _usage = S.aff_small_sass(args.kernel, S.K.BLOCK_K, args.stages, args.maxnreg, work)
     ins = S.parse(sass)
     loops = S.loops(sass, ins)
     hdr, data = read_csv(args.csv)

@@ -60,6 +60,17 @@ def compile_kernel(fn, ptrs: dict, consts: dict, num_stages: int, maxnreg: int |
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def aff_small_sass(name: str, block_k: int, num_stages: int, maxnreg: int | None,
+                   workdir: str) -> tuple[str, str]:
+    """(SASS with source lines, resource usage) of kernel ``name`` (a key of ``KERNELS``)
+    compiled for aff_small's shapes: m = 8, head dim 32, two clusters per program, bf16."""
+    fn, ptrs = KERNELS[name]
+    consts = dict(m=8, D=32, G=2, BLOCK_Q=16, BLOCK_K=block_k, BLOCK_D=32, DOT_T=tl.bfloat16,
+                  DOT_PREC="tf32")
+    ck = compile_kernel(fn, ptrs, consts, num_stages, maxnreg)
+    return disassemble(ck.asm["cubin"], workdir, name)
+
+
 def disassemble(cubin: bytes, workdir: str, name: str) -> tuple[str, str]:
     """(SASS with source lines, resource usage) of a cubin."""
     path = os.path.join(workdir, f"{name}.cubin")
@@ -116,14 +127,10 @@ def main() -> None:
     ap.add_argument("--lines", action="store_true", help="main loop's instructions per source line")
     ap.add_argument("--dump", help="write each kernel's SASS to DIR/NAME.sass")
     args = ap.parse_args()
-    consts = dict(m=8, D=32, G=2, BLOCK_Q=16, BLOCK_K=args.block_k, BLOCK_D=32, DOT_T=tl.bfloat16,
-                  DOT_PREC="tf32")
     source = open(K.__file__).read().splitlines()
     with tempfile.TemporaryDirectory() as work:
         for name in args.kernels.split(","):
-            fn, ptrs = KERNELS[name]
-            ck = compile_kernel(fn, ptrs, consts, args.stages, args.maxnreg)
-            sass, usage = disassemble(ck.asm["cubin"], work, name)
+            sass, usage = aff_small_sass(name, args.block_k, args.stages, args.maxnreg, work)
             if args.dump:
                 open(os.path.join(args.dump, f"{name}.sass"), "w").write(sass)
             ins = parse(sass)

@@ -33,18 +33,14 @@ else:
         return 1e3 * do_bench_cudagraph(f, return_mode="median")
 
 CAPS = [int(x) for x in sys.argv[sys.argv.index("--maxnreg") + 1].split(",")] if "--maxnreg" in sys.argv else [0]
-_orig = kernel._tiles
-cap = {"n": 0}
+DEFAULT_CAPS = dict(kernel.MAXNREG)  # the package's (or with_maxnreg.py's) caps
 
 
-def _tiles(*a, **kw):
-    t = _orig(*a, **kw)
-    if cap["n"]:
-        t["maxnreg"] = cap["n"]
-    return t
+def set_cap(n: int) -> None:
+    """Every kernel capped at n registers (kernel.MAXNREG); 0: back to DEFAULT_CAPS."""
+    kernel.MAXNREG.update(dict.fromkeys(kernel.MAXNREG, n) if n else DEFAULT_CAPS)
 
 
-kernel._tiles = _tiles
 CONFIGS = sys.argv[sys.argv.index("--configs") + 1].split(",") if "--configs" in sys.argv else []
 STAGES = [(64, 0)] if DRY else [(r, st) for r in (512, 768) for st in range(4)]
 rows = []
@@ -57,7 +53,7 @@ for res, stage in STAGES:
     bargs = (s["do"], *args[:3], o, lse, *args[3:])
     grads = kernel.attention_backward(*bargs, grp=grp, grp_t=grp_t)
     for n in CAPS:
-        cap["n"] = n
+        set_cap(n)
         t = [bench(f) for f in (
             lambda: kernel.attention_forward(*args, grp=grp),
             lambda: kernel.attention_backward(*bargs, grp=grp, grp_t=grp_t, passes="q"),
@@ -66,17 +62,17 @@ for res, stage in STAGES:
         rows.append(dict(res=res, stage=stage + 1, maxnreg=n, fwd_us=t[0], pass1_us=t[1], pass2_us=t[2],
                          sums=[float(x.double().abs().sum()) for x in (o, *grads)]))
         print(f"{res} s{stage + 1} maxnreg {n}: fwd {t[0]:.1f} pass1 {t[1]:.1f} pass2 {t[2]:.1f} us", flush=True)
-    cap["n"] = 0
+    set_cap(0)
     for cfg in CONFIGS:
         which, bk, n = cfg.split(":")
-        cap["n"] = int(n)
+        set_cap(int(n))
         kw = dict(block_k=int(bk))
         if which == "fwd":
             t = bench(lambda: kernel.attention_forward(*args, grp=grp, **kw))
         else:
             t1 = bench(lambda: kernel.attention_backward(*bargs, grp=grp, grp_t=grp_t, passes="q", **kw))
             t = t1 if which == "q" else bench(lambda: kernel.attention_backward(*bargs, grp=grp, grp_t=grp_t, **kw)) - t1
-        cap["n"] = 0
+        set_cap(0)
         rows.append(dict(res=res, stage=stage + 1, config=cfg, us=t))
         print(f"{res} s{stage + 1} {cfg}: {t:.1f} us", flush=True)
 total = {}

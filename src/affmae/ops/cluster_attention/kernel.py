@@ -325,7 +325,7 @@ def _bwd_q_kernel(
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
-    u0 = tl.load(GRP + b * sgb + g)  # first: the head of the longest load chain (forward)
+    u0 = tl.load(GRP + b * sgb + g)  # first, as in the forward: the longest load chain starts here
     Kn = (tl.load(GRP + b * sgb + nG + g) - u0) * m
 
     rq = tl.arange(0, BLOCK_Q)
@@ -429,7 +429,7 @@ def _bwd_kv_kernel(
     b = (bh // H).to(tl.int64)
     h = bh % H
     qk_scale = scale * 1.4426950408889634
-    u0 = tl.load(GRP + b * sgb + g)  # first: the head of the longest load chain (forward)
+    u0 = tl.load(GRP + b * sgb + g)  # first, as in the forward: the longest load chain starts here
     n_in = (tl.load(GRP + b * sgb + nG + g) - u0) * m
 
     rk = tl.arange(0, BLOCK_Q)
